@@ -1,0 +1,7 @@
+//! The actors: one [`session::Session`] per socket, the [`registry::Registry`] of online devices,
+//! and the [`presence::PresenceHub`].
+
+pub mod messages;
+pub mod presence;
+pub mod registry;
+pub mod session;

@@ -1,0 +1,967 @@
+//! The Session actor: one per WebSocket, the supervised process of one connected device.
+//!
+//! It owns the socket's read side (an `actix-ws` message stream added to its `Context`) and a
+//! bounded outbound queue drained by a writer task that owns the write side. It authenticates the
+//! `hello`, syncs the backlog from storage, decodes and validates frames, hands commands to the
+//! commit pipeline, answers `ack`s, and pushes live events in ev order.
+//!
+//! Delivery: `last_sent` is the highest ev written to the outbound queue. A [`Deliver`] for
+//! `last_sent + 1` goes straight out when the session is live; anything else (a gap, or a backlog
+//! not yet sent) raises `target` and the *pump* reads the missing events from storage, one page at
+//! a time and only while the outbound queue has room. So a backlog never overflows the queue, and
+//! a live event that finds the queue full means the reader is slow: close 4008; the device
+//! resyncs from its durable cursor when it comes back.
+//!
+//! Order: frames are handled in arrival order. Writes (`send`, `received`, `read`, group changes)
+//! are pipelined through the single commit thread, which keeps their order; a read (`history`,
+//! `conversations`, `group_info`) waits until this socket's earlier writes are applied, so each
+//! frame sees the effects of the frames before it.
+//!
+//! Supervision (Erlang/OTP): each frame is handled under `catch_unwind`. A panic restarts the
+//! session's state from storage (its durable cursor) and resyncs the device on the same socket;
+//! more than `restart_intensity` restarts within `restart_period_ms` closes with 1011.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_ws::{CloseCode, CloseReason, Item, Message as WsMessage, ProtocolError};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+
+use super::messages::*;
+use super::presence::now_ms;
+use crate::protocol::codec::{decode_request_json, decode_request_postcard, encode_server};
+use crate::protocol::ids::{valid_client_id, valid_group_id, valid_user_id, Conv};
+use crate::protocol::{
+    close, ClientFrame, Encoded, Encoding, ErrorCode, EventPayload, Request, ServerFrame, TypingState,
+    HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, MAX_BODY_BYTES, MAX_GROUP_NAME_CHARS, MAX_WATCH_USERS,
+};
+use crate::server::Shared;
+use crate::storage::records::Command;
+use crate::storage::{Outcome, PipelineError, Refusal};
+
+/// Most requests waiting behind this socket's in-flight writes.
+const MAX_DEFERRED: usize = 1024;
+
+/// What the writer task sends on the socket.
+pub enum Outbound {
+    /// A protocol frame.
+    Frame(Encoded),
+    /// Answer a ping.
+    Pong(Bytes),
+    /// Our heartbeat.
+    Ping,
+    /// Close in order, after the frames queued before it.
+    Close(u16, String),
+}
+
+/// Drains the outbound queue into the socket. Ends when the queue closes, on a close, or when the
+/// peer is gone. `urgent` closes at once, skipping what is queued (slow consumer).
+/// `_done` is dropped when the writer ends, which tells the session it may stop: stopping earlier
+/// drops the request payload and the connection goes before the close frame is written.
+pub async fn writer(
+    mut ws: actix_ws::Session,
+    mut rx: mpsc::Receiver<Outbound>,
+    mut urgent: oneshot::Receiver<(u16, String)>,
+    _done: oneshot::Sender<()>,
+) {
+    async fn close(ws: actix_ws::Session, code: u16, reason: String) {
+        let r = CloseReason { code: CloseCode::from(code), description: Some(reason) };
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(r))).await;
+    }
+    loop {
+        let item = tokio::select! {
+            biased;
+            c = &mut urgent => {
+                if let Ok((code, reason)) = c { close(ws, code, reason).await; }
+                return;
+            }
+            m = rx.recv() => m,
+        };
+        let sent = match item {
+            None => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                return;
+            }
+            Some(Outbound::Close(code, reason)) => return close(ws, code, reason).await,
+            Some(Outbound::Frame(Encoded::Text(s))) => {
+                tokio::select! {
+                    biased;
+                    c = &mut urgent => { if let Ok((code, reason)) = c { close(ws, code, reason).await; } return; }
+                    r = ws.text(s) => r,
+                }
+            }
+            Some(Outbound::Frame(Encoded::Binary(b))) => {
+                tokio::select! {
+                    biased;
+                    c = &mut urgent => { if let Ok((code, reason)) = c { close(ws, code, reason).await; } return; }
+                    r = ws.binary(b) => r,
+                }
+            }
+            Some(Outbound::Pong(b)) => ws.pong(&b).await,
+            Some(Outbound::Ping) => ws.ping(b"").await,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// The authenticated identity of a session.
+#[derive(Clone)]
+struct Authed {
+    user: String,
+    device: String,
+}
+
+/// One socket's session actor.
+pub struct Session {
+    /// Unique per socket on this node.
+    id: u64,
+    shared: Arc<Shared>,
+    /// To the writer task; bounded by `outbound_queue_frames`. Dropping it ends the writer.
+    out: mpsc::Sender<Outbound>,
+    /// Closes at once (slow consumer); taken when used.
+    urgent: Option<oneshot::Sender<(u16, String)>>,
+    /// Resolves when the writer task ends; taken by the first close.
+    writer_done: Option<oneshot::Receiver<()>>,
+    /// Chosen by the first frame's kind.
+    enc: Option<Encoding>,
+    auth: Option<Authed>,
+    /// Highest ev written to the outbound queue.
+    last_sent: u64,
+    /// Highest ev known to exist for this user.
+    target: u64,
+    /// The `head` of `welcome` until `synced` has been sent.
+    sync_head: Option<u64>,
+    /// A wait for room in the outbound queue is pending; the pump resumes when it ends.
+    waiting_room: bool,
+    /// Highest `up_to` submitted by this device (skips redundant `received`).
+    cursor_sent: u64,
+    /// Writes submitted and not yet answered.
+    inflight: usize,
+    /// Requests waiting for `inflight` to drop to 0 (reads) or for the requests before them.
+    deferred: VecDeque<Request>,
+    /// A fragmented message being reassembled: (is text, bytes so far).
+    frag: Option<(bool, BytesMut)>,
+    /// Times of recent handler restarts (supervision intensity).
+    restarts: VecDeque<Instant>,
+    /// Last time anything arrived from the peer (heartbeat).
+    last_heard: Instant,
+    /// conv → expiry timer of this device's `composing`.
+    composing: HashMap<String, SpawnHandle>,
+    /// Users this session watches.
+    watching: Vec<String>,
+    closing: bool,
+}
+
+impl Session {
+    /// A session for a new socket; `out`/`urgent` lead to its writer task.
+    pub fn new(
+        id: u64,
+        shared: Arc<Shared>,
+        out: mpsc::Sender<Outbound>,
+        urgent: oneshot::Sender<(u16, String)>,
+        writer_done: oneshot::Receiver<()>,
+    ) -> Self {
+        Session {
+            id,
+            shared,
+            out,
+            urgent: Some(urgent),
+            writer_done: Some(writer_done),
+            enc: None,
+            auth: None,
+            last_sent: 0,
+            target: 0,
+            sync_head: None,
+            waiting_room: false,
+            cursor_sent: 0,
+            inflight: 0,
+            deferred: VecDeque::new(),
+            frag: None,
+            restarts: VecDeque::new(),
+            last_heard: Instant::now(),
+            composing: HashMap::new(),
+            watching: Vec::new(),
+            closing: false,
+        }
+    }
+
+    // ------------------------------------------------------------------ output
+
+    fn encode(&self, f: &ServerFrame) -> Encoded {
+        encode_server(f, self.enc.unwrap_or(Encoding::Json))
+    }
+
+    /// Queues a reply or control frame. A full queue means a slow consumer: close 4008.
+    fn send(&mut self, f: &ServerFrame, ctx: &mut Context<Self>) -> bool {
+        let e = self.encode(f);
+        self.push(Outbound::Frame(e), ctx)
+    }
+
+    fn push(&mut self, o: Outbound, ctx: &mut Context<Self>) -> bool {
+        if self.closing {
+            return false;
+        }
+        match self.out.try_send(o) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("parley_slow_consumer_closes_total").increment(1);
+                tracing::info!(session = self.id, "outbound queue full: closing slow consumer");
+                self.close_now(close::SLOW_CONSUMER, "slow consumer", ctx);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.closing = true;
+                ctx.stop();
+                false
+            }
+        }
+    }
+
+    fn error(&mut self, code: ErrorCode, msg: impl Into<String>, rid: Option<String>, id: Option<String>, ctx: &mut Context<Self>) {
+        self.send(&ServerFrame::error(code, msg, rid, id), ctx);
+    }
+
+    /// Closes after what is queued.
+    fn close(&mut self, code: u16, reason: &str, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        if self.out.try_send(Outbound::Close(code, reason.to_owned())).is_err() {
+            return self.close_now(code, reason, ctx);
+        }
+        self.closing = true;
+        self.stop_after_writer(ctx);
+    }
+
+    /// Stops the actor once the writer has written the close frame (at most 2 s).
+    fn stop_after_writer(&mut self, ctx: &mut Context<Self>) {
+        match self.writer_done.take() {
+            Some(done) => {
+                ctx.spawn(
+                    async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
+                    }
+                    .into_actor(self)
+                    .map(|_, _, ctx| ctx.stop()),
+                );
+            }
+            None => ctx.stop(),
+        }
+    }
+
+    /// Closes at once, dropping what is queued.
+    fn close_now(&mut self, code: u16, reason: &str, ctx: &mut Context<Self>) {
+        if let Some(u) = self.urgent.take() {
+            let _ = u.send((code, reason.to_owned()));
+        }
+        self.closing = true;
+        self.stop_after_writer(ctx);
+    }
+
+    // ------------------------------------------------------------------ input
+
+    fn on_frame(&mut self, data: Bytes, text: bool, ctx: &mut Context<Self>) {
+        let cap = if self.auth.is_some() {
+            self.shared.cfg.session.max_frame_bytes
+        } else {
+            self.shared.cfg.session.unauth_max_frame_bytes
+        };
+        if data.len() > cap {
+            return self.close_now(close::TOO_BIG, "frame too big", ctx);
+        }
+        let enc = if text { Encoding::Json } else { Encoding::Postcard };
+        self.enc.get_or_insert(enc);
+        let decoded = if text {
+            match std::str::from_utf8(&data) {
+                Ok(s) => decode_request_json(s),
+                Err(_) => return self.close_now(close::INVALID_PAYLOAD, "invalid UTF-8", ctx),
+            }
+        } else {
+            decode_request_postcard(&data)
+        };
+        metrics::counter!("parley_frames_received_total").increment(1);
+        match decoded {
+            Ok(req) => self.supervised(req, ctx),
+            Err(e) if self.auth.is_none() => {
+                let _ = e;
+                self.close(close::VIOLATION, "the first frame must be hello", ctx)
+            }
+            Err(e) => {
+                metrics::counter!("parley_bad_frames_total").increment(1);
+                self.send(&ServerFrame::error(e.code, e.message, e.rid, e.id), ctx);
+            }
+        }
+    }
+
+    /// Handles a request under `catch_unwind`; a panic restarts the session from storage.
+    fn supervised(&mut self, req: Request, ctx: &mut Context<Self>) {
+        let r = catch_unwind(AssertUnwindSafe(|| self.request(req, ctx)));
+        if r.is_err() {
+            self.restart(ctx);
+        }
+    }
+
+    fn restart(&mut self, ctx: &mut Context<Self>) {
+        metrics::counter!("parley_session_restarts_total").increment(1);
+        let now = Instant::now();
+        let period = Duration::from_millis(self.shared.cfg.session.restart_period_ms);
+        self.restarts.push_back(now);
+        while self.restarts.front().is_some_and(|t| now.duration_since(*t) > period) {
+            self.restarts.pop_front();
+        }
+        if self.restarts.len() > self.shared.cfg.session.restart_intensity as usize {
+            tracing::error!(session = self.id, "session handler keeps failing: closing with 1011");
+            return self.close(close::INTERNAL, "internal error", ctx);
+        }
+        tracing::warn!(session = self.id, "session handler panicked: restarting from storage");
+        self.deferred.clear();
+        if let Some(a) = self.auth.clone() {
+            match self.shared.state.cursor(&a.user, &a.device) {
+                Ok(c) => {
+                    self.cursor_sent = c;
+                    self.begin_sync(c, ctx);
+                }
+                Err(_) => self.close(close::INTERNAL, "internal error", ctx),
+            }
+        }
+    }
+
+    fn request(&mut self, req: Request, ctx: &mut Context<Self>) {
+        if self.auth.is_none() {
+            return match req.frame {
+                ClientFrame::Hello { token, cursor } => self.hello(token, cursor, ctx),
+                _ => self.close(close::VIOLATION, "the first frame must be hello", ctx),
+            };
+        }
+        let is_read = matches!(
+            req.frame,
+            ClientFrame::History { .. } | ClientFrame::Conversations | ClientFrame::GroupInfo { .. }
+        );
+        if !self.deferred.is_empty() || (is_read && self.inflight > 0) {
+            if self.deferred.len() >= MAX_DEFERRED {
+                return self.error(ErrorCode::Overloaded, "too many requests waiting", req.rid, None, ctx);
+            }
+            self.deferred.push_back(req);
+            return;
+        }
+        self.dispatch(req, ctx);
+    }
+
+    /// Runs deferred requests whose turn has come.
+    fn drain_deferred(&mut self, ctx: &mut Context<Self>) {
+        while let Some(front) = self.deferred.front() {
+            let is_read = matches!(
+                front.frame,
+                ClientFrame::History { .. } | ClientFrame::Conversations | ClientFrame::GroupInfo { .. }
+            );
+            if is_read && self.inflight > 0 {
+                return;
+            }
+            let Some(req) = self.deferred.pop_front() else { return };
+            let r = catch_unwind(AssertUnwindSafe(|| self.dispatch(req, ctx)));
+            if r.is_err() {
+                return self.restart(ctx);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, req: Request, ctx: &mut Context<Self>) {
+        let Some(me) = self.auth.clone() else { return };
+        let rid = req.rid.filter(|r| valid_client_id(r));
+        match req.frame {
+            ClientFrame::Hello { .. } => self.error(ErrorCode::BadRequest, "already authenticated", rid, None, ctx),
+            ClientFrame::Send { id, to, body } => self.send_message(&me, rid, id, to, body, ctx),
+            ClientFrame::Received { up_to } => {
+                if up_to > self.cursor_sent {
+                    self.cursor_sent = up_to;
+                    let cmd = Command::Received { user: me.user, device: me.device, up_to };
+                    self.write(cmd, rid, None, ctx);
+                }
+            }
+            ClientFrame::Read { conv, seq } => {
+                if Conv::parse(&conv).is_none() {
+                    return self.error(ErrorCode::BadRequest, "conv must be dm:<a>:<b> or g:<id>", rid, None, ctx);
+                }
+                self.write(Command::Read { user: me.user, conv, seq }, rid, None, ctx);
+            }
+            ClientFrame::Typing { conv, state } => self.typing(&me, conv, state, rid, ctx),
+            ClientFrame::Watch { users } => {
+                if users.len() > MAX_WATCH_USERS {
+                    return self.error(ErrorCode::TooLarge, "watch at most 1000 users at once", rid, None, ctx);
+                }
+                let users: Vec<String> = users.into_iter().filter(|u| valid_user_id(u)).collect();
+                let me_r = ctx.address().recipient::<Relay>();
+                let frames = self.shared.presence.watch(self.id, &me_r, &users, &self.shared.online);
+                for u in users {
+                    if !self.watching.contains(&u) {
+                        self.watching.push(u);
+                    }
+                }
+                for f in frames {
+                    self.send(&f, ctx);
+                }
+            }
+            ClientFrame::Unwatch { users } => {
+                self.shared.presence.unwatch(self.id, &users);
+                self.watching.retain(|u| !users.contains(u));
+            }
+            ClientFrame::History { conv, before, limit } => {
+                let limit = limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
+                if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
+                    return self.error(ErrorCode::BadRequest, "limit must be 1-200", rid, None, ctx);
+                }
+                let Some(c) = Conv::parse(&conv) else {
+                    return self.error(ErrorCode::BadRequest, "conv must be dm:<a>:<b> or g:<id>", rid, None, ctx);
+                };
+                match self.shared.state.history(&me.user, &c, before, limit) {
+                    Ok(Ok((messages, more))) => self.send(&ServerFrame::History { rid, conv, messages, more }, ctx),
+                    Ok(Err(r)) => return self.refused(r, rid, None, ctx),
+                    Err(e) => return self.internal(e, rid, ctx),
+                };
+            }
+            ClientFrame::Conversations => match self.shared.state.conversations(&me.user) {
+                Ok(items) => {
+                    self.send(&ServerFrame::Conversations { rid, items }, ctx);
+                }
+                Err(e) => self.internal(e, rid, ctx),
+            },
+            ClientFrame::GroupCreate { name, members } => {
+                let n = name.chars().count();
+                if n == 0 || n > MAX_GROUP_NAME_CHARS {
+                    return self.error(ErrorCode::BadRequest, "name must be 1-100 chars", rid, None, ctx);
+                }
+                if let Some(bad) = members.iter().find(|u| !valid_user_id(u)) {
+                    return self.error(ErrorCode::UnknownUser, format!("no user {bad}"), rid, None, ctx);
+                }
+                let group = new_group_id();
+                let cap = self.shared.cfg.limits_group_members();
+                self.write(Command::GroupCreate { group, by: me.user, name, members, cap }, rid, None, ctx);
+            }
+            ClientFrame::GroupAdd { group, users } => {
+                let Some(g) = group_id(&group) else { return self.error(ErrorCode::BadRequest, "group must be g:<id>", rid, None, ctx) };
+                let cap = self.shared.cfg.limits_group_members();
+                self.write(Command::GroupAdd { group: g, by: me.user, users, cap }, rid, None, ctx);
+            }
+            ClientFrame::GroupRemove { group, users } => {
+                let Some(g) = group_id(&group) else { return self.error(ErrorCode::BadRequest, "group must be g:<id>", rid, None, ctx) };
+                self.write(Command::GroupRemove { group: g, by: me.user, users }, rid, None, ctx);
+            }
+            ClientFrame::GroupLeave { group } => {
+                let Some(g) = group_id(&group) else { return self.error(ErrorCode::BadRequest, "group must be g:<id>", rid, None, ctx) };
+                self.write(Command::GroupLeave { group: g, by: me.user }, rid, None, ctx);
+            }
+            ClientFrame::GroupInfo { group } => {
+                let Some(g) = group_id(&group) else { return self.error(ErrorCode::BadRequest, "group must be g:<id>", rid, None, ctx) };
+                match self.shared.state.group(&g) {
+                    Ok(Some(rec)) if rec.members.iter().any(|m| m.user == me.user) => {
+                        let members = rec.members.iter().map(|m| m.user.clone()).collect();
+                        let admins = rec.members.iter().filter(|m| m.admin).map(|m| m.user.clone()).collect();
+                        self.send(
+                            &ServerFrame::Result { rid, group: Some(group), name: Some(rec.name), members: Some(members), admins: Some(admins) },
+                            ctx,
+                        );
+                    }
+                    Ok(_) => self.error(ErrorCode::NotMember, "not a member of this group", rid, None, ctx),
+                    Err(e) => self.internal(e, rid, ctx),
+                }
+            }
+            #[cfg(feature = "fault-injection")]
+            ClientFrame::Fault => panic!("fault injected by a test"),
+        }
+    }
+
+    fn send_message(&mut self, me: &Authed, rid: Option<String>, id: String, to: String, body: String, ctx: &mut Context<Self>) {
+        let echo = Some(id.clone()).filter(|i| valid_client_id(i));
+        if !valid_client_id(&id) {
+            return self.error(ErrorCode::BadRequest, "id must be 1-64 chars", rid, None, ctx);
+        }
+        if body.is_empty() {
+            return self.error(ErrorCode::BadRequest, "body must not be empty", rid, echo, ctx);
+        }
+        if body.len() > MAX_BODY_BYTES {
+            return self.error(ErrorCode::TooLarge, "body is over 65536 bytes", rid, echo, ctx);
+        }
+        let Some(conv) = Conv::from_target(&me.user, &to) else {
+            return self.error(ErrorCode::BadRequest, "to must be a user id or g:<id>", rid, echo, ctx);
+        };
+        // Fast path for resends: answer from the dedup record without touching the log (and
+        // without spending the rate limit).
+        match self.shared.state.dedup(&me.user, &id) {
+            Ok(Some(a)) => {
+                metrics::counter!("parley_duplicate_sends_total").increment(1);
+                self.send(&ServerFrame::Ack { rid, id, conv: a.conv, seq: a.seq, ts: a.ts }, ctx);
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => return self.internal(e, rid, ctx),
+        }
+        if !self.shared.send_limiter.allow(&me.user) {
+            metrics::counter!("parley_rate_limited_total", "what" => "send").increment(1);
+            return self.error(ErrorCode::RateLimited, "too many messages; slow down", rid, echo, ctx);
+        }
+        let cmd = Command::Send { from: me.user.clone(), device: me.device.clone(), id: id.clone(), conv: conv.to_string(), body };
+        self.write(cmd, rid, Some(id), ctx);
+    }
+
+    /// Submits a write; answers when it is durable and applied.
+    fn write(&mut self, cmd: Command, rid: Option<String>, id: Option<String>, ctx: &mut Context<Self>) {
+        // Group requests answer `result` on success; `received` and `read` stay silent.
+        let reply_done = matches!(cmd, Command::GroupAdd { .. } | Command::GroupRemove { .. } | Command::GroupLeave { .. });
+        let t0 = Instant::now();
+        let rx = match self.shared.pipeline.submit(cmd) {
+            Ok(rx) => rx,
+            Err(e) => return self.pipeline_error(e, rid, id, ctx),
+        };
+        self.inflight += 1;
+        ctx.spawn(rx.into_actor(self).map(move |res, act, ctx| {
+            act.inflight -= 1;
+            match res.unwrap_or(Err(PipelineError::Unavailable)) {
+                Ok(Outcome::Sent { conv, seq, ts, duplicate }) => {
+                    if duplicate {
+                        metrics::counter!("parley_duplicate_sends_total").increment(1);
+                    } else {
+                        metrics::counter!("parley_messages_acked_total").increment(1);
+                        metrics::histogram!("parley_ack_latency_seconds").record(t0.elapsed().as_secs_f64());
+                    }
+                    let id = id.unwrap_or_default();
+                    act.send(&ServerFrame::Ack { rid, id, conv, seq, ts }, ctx);
+                }
+                Ok(Outcome::GroupCreated { group }) => {
+                    act.send(&ServerFrame::Result { rid, group: Some(group), name: None, members: None, admins: None }, ctx);
+                }
+                Ok(Outcome::Done) => {
+                    if reply_done {
+                        act.send(&ServerFrame::Result { rid, group: None, name: None, members: None, admins: None }, ctx);
+                    }
+                }
+                Ok(Outcome::Refused(r)) => act.refused(r, rid, id, ctx),
+                Err(e) => act.pipeline_error(e, rid, id, ctx),
+            }
+            act.drain_deferred(ctx);
+        }));
+    }
+
+    fn refused(&mut self, r: Refusal, rid: Option<String>, id: Option<String>, ctx: &mut Context<Self>) {
+        let (code, msg) = match r {
+            Refusal::UserExists => (ErrorCode::UserExists, "user exists".to_owned()),
+            Refusal::UnknownUser(u) => (ErrorCode::UnknownUser, format!("no user {u}")),
+            Refusal::NotMember => (ErrorCode::NotMember, "not a member of this conversation".to_owned()),
+            Refusal::NotAdmin => (ErrorCode::NotAdmin, "only group admins may do this".to_owned()),
+            Refusal::TooLarge(m) => (ErrorCode::TooLarge, m),
+            Refusal::BadRequest(m) => (ErrorCode::BadRequest, m),
+            Refusal::Unauthorized => (ErrorCode::Unauthorized, "unauthorized".to_owned()),
+        };
+        self.error(code, msg, rid, id, ctx);
+    }
+
+    fn pipeline_error(&mut self, e: PipelineError, rid: Option<String>, id: Option<String>, ctx: &mut Context<Self>) {
+        let code = match e {
+            PipelineError::Overloaded => ErrorCode::Overloaded,
+            PipelineError::Unavailable => ErrorCode::Unavailable,
+        };
+        self.error(code, e.to_string(), rid, id, ctx);
+    }
+
+    fn internal(&mut self, e: crate::storage::StorageError, rid: Option<String>, ctx: &mut Context<Self>) {
+        tracing::error!(session = self.id, error = %e, "storage read failed");
+        self.error(ErrorCode::Internal, "internal error", rid, None, ctx);
+    }
+
+    // ------------------------------------------------------------------ typing
+
+    fn typing(&mut self, me: &Authed, conv: String, state: TypingState, rid: Option<String>, ctx: &mut Context<Self>) {
+        let Some(c) = Conv::parse(&conv) else {
+            return self.error(ErrorCode::BadRequest, "conv must be dm:<a>:<b> or g:<id>", rid, None, ctx);
+        };
+        let others: Vec<String> = match &c {
+            Conv::Dm { a, b } if c.dm_has(&me.user) => [a, b].into_iter().filter(|u| **u != me.user).cloned().collect(),
+            Conv::Group(g) => match self.shared.state.group(g) {
+                Ok(Some(rec)) if rec.members.iter().any(|m| m.user == me.user) => {
+                    rec.members.into_iter().map(|m| m.user).filter(|u| *u != me.user).collect()
+                }
+                Ok(_) => return self.error(ErrorCode::NotMember, "not a member of this conversation", rid, None, ctx),
+                Err(e) => return self.internal(e, rid, ctx),
+            },
+            _ => return self.error(ErrorCode::NotMember, "not a member of this conversation", rid, None, ctx),
+        };
+        if let Some(h) = self.composing.remove(&conv) {
+            ctx.cancel_future(h);
+        }
+        if state == TypingState::Composing {
+            let timeout = Duration::from_millis(self.shared.cfg.session.typing_timeout_ms);
+            let c2 = conv.clone();
+            let h = ctx.run_later(timeout, move |act, _| {
+                act.composing.remove(&c2);
+                act.relay_typing(&c2, TypingState::Paused);
+            });
+            self.composing.insert(conv.clone(), h);
+        }
+        self.relay_to(&others, &me.user, &conv, state);
+    }
+
+    fn relay_to(&self, users: &[String], from: &str, conv: &str, state: TypingState) {
+        let f = Arc::new(ServerFrame::Typing { conv: conv.to_owned(), from: from.to_owned(), state });
+        for u in users {
+            if let Some(conns) = self.shared.online.get(u) {
+                for c in conns.iter() {
+                    c.relay.do_send(Relay(f.clone()));
+                }
+            }
+        }
+    }
+
+    /// Relays `state` for `conv` to its other members (looked up again: membership may change).
+    fn relay_typing(&self, conv: &str, state: TypingState) {
+        let Some(me) = &self.auth else { return };
+        let others: Vec<String> = match Conv::parse(conv) {
+            Some(Conv::Dm { a, b }) => [a, b].into_iter().filter(|u| *u != me.user).collect(),
+            Some(Conv::Group(g)) => match self.shared.state.group(&g) {
+                Ok(Some(rec)) => rec.members.into_iter().map(|m| m.user).filter(|u| *u != me.user).collect(),
+                _ => Vec::new(),
+            },
+            None => Vec::new(),
+        };
+        self.relay_to(&others, &me.user, conv, state);
+    }
+
+    // ------------------------------------------------------------------ hello and sync
+
+    fn hello(&mut self, token: String, cursor: Option<u64>, ctx: &mut Context<Self>) {
+        let hash = crate::http::auth::token_hash(&token);
+        let rec = match self.shared.state.token(&hash) {
+            Ok(Some(r)) => r,
+            Ok(None) => return self.close(close::UNAUTHORIZED, "unauthorized", ctx),
+            Err(_) => return self.close(close::INTERNAL, "internal error", ctx),
+        };
+        let me = Authed { user: rec.user, device: rec.device };
+        self.auth = Some(me.clone());
+        let conn = DeviceConn {
+            session: self.id,
+            device: me.device.clone(),
+            token_hash: hash,
+            deliver: ctx.address().recipient(),
+            relay: ctx.address().recipient(),
+            kick: ctx.address().recipient(),
+            stop_typing: ctx.address().recipient(),
+        };
+        // Register first, then read the head: every event applied after the read is pushed to us,
+        // every event before it is in storage. Nothing else runs on this actor meanwhile.
+        let fut = self.shared.registry.send(Connect { user: me.user.clone(), conn });
+        ctx.wait(fut.into_actor(self).map(move |r, act, ctx| {
+            if r.is_err() {
+                return act.close(close::INTERNAL, "registry unavailable", ctx);
+            }
+            let stored = match act.shared.state.cursor(&me.user, &me.device) {
+                Ok(c) => c,
+                Err(_) => return act.close(close::INTERNAL, "internal error", ctx),
+            };
+            let head = act.shared.state.head(&me.user).unwrap_or(0);
+            let cursor = cursor.unwrap_or(stored);
+            if cursor > head {
+                act.error(ErrorCode::BadRequest, format!("cursor {cursor} is past the head {head}"), None, None, ctx);
+                return act.close(close::VIOLATION, "cursor past head", ctx);
+            }
+            act.cursor_sent = stored;
+            act.begin_sync(cursor, ctx);
+        }));
+    }
+
+    /// Sends `welcome`, then (through the pump) every event after `cursor` up to the head, then
+    /// `synced`. Also the restart path of supervision.
+    fn begin_sync(&mut self, cursor: u64, ctx: &mut Context<Self>) {
+        let Some(me) = self.auth.clone() else { return };
+        let head = match self.shared.state.head(&me.user) {
+            Ok(h) => h,
+            Err(_) => return self.close(close::INTERNAL, "internal error", ctx),
+        };
+        let welcome = ServerFrame::Welcome { user: me.user, device: me.device, head, server_time: now_ms() };
+        if !self.send(&welcome, ctx) {
+            return;
+        }
+        self.last_sent = cursor.min(head);
+        self.target = self.target.max(head);
+        self.sync_head = Some(head);
+        self.pump(ctx);
+    }
+
+    /// Sends stored events from `last_sent + 1` up to `target` while the queue has room, then
+    /// `synced` once the welcome head is reached.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.waiting_room || self.closing {
+            return;
+        }
+        let Some(me) = self.auth.clone() else { return };
+        let page = self.shared.cfg.session.sync_page_events;
+        loop {
+            if let Some(h) = self.sync_head {
+                if self.last_sent >= h {
+                    if self.out.capacity() == 0 {
+                        return self.wait_room(ctx);
+                    }
+                    self.sync_head = None;
+                    self.send(&ServerFrame::Synced { head: h }, ctx);
+                }
+            }
+            if self.last_sent >= self.target {
+                return;
+            }
+            let room = self.out.capacity();
+            if room == 0 {
+                return self.wait_room(ctx);
+            }
+            let events = match self.shared.state.events(&me.user, self.last_sent, self.target, page.min(room)) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(session = self.id, error = %e, "cannot read events");
+                    return self.close(close::INTERNAL, "internal error", ctx);
+                }
+            };
+            if events.is_empty() {
+                // The target is not applied yet (cannot happen: events are pushed after apply).
+                return;
+            }
+            for (ev, payload) in events {
+                if !self.send(&ServerFrame::Event { ev, payload }, ctx) {
+                    return;
+                }
+                self.last_sent = ev;
+            }
+        }
+    }
+
+    /// Resumes the pump once the writer has taken a frame off the queue.
+    fn wait_room(&mut self, ctx: &mut Context<Self>) {
+        self.waiting_room = true;
+        let out = self.out.clone();
+        ctx.spawn(
+            async move {
+                // Reserve a slot and give it back at once: only the wake-up matters.
+                drop(out.reserve().await);
+            }
+            .into_actor(self)
+            .map(|_, act, ctx| {
+                act.waiting_room = false;
+                act.pump(ctx);
+            }),
+        );
+    }
+
+    fn live(&self) -> bool {
+        self.sync_head.is_none() && !self.waiting_room && self.last_sent >= self.target
+    }
+}
+
+/// Parses `g:<id>` into the id.
+fn group_id(s: &str) -> Option<String> {
+    s.strip_prefix("g:").filter(|g| valid_group_id(g)).map(str::to_owned)
+}
+
+/// A fresh group id: 16 random lowercase hex chars, chosen before the command enters the log.
+fn new_group_id() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        metrics::gauge!("parley_sockets_open").increment(1.0);
+        self.shared.sockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let hello = self.shared.cfg.hello_timeout();
+        ctx.run_later(hello, |act, ctx| {
+            if act.auth.is_none() {
+                act.close(close::HELLO_TIMEOUT, "hello timeout", ctx);
+            }
+        });
+        let every = Duration::from_millis(self.shared.cfg.session.ping_interval_ms);
+        let timeout = Duration::from_millis(self.shared.cfg.session.ping_timeout_ms);
+        ctx.run_interval(every, move |act, ctx| {
+            if act.last_heard.elapsed() > timeout {
+                tracing::info!(session = act.id, "no pong: closing");
+                act.close_now(close::GOING_AWAY, "ping timeout", ctx);
+            } else {
+                act.push(Outbound::Ping, ctx);
+            }
+        });
+    }
+
+    fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
+        self.closing = true;
+        Running::Stop
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        metrics::gauge!("parley_sockets_open").decrement(1.0);
+        self.shared.sockets.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if !self.watching.is_empty() {
+            self.shared.presence.unwatch(self.id, &self.watching);
+        }
+        if let Some(me) = self.auth.take() {
+            // Typing ends when the user's last device goes; other devices may still be composing.
+            let others_online = self.shared.online.get(&me.user).is_some_and(|v| v.iter().any(|c| c.session != self.id));
+            if !others_online {
+                let convs: Vec<String> = self.composing.drain().map(|(c, _)| c).collect();
+                self.auth = Some(me.clone());
+                for c in convs {
+                    self.relay_typing(&c, TypingState::Paused);
+                }
+                self.auth = None;
+            }
+            self.shared.registry.do_send(Disconnect { user: me.user, session: self.id });
+        }
+    }
+}
+
+impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
+    fn handle(&mut self, msg: Result<WsMessage, ProtocolError>, ctx: &mut Self::Context) {
+        if self.closing {
+            return;
+        }
+        self.last_heard = Instant::now();
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                let (code, why) = match &e {
+                    ProtocolError::Overflow => (close::TOO_BIG, "frame too big"),
+                    ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => (close::INVALID_PAYLOAD, "invalid UTF-8"),
+                    ProtocolError::Io(_) => {
+                        self.closing = true;
+                        ctx.stop();
+                        return;
+                    }
+                    _ => (close::PROTOCOL_ERROR, "WebSocket protocol error"),
+                };
+                tracing::debug!(session = self.id, error = %e, "WebSocket protocol error");
+                return self.close_now(code, why, ctx);
+            }
+        };
+        match msg {
+            WsMessage::Text(s) => {
+                if self.frag.is_some() {
+                    return self.close_now(close::PROTOCOL_ERROR, "new message inside a fragmented one", ctx);
+                }
+                self.on_frame(s.into_bytes(), true, ctx)
+            }
+            WsMessage::Binary(b) => {
+                if self.frag.is_some() {
+                    return self.close_now(close::PROTOCOL_ERROR, "new message inside a fragmented one", ctx);
+                }
+                self.on_frame(b, false, ctx)
+            }
+            WsMessage::Continuation(item) => self.continuation(item, ctx),
+            WsMessage::Ping(b) => {
+                self.push(Outbound::Pong(b), ctx);
+            }
+            WsMessage::Pong(_) | WsMessage::Nop => {}
+            WsMessage::Close(_) => {
+                let _ = self.out.try_send(Outbound::Close(close::NORMAL, String::new()));
+                self.closing = true;
+                self.stop_after_writer(ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        self.closing = true;
+        ctx.stop();
+    }
+}
+
+impl Session {
+    /// Reassembles fragmented messages, capped at the frame limit; UTF-8 is checked on the whole.
+    fn continuation(&mut self, item: Item, ctx: &mut Context<Self>) {
+        let cap = if self.auth.is_some() {
+            self.shared.cfg.session.max_frame_bytes
+        } else {
+            self.shared.cfg.session.unauth_max_frame_bytes
+        };
+        let (first, text, data, last) = match item {
+            Item::FirstText(b) => (true, true, b, false),
+            Item::FirstBinary(b) => (true, false, b, false),
+            Item::Continue(b) => (false, false, b, false),
+            Item::Last(b) => (false, false, b, true),
+        };
+        if first {
+            if self.frag.is_some() {
+                return self.close_now(close::PROTOCOL_ERROR, "fragment started twice", ctx);
+            }
+            self.frag = Some((text, BytesMut::new()));
+        }
+        let Some((is_text, buf)) = self.frag.as_mut() else {
+            return self.close_now(close::PROTOCOL_ERROR, "continuation with nothing to continue", ctx);
+        };
+        if buf.len() + data.len() > cap {
+            return self.close_now(close::TOO_BIG, "frame too big", ctx);
+        }
+        buf.extend_from_slice(&data);
+        let is_text = *is_text;
+        if last {
+            if let Some((_, buf)) = self.frag.take() {
+                self.on_frame(buf.freeze(), is_text, ctx);
+            }
+        }
+    }
+}
+
+impl Handler<Deliver> for Session {
+    type Result = ();
+    fn handle(&mut self, m: Deliver, ctx: &mut Self::Context) {
+        if self.closing || m.ev <= self.last_sent {
+            return;
+        }
+        if self.live() && m.ev == self.last_sent + 1 {
+            let f = ServerFrame::Event { ev: m.ev, payload: EventPayload::clone(&m.payload) };
+            if self.send(&f, ctx) {
+                self.last_sent = m.ev;
+                self.target = self.target.max(m.ev);
+            }
+            return;
+        }
+        self.target = self.target.max(m.ev);
+        self.pump(ctx);
+    }
+}
+
+impl Handler<Relay> for Session {
+    type Result = ();
+    fn handle(&mut self, m: Relay, ctx: &mut Self::Context) {
+        if self.auth.is_none() || self.closing {
+            return;
+        }
+        // Ephemeral frames are dropped, not queued, when the socket is backed up.
+        if self.out.capacity() > 0 {
+            let e = self.encode(&m.0);
+            self.push(Outbound::Frame(e), ctx);
+        }
+    }
+}
+
+impl Handler<Kick> for Session {
+    type Result = ();
+    fn handle(&mut self, m: Kick, ctx: &mut Self::Context) {
+        match m.goaway_ms {
+            Some(ms) => {
+                self.send(&ServerFrame::Goaway { reason: m.reason.to_owned(), retry_after_ms: ms }, ctx);
+                self.close(m.code, m.reason, ctx);
+            }
+            None => self.close(m.code, m.reason, ctx),
+        }
+    }
+}
+
+impl Handler<StopTyping> for Session {
+    type Result = ();
+    fn handle(&mut self, m: StopTyping, ctx: &mut Self::Context) {
+        if let Some(h) = self.composing.remove(&m.conv) {
+            ctx.cancel_future(h);
+            self.relay_typing(&m.conv, TypingState::Paused);
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Configuration: one struct, layered and validated before anything starts.
+//!
+//! Layers, later wins: the embedded `config/default.toml`, the `--config FILE`, environment
+//! variables `PARLEY__SECTION__KEY`, then command-line flags. Unknown keys are errors, so a typo
+//! does not silently fall back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+/// The embedded defaults (`config/default.toml`).
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value could not be read (wrong type, unknown key, unreadable file).
+    #[error("configuration error: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value was read but is out of range.
+    #[error("configuration error: key `{key}`: {reason}")]
+    Invalid {
+        /// `section.key`.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// All settings. See `config/default.toml` for units and defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub auth: AuthConfig,
+    pub session: SessionConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most members of a group.
+    pub group_max_members: u32,
+    /// Send rate per user, messages per second.
+    pub send_rate_per_s: f64,
+    /// Send burst per user, messages.
+    pub send_burst: f64,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address, host:port.
+    pub listen: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// HTTP worker threads; 0 = one per core.
+    pub workers: usize,
+    /// Whether registration is open.
+    pub registration_open: bool,
+    /// Graceful shutdown deadline, ms.
+    pub shutdown_timeout_ms: u64,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Log segment size, bytes.
+    pub segment_bytes: u64,
+    /// Group commit window, µs.
+    pub batch_window_us: u64,
+    /// Most commands per batch.
+    pub batch_max_commands: usize,
+    /// Pipeline queue capacity, commands.
+    pub queue_capacity: usize,
+    /// Checkpoint interval, ms.
+    pub checkpoint_interval_ms: u64,
+    /// Checkpoint after this much log growth, bytes.
+    pub checkpoint_log_bytes: u64,
+    /// sled cache, bytes.
+    pub cache_bytes: u64,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// argon2id memory, KiB.
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations.
+    pub argon2_iterations: u32,
+    /// argon2id lanes.
+    pub argon2_parallelism: u32,
+}
+
+/// `[session]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Hello timeout, ms.
+    pub hello_timeout_ms: u64,
+    /// Frame cap after hello, bytes.
+    pub max_frame_bytes: usize,
+    /// Frame cap before hello, bytes.
+    pub unauth_max_frame_bytes: usize,
+    /// Outbound queue, frames.
+    pub outbound_queue_frames: usize,
+    /// Ping interval, ms.
+    pub ping_interval_ms: u64,
+    /// Pong timeout, ms.
+    pub ping_timeout_ms: u64,
+    /// Supervision intensity, restarts.
+    pub restart_intensity: u32,
+    /// Supervision period, ms.
+    pub restart_period_ms: u64,
+    /// Resync page, events.
+    pub sync_page_events: usize,
+    /// Typing expiry, ms.
+    pub typing_timeout_ms: u64,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// EnvFilter directive.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `PARLEY__SECTION__KEY` variables; validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, Env::prefixed("PARLEY__").split("__"))
+    }
+
+    /// The embedded defaults alone (for tests and tools), validated.
+    pub fn defaults() -> Result<Config, ConfigError> {
+        let c: Config = Figment::from(Toml::string(DEFAULT_TOML)).extract().map_err(Box::new)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn load_from(file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError::Invalid { key: "--config", reason: format!("{} does not exist", f.display()) });
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        let c: Config = fig.merge(env).extract().map_err(Box::new)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks ranges; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid { key, reason: reason.into() })
+        }
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            return bad("server.listen", format!("`{}` is not an address like 127.0.0.1:8080", self.server.listen));
+        }
+        if self.storage.segment_bytes < 4096 {
+            return bad("storage.segment_bytes", "must be at least 4096");
+        }
+        if self.storage.batch_max_commands == 0 {
+            return bad("storage.batch_max_commands", "must be at least 1");
+        }
+        if self.storage.batch_window_us > 100_000 {
+            return bad("storage.batch_window_us", "must be at most 100000 (100 ms)");
+        }
+        if self.storage.queue_capacity == 0 {
+            return bad("storage.queue_capacity", "must be at least 1");
+        }
+        if self.storage.checkpoint_interval_ms == 0 {
+            return bad("storage.checkpoint_interval_ms", "must be at least 1");
+        }
+        if self.auth.argon2_memory_kib < 8 * self.auth.argon2_parallelism.max(1) {
+            return bad("auth.argon2_memory_kib", "must be at least 8 × argon2_parallelism");
+        }
+        if self.auth.argon2_iterations == 0 {
+            return bad("auth.argon2_iterations", "must be at least 1");
+        }
+        if self.auth.argon2_parallelism == 0 {
+            return bad("auth.argon2_parallelism", "must be at least 1");
+        }
+        if self.session.hello_timeout_ms == 0 {
+            return bad("session.hello_timeout_ms", "must be at least 1");
+        }
+        if self.session.max_frame_bytes < 1024 {
+            return bad("session.max_frame_bytes", "must be at least 1024");
+        }
+        if self.session.unauth_max_frame_bytes < 256 {
+            return bad("session.unauth_max_frame_bytes", "must be at least 256");
+        }
+        if self.session.outbound_queue_frames < 16 {
+            return bad("session.outbound_queue_frames", "must be at least 16");
+        }
+        if self.session.ping_interval_ms == 0 || self.session.ping_timeout_ms <= self.session.ping_interval_ms {
+            return bad("session.ping_timeout_ms", "must be greater than session.ping_interval_ms (> 0)");
+        }
+        if self.session.sync_page_events == 0 {
+            return bad("session.sync_page_events", "must be at least 1");
+        }
+        if self.session.typing_timeout_ms == 0 {
+            return bad("session.typing_timeout_ms", "must be at least 1");
+        }
+        if self.limits.group_max_members < 2 {
+            return bad("limits.group_max_members", "must be at least 2");
+        }
+        if !(self.limits.send_rate_per_s > 0.0) {
+            return bad("limits.send_rate_per_s", "must be greater than 0");
+        }
+        if !(self.limits.send_burst >= 1.0) {
+            return bad("limits.send_burst", "must be at least 1");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad("log.format", format!("`{}` is neither \"text\" nor \"json\"", self.log.format));
+        }
+        Ok(())
+    }
+
+    /// `server.listen` parsed (validated already).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|_| ConfigError::Invalid {
+            key: "server.listen",
+            reason: format!("`{}` is not an address", self.server.listen),
+        })
+    }
+
+    /// `limits.group_max_members`.
+    pub fn limits_group_members(&self) -> u32 {
+        self.limits.group_max_members
+    }
+
+    /// `session.hello_timeout_ms` as a duration.
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.session.hello_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::defaults().unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.session.outbound_queue_frames, 1024);
+    }
+
+    #[test]
+    fn env_overrides_and_errors_name_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "1234");
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.session.hello_timeout_ms, 1234);
+            jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "soon");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("hello_timeout_ms"), "{e}");
+            jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "0");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("session.hello_timeout_ms"), "{e}");
+            jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "1000");
+            jail.set_env("PARLEY__SESSION__NO_SUCH_KEY", "1");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("no_such_key"), "{e}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,152 @@
+//! `POST /v1/register`, `/v1/login`, `/v1/logout` (PROTOCOL.md §2).
+//!
+//! Passwords are hashed with argon2id (RFC 9106) on the blocking pool; tokens are 256 random bits,
+//! given to the client once and stored only as their SHA-256.
+
+use std::sync::Arc;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use rand::RngCore;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{error, pipeline_error};
+use crate::protocol::ids::{valid_device_id, valid_user_id};
+use crate::protocol::ErrorCode;
+use crate::server::Shared;
+use crate::storage::records::{Command, TokenHash};
+use crate::storage::{Outcome, Refusal};
+
+/// Shortest and longest password, in bytes.
+pub const PASSWORD_BYTES: std::ops::RangeInclusive<usize> = 8..=256;
+
+/// SHA-256 of a token: what the server stores.
+pub fn token_hash(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A new random token: 32 bytes (256 bits), hex.
+pub fn new_token() -> String {
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn argon2(s: &Shared) -> Argon2<'static> {
+    let a = &s.cfg.auth;
+    let params = Params::new(a.argon2_memory_kib, a.argon2_iterations, a.argon2_parallelism, None)
+        .unwrap_or_default();
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Credentials {
+    user: String,
+    password: String,
+    #[serde(default)]
+    device: Option<String>,
+}
+
+fn parse_body(body: &web::Bytes) -> Result<Credentials, HttpResponse> {
+    serde_json::from_slice::<Credentials>(body)
+        .map_err(|e| error(ErrorCode::BadRequest, &format!("body must be {{\"user\", \"password\"}}: {e}")))
+}
+
+/// `POST /v1/register`: `201 {"user"}`.
+pub async fn register(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpResponse {
+    let c = match parse_body(&body) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if !s.cfg.server.registration_open {
+        return error(ErrorCode::RegistrationClosed, "registration is closed");
+    }
+    if !valid_user_id(&c.user) {
+        return error(ErrorCode::BadRequest, "user must be 1-32 chars of a-z 0-9 _ . -, starting with a letter or digit");
+    }
+    if !PASSWORD_BYTES.contains(&c.password.len()) {
+        return error(ErrorCode::BadRequest, "password must be 8-256 bytes");
+    }
+    match s.state.user(&c.user) {
+        Ok(Some(_)) => return error(ErrorCode::UserExists, "user exists"),
+        Ok(None) => {}
+        Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),
+    }
+    let s2 = s.clone();
+    let hashed = web::block(move || {
+        let salt = SaltString::generate(&mut rand::thread_rng());
+        argon2(&s2).hash_password(c.password.as_bytes(), &salt).map(|h| h.to_string())
+    })
+    .await;
+    let Ok(Ok(password_hash)) = hashed else { return error(ErrorCode::Internal, "cannot hash the password") };
+    match s.pipeline.call(Command::Register { user: c.user.clone(), password_hash }).await {
+        Ok(Outcome::Done) => {
+            metrics::counter!("parley_registrations_total").increment(1);
+            HttpResponse::Created().json(serde_json::json!({ "user": c.user }))
+        }
+        Ok(Outcome::Refused(Refusal::UserExists)) => error(ErrorCode::UserExists, "user exists"),
+        Ok(_) => error(ErrorCode::Internal, "unexpected outcome"),
+        Err(e) => pipeline_error(e),
+    }
+}
+
+/// `POST /v1/login`: `200 {"token", "user", "device"}`.
+pub async fn login(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpResponse {
+    let c = match parse_body(&body) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let device = c.device.clone().unwrap_or_else(|| "web".to_owned());
+    if !valid_device_id(&device) {
+        return error(ErrorCode::BadRequest, "device must be 1-32 chars of a-z 0-9 _ . -");
+    }
+    let unauthorized = || error(ErrorCode::Unauthorized, "wrong user or password");
+    if !valid_user_id(&c.user) || !PASSWORD_BYTES.contains(&c.password.len()) {
+        return unauthorized();
+    }
+    let rec = match s.state.user(&c.user) {
+        Ok(Some(r)) => r,
+        Ok(None) => return unauthorized(),
+        Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),
+    };
+    let s2 = s.clone();
+    let ok = web::block(move || {
+        PasswordHash::new(&rec.password_hash)
+            .map(|h| argon2(&s2).verify_password(c.password.as_bytes(), &h).is_ok())
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false);
+    if !ok {
+        metrics::counter!("parley_logins_total", "result" => "failed").increment(1);
+        return unauthorized();
+    }
+    let token = new_token();
+    let cmd = Command::Login { token_hash: token_hash(&token), user: c.user.clone(), device: device.clone() };
+    match s.pipeline.call(cmd).await {
+        Ok(Outcome::Done) => {
+            metrics::counter!("parley_logins_total", "result" => "ok").increment(1);
+            HttpResponse::Ok().json(serde_json::json!({ "token": token, "user": c.user, "device": device }))
+        }
+        Ok(_) => unauthorized(),
+        Err(e) => pipeline_error(e),
+    }
+}
+
+/// `POST /v1/logout` with `Authorization: Bearer TOKEN`: `204`; that token's sockets close 4001.
+pub async fn logout(s: web::Data<Arc<Shared>>, req: HttpRequest) -> HttpResponse {
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token else { return error(ErrorCode::Unauthorized, "missing bearer token") };
+    match s.pipeline.call(Command::Logout { token_hash: token_hash(token) }).await {
+        Ok(Outcome::Done) => HttpResponse::NoContent().finish(),
+        Ok(_) => error(ErrorCode::Unauthorized, "unknown token"),
+        Err(e) => pipeline_error(e),
+    }
+}

@@ -1,0 +1,107 @@
+//! HTTP: register/login/logout, healthz, metrics, the WebSocket upgrade, the web client page.
+//! Every error is a JSON body `{"error": CODE, "message": TEXT}` with its status.
+
+pub mod auth;
+pub mod metrics;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::actors::session::{writer, Session};
+use crate::protocol::ErrorCode;
+use crate::server::Shared;
+use crate::storage::PipelineError;
+
+/// The HTTP status of an error code.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest | ErrorCode::BadFrame | ErrorCode::TooLarge => StatusCode::BAD_REQUEST,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::RegistrationClosed | ErrorCode::NotMember | ErrorCode::NotAdmin => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound | ErrorCode::UnknownUser => StatusCode::NOT_FOUND,
+        ErrorCode::UserExists => StatusCode::CONFLICT,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Overloaded | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// An error response: the code's status and `{"error", "message"}`.
+pub fn error(code: ErrorCode, message: &str) -> HttpResponse {
+    HttpResponse::build(status_of(code)).json(serde_json::json!({ "error": code.as_str(), "message": message }))
+}
+
+pub(crate) fn pipeline_error(e: PipelineError) -> HttpResponse {
+    match e {
+        PipelineError::Overloaded => error(ErrorCode::Overloaded, "the server is overloaded; retry later"),
+        PipelineError::Unavailable => error(ErrorCode::Unavailable, "storage cannot commit now; retry later"),
+    }
+}
+
+/// Mounts every route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/register", web::post().to(auth::register))
+        .route("/v1/login", web::post().to(auth::login))
+        .route("/v1/logout", web::post().to(auth::logout))
+        .route("/v1/healthz", web::get().to(healthz))
+        .route("/v1/ws", web::get().to(ws))
+        .route("/metrics", web::get().to(metrics::render))
+        .route("/", web::get().to(index))
+        .default_service(web::to(|| async { error(ErrorCode::NotFound, "no such path") }));
+}
+
+/// `GET /v1/healthz`: 200 when ready, 503 while starting, draining, or when storage fails.
+async fn healthz(s: web::Data<Arc<Shared>>) -> HttpResponse {
+    let status = if !s.ready.load(Ordering::Relaxed) {
+        "starting"
+    } else if s.draining.load(Ordering::Relaxed) {
+        "draining"
+    } else if !s.pipeline.healthy() {
+        "storage_unavailable"
+    } else {
+        "ok"
+    };
+    let body = serde_json::json!({
+        "status": status,
+        "applied_index": s.state.applied(),
+        "sockets": s.sockets.load(Ordering::Relaxed),
+    });
+    if status == "ok" {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// `GET /`: a placeholder page until the web client lands.
+async fn index() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(
+        "<!doctype html><meta charset=utf-8><title>parley</title><h1>parley</h1>\
+         <p>A messaging server. Clients connect to <code>/v1/ws</code>; see docs/protocol.md.</p>",
+    )
+}
+
+/// `GET /v1/ws`: the WebSocket upgrade; starts a [`Session`] and its writer task.
+async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> Result<HttpResponse, actix_web::Error> {
+    if s.draining.load(Ordering::Relaxed) {
+        return Ok(error(ErrorCode::Unavailable, "the server is shutting down"));
+    }
+    let (resp, ws, stream) = actix_ws::handle(&req, body)?;
+    let stream = stream.max_frame_size(s.cfg.session.max_frame_bytes);
+    let (tx, rx) = mpsc::channel(s.cfg.session.outbound_queue_frames);
+    let (utx, urx) = oneshot::channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    actix_rt::spawn(writer(ws, rx, urx, done_tx));
+    let id = s.next_session.fetch_add(1, Ordering::Relaxed);
+    let shared: Arc<Shared> = s.get_ref().clone();
+    Session::create(move |ctx| {
+        ctx.add_stream(stream);
+        Session::new(id, shared, tx, utx, done_rx)
+    });
+    Ok(resp)
+}

@@ -1,0 +1,24 @@
+//! parley: a WhatsApp-class messaging server, modelled on Erlang/Mnesia.
+//!
+//! Every connected device is a supervised actor holding its socket; a registry maps users to their
+//! online devices; a write-ahead log makes every message durable before the sender sees its ack.
+//!
+//! # Layout
+//! - [`config`]: one struct, layered (defaults, file, `PARLEY__SECTION__KEY`), validated.
+//! - [`protocol`]: wire types, ids, JSON and postcard codecs. No I/O.
+//! - [`storage`]: write-ahead log ([`storage::wal`]), group commit ([`storage::pipeline`]), the
+//!   sled state machine ([`storage::state`]) with its trees ([`storage::trees`]).
+//! - [`actors`]: the Session actor per socket, the Registry, the presence hub.
+//! - [`http`]: register/login/logout, healthz, metrics, the WebSocket upgrade.
+//! - [`limits`]: token-bucket rate limits.
+//! - [`server`]: wires it all and owns the shutdown sequence.
+//! - [`load`]: the load generator (`parley load`).
+
+pub mod actors;
+pub mod config;
+pub mod http;
+pub mod limits;
+pub mod load;
+pub mod protocol;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,91 @@
+//! The `parley` binary: parses the command line, loads the configuration, starts tracing, and
+//! calls [`parley::server::run`].
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use parley::config::Config;
+
+#[derive(Parser)]
+#[command(name = "parley", version, about = "A WhatsApp-class messaging server")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve {
+        /// Listen address (default from config: 127.0.0.1:8080). Port 0 picks a free port.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory (default from config: ./data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// A TOML file with settings to override (see config/default.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Log format: text or json (overrides log.format).
+        #[arg(long)]
+        log_format: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve { listen, data, config, log_format } => {
+            let mut cfg = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("parley: {e}");
+                    std::process::exit(2);
+                }
+            };
+            if let Some(l) = listen {
+                cfg.server.listen = l;
+            }
+            if let Some(d) = data {
+                cfg.server.data_dir = d;
+            }
+            if let Some(f) = log_format {
+                cfg.log.format = f;
+            }
+            if let Err(e) = cfg.validate() {
+                eprintln!("parley: {e}");
+                std::process::exit(2);
+            }
+            init_tracing(&cfg);
+            let addr = cfg.listen_addr()?;
+            let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+            actix_rt::System::new().block_on(parley::server::run(cfg, listener, shutdown_signal()))
+        }
+    }
+}
+
+fn init_tracing(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use actix_rt::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = actix_rt::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,135 @@
+//! Wires storage, actors and HTTP together, and owns the shutdown sequence.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{web, App, HttpServer};
+use dashmap::DashMap;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::actors::messages::GoawayAll;
+use crate::actors::presence::PresenceHub;
+use crate::actors::registry::{Deliverer, Online, Registry};
+use crate::config::Config;
+use crate::storage::{self, Pipeline, State};
+
+/// What every handler and session shares.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    /// Submits commands to the commit thread.
+    pub pipeline: Pipeline,
+    /// Reads (sync, history, auth).
+    pub state: Arc<State>,
+    /// Connect/disconnect go through this actor (under `actix::Supervisor`).
+    pub registry: Addr<Registry>,
+    /// Online devices, read directly.
+    pub online: Online,
+    pub presence: Arc<PresenceHub>,
+    /// Open sockets (any state).
+    pub sockets: AtomicUsize,
+    /// Session ids.
+    pub next_session: AtomicU64,
+    /// Set once recovery finished and the listener is serving.
+    pub ready: AtomicBool,
+    /// Set when shutdown begins: new upgrades get 503.
+    pub draining: AtomicBool,
+    pub metrics: Option<PrometheusHandle>,
+    /// Per-user send rate limit (PROTOCOL.md §5).
+    pub send_limiter: crate::limits::RateLimiter,
+}
+
+/// Runs the server on `listener` until `shutdown` completes, then shuts down in order: stop
+/// accepting upgrades → `goaway` to every session (retry delays spread over the shutdown window)
+/// → wait for sockets to drain up to `shutdown_timeout_ms` → stop HTTP → final checkpoint.
+///
+/// Must run inside an actix `System`.
+pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let metrics = crate::http::metrics::install();
+    let data = cfg.server.data_dir.clone();
+    let (state, wal, stats) = {
+        let cfg = cfg.clone();
+        let data = data.clone();
+        actix_web::rt::task::spawn_blocking(move || storage::open(&data, cfg.storage.segment_bytes, cfg.storage.cache_bytes)).await??
+    };
+    tracing::info!(
+        applied_before = stats.applied_before,
+        replayed = stats.replayed,
+        torn_tail_bytes = stats.torn_tail_bytes,
+        millis = stats.millis,
+        data = %data.display(),
+        "storage recovered"
+    );
+    metrics::gauge!("parley_recovery_seconds").set(stats.millis as f64 / 1000.0);
+    let state = Arc::new(state);
+    let presence_tree = sled_presence_tree(&state)?;
+    let presence = PresenceHub::new(presence_tree);
+    let online: Online = Arc::new(DashMap::new());
+    presence.start_flusher(online.clone(), Duration::from_millis(100));
+
+    let registry = {
+        let online = online.clone();
+        let presence = presence.clone();
+        let arbiter = Arbiter::new();
+        Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Registry::new(online, presence))
+    };
+    let sink = Arc::new(Deliverer { online: online.clone() });
+    let (pipeline, commit_thread) = Pipeline::start(state.clone(), wal, cfg.storage.clone(), sink);
+
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        pipeline: pipeline.clone(),
+        state: state.clone(),
+        registry: registry.clone(),
+        online,
+        presence,
+        sockets: AtomicUsize::new(0),
+        next_session: AtomicU64::new(1),
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        metrics,
+        send_limiter: crate::limits::RateLimiter::new(cfg.limits.send_rate_per_s, cfg.limits.send_burst),
+    });
+    let addr = listener.local_addr()?;
+    let data = web::Data::new(shared.clone());
+    let workers = if cfg.server.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { cfg.server.workers };
+    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(crate::http::routes))
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(2)
+        .listen(listener)?
+        .run();
+    let handle = server.handle();
+    let serving = actix_rt::spawn(server);
+    shared.ready.store(true, Ordering::Relaxed);
+    tracing::info!(%addr, workers, "parley listening");
+    // A line for scripts and tests that start the binary on port 0.
+    println!("parley listening on http://{addr}");
+
+    shutdown.await;
+    tracing::info!("shutting down: goaway to every session");
+    shared.draining.store(true, Ordering::Relaxed);
+    let deadline = Duration::from_millis(cfg.server.shutdown_timeout_ms);
+    let window = deadline.as_millis() as u64 / 2;
+    let _ = registry.send(GoawayAll { window_ms: window }).await;
+    let t0 = Instant::now();
+    while shared.sockets.load(Ordering::Relaxed) > 0 && t0.elapsed() < deadline {
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.stop(true).await;
+    let _ = serving.await;
+    pipeline.stop(Duration::from_secs(30)).await;
+    drop(pipeline);
+    let _ = actix_web::rt::task::spawn_blocking(move || commit_thread.join()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The one tree outside the log: `presence_last_seen` (user → u64 BE ms), written lazily.
+fn sled_presence_tree(state: &State) -> anyhow::Result<sled::Tree> {
+    Ok(state.db().open_tree("presence_last_seen")?)
+}

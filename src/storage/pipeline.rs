@@ -1,0 +1,324 @@
+//! The commit pipeline: group commit on one dedicated thread.
+//!
+//! Sessions submit [`Command`]s through a bounded channel. The commit thread takes every command
+//! waiting (at most `batch_max_commands`, waiting up to `batch_window_us` for more after the first
+//! of a small batch), stamps the batch with the server time, appends it to the write-ahead log as
+//! **one entry**, fsyncs **once**, applies it to the state machine, answers every command, and
+//! hands the effects (new events) to the [`Sink`] for live delivery.
+//!
+//! Why a thread and not an actor: the fsync blocks, and a blocking call on an actix arbiter stalls
+//! every actor on it. The thread is supervised in the Erlang/OTP sense: a failure of the log or of
+//! apply answers every pending command with `unavailable` (never `ack`), then the thread reopens
+//! the log and replays it (the same path as start-up recovery) before taking commands again.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+use tokio::sync::oneshot;
+
+use super::records::{encode, Command, LogEntry};
+use super::state::{Effects, Outcome, State};
+use super::wal::Wal;
+use super::{StorageError, TERM};
+use crate::config::StorageConfig;
+
+/// Why a command got no outcome. Neither means "not stored" for sure: resend with the same id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PipelineError {
+    /// The pipeline's queue is full.
+    #[error("the commit pipeline is overloaded")]
+    Overloaded,
+    /// Storage cannot commit now.
+    #[error("storage cannot commit now")]
+    Unavailable,
+}
+
+/// Receives the effects of each committed batch (the registry, which pushes events to sockets).
+pub trait Sink: Send + Sync + 'static {
+    /// Called on the commit thread after the batch is durable and applied; must not block.
+    fn committed(&self, effects: Effects);
+}
+
+type Reply = oneshot::Sender<Result<Outcome, PipelineError>>;
+
+enum Msg {
+    Submit(Command, Reply),
+    /// Finish, checkpoint, and stop; answered when done.
+    Stop(oneshot::Sender<()>),
+}
+
+/// A handle to submit commands. Cheap to clone.
+#[derive(Clone)]
+pub struct Pipeline {
+    /// To the commit thread; bounded by `queue_capacity` (a full queue answers `Overloaded`).
+    tx: Sender<Msg>,
+    /// False while the log or state is failing (healthz answers 503).
+    healthy: Arc<AtomicBool>,
+    /// Highest applied index, for tests and stats.
+    state: Arc<State>,
+}
+
+impl Pipeline {
+    /// Starts the commit thread and the checkpoint thread.
+    pub fn start(state: Arc<State>, wal: Wal, cfg: StorageConfig, sink: Arc<dyn Sink>) -> (Pipeline, JoinHandle<()>) {
+        let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let purge_to = Arc::new(AtomicU64::new(0));
+        let (ck_tx, ck_rx) = crossbeam_channel::bounded::<()>(1);
+        let ck_state = state.clone();
+        let ck_purge = purge_to.clone();
+        let interval = Duration::from_millis(cfg.checkpoint_interval_ms);
+        std::thread::Builder::new()
+            .name("parley-checkpoint".into())
+            .spawn(move || checkpoint_loop(ck_state, ck_rx, ck_purge, interval))
+            .ok();
+        let mut w = Worker {
+            state: state.clone(),
+            wal,
+            cfg,
+            sink,
+            rx,
+            healthy: healthy.clone(),
+            purge_to,
+            purged: 0,
+            last_ts: 0,
+            bytes_since_checkpoint: 0,
+            checkpoint: ck_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("parley-commit".into())
+            .spawn(move || w.run())
+            .unwrap_or_else(|e| panic!("cannot start the commit thread: {e}"));
+        (Pipeline { tx, healthy, state }, handle)
+    }
+
+    /// Queues a command; the receiver gets its outcome once the batch is durable and applied.
+    pub fn submit(&self, cmd: Command) -> Result<oneshot::Receiver<Result<Outcome, PipelineError>>, PipelineError> {
+        let (tx, rx) = oneshot::channel();
+        match self.tx.try_send(Msg::Submit(cmd, tx)) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(PipelineError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(PipelineError::Unavailable),
+        }
+    }
+
+    /// Submits and waits for the outcome.
+    pub async fn call(&self, cmd: Command) -> Result<Outcome, PipelineError> {
+        self.submit(cmd)?.await.unwrap_or(Err(PipelineError::Unavailable))
+    }
+
+    /// Whether the log and state accept commits now.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The state machine (for reads).
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Commits what is queued, checkpoints, and stops the commit thread. Waits up to `deadline`.
+    pub async fn stop(&self, deadline: Duration) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Stop(tx)).is_ok() {
+            let _ = tokio::time::timeout(deadline, rx).await;
+        }
+    }
+}
+
+struct Worker {
+    state: Arc<State>,
+    wal: Wal,
+    cfg: StorageConfig,
+    sink: Arc<dyn Sink>,
+    rx: Receiver<Msg>,
+    healthy: Arc<AtomicBool>,
+    /// Set by the checkpoint thread: log entries up to here are durable in sled.
+    purge_to: Arc<AtomicU64>,
+    purged: u64,
+    last_ts: u64,
+    bytes_since_checkpoint: u64,
+    /// Wakes the checkpoint thread early when the log has grown.
+    checkpoint: Sender<()>,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let window = Duration::from_micros(self.cfg.batch_window_us);
+        let max = self.cfg.batch_max_commands;
+        let mut batch: Vec<(Command, Reply)> = Vec::with_capacity(max);
+        loop {
+            // Some(_) ends the loop after this batch: Some(Some(done)) on a stop request,
+            // Some(None) when every handle is gone.
+            let stop: Option<Option<oneshot::Sender<()>>> = match self.rx.recv() {
+                Ok(Msg::Submit(c, r)) => {
+                    batch.push((c, r));
+                    self.gather(&mut batch, max, window).map(Some)
+                }
+                Ok(Msg::Stop(done)) => Some(Some(done)),
+                Err(_) => Some(None),
+            };
+            if !batch.is_empty() {
+                self.commit(&mut batch);
+            }
+            self.maybe_purge();
+            if let Some(done) = stop {
+                match self.state.checkpoint() {
+                    Ok(upto) => {
+                        let _ = self.wal.purge_upto(upto);
+                    }
+                    Err(e) => tracing::error!(error = %e, "final checkpoint failed; the log will be replayed at start"),
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    /// Takes what is waiting; waits up to `window` for more while the batch is small.
+    fn gather(&mut self, batch: &mut Vec<(Command, Reply)>, max: usize, window: Duration) -> Option<oneshot::Sender<()>> {
+        let deadline = Instant::now() + window;
+        while batch.len() < max {
+            let msg = match self.rx.try_recv() {
+                Ok(m) => m,
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) if window.is_zero() => return None,
+                Err(TryRecvError::Empty) => match self.rx.recv_deadline(deadline) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return None,
+                },
+            };
+            match msg {
+                Msg::Submit(c, r) => batch.push((c, r)),
+                Msg::Stop(done) => return Some(done),
+            }
+        }
+        None
+    }
+
+    fn now_ts(&mut self) -> u64 {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.last_ts = self.last_ts.max(now);
+        self.last_ts
+    }
+
+    /// append → fsync → apply → answer → deliver.
+    fn commit(&mut self, batch: &mut Vec<(Command, Reply)>) {
+        let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.drain(..).unzip();
+        let entry = LogEntry { ts: self.now_ts(), commands: cmds };
+        let n = entry.commands.len();
+        let t0 = Instant::now();
+        let result = self.write(&entry).and_then(|index| {
+            let t_sync = t0.elapsed();
+            metrics::histogram!("parley_fsync_duration_seconds").record(t_sync.as_secs_f64());
+            self.state.apply(index, &entry)
+        });
+        match result {
+            Ok((outcomes, effects)) => {
+                metrics::histogram!("parley_commit_batch_size").record(n as f64);
+                metrics::histogram!("parley_commit_duration_seconds").record(t0.elapsed().as_secs_f64());
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+                self.sink.committed(effects);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, commands = n, "commit failed; answering unavailable and recovering");
+                metrics::counter!("parley_commit_failures_total").increment(1);
+                for reply in replies {
+                    let _ = reply.send(Err(PipelineError::Unavailable));
+                }
+                self.recover();
+            }
+        }
+    }
+
+    fn write(&mut self, entry: &LogEntry) -> Result<u64, StorageError> {
+        let payload = encode(entry)?;
+        let index = self.wal.append_next(TERM, &payload)?;
+        self.wal.sync()?;
+        self.bytes_since_checkpoint += payload.len() as u64 + 24;
+        if self.bytes_since_checkpoint >= self.cfg.checkpoint_log_bytes {
+            self.bytes_since_checkpoint = 0;
+            let _ = self.checkpoint.try_send(());
+        }
+        Ok(index)
+    }
+
+    /// Reopens the log (cutting a torn tail) and replays what the state lacks, until it works.
+    /// Commands that arrive meanwhile are answered `unavailable`.
+    fn recover(&mut self) {
+        self.healthy.store(false, Ordering::Relaxed);
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let attempt = Wal::open(self.wal.dir(), self.cfg.segment_bytes)
+                .map_err(StorageError::from)
+                .and_then(|(wal, _)| super::replay(&self.state, &wal).map(|_| wal));
+            match attempt {
+                Ok(wal) => {
+                    self.wal = wal;
+                    self.healthy.store(true, Ordering::Relaxed);
+                    tracing::info!(applied = self.state.applied(), "commit pipeline recovered");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "storage still failing; retrying");
+                    let until = Instant::now() + wait;
+                    while let Some(left) = until.checked_duration_since(Instant::now()) {
+                        match self.rx.recv_timeout(left) {
+                            Ok(Msg::Submit(_, r)) => {
+                                let _ = r.send(Err(PipelineError::Unavailable));
+                            }
+                            Ok(Msg::Stop(done)) => {
+                                let _ = done.send(());
+                                return;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn maybe_purge(&mut self) {
+        let to = self.purge_to.load(Ordering::Acquire);
+        if to > self.purged {
+            match self.wal.purge_upto(to) {
+                Ok(n) => {
+                    self.purged = to;
+                    if n > 0 {
+                        tracing::debug!(segments = n, upto = to, "deleted log segments below the checkpoint");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot delete old log segments"),
+            }
+        }
+        metrics::gauge!("parley_log_bytes").set(self.wal.size_bytes() as f64);
+        metrics::gauge!("parley_log_segments").set(self.wal.segment_count() as f64);
+    }
+}
+
+/// Checkpoints every `interval` or when woken: fsync sled, then allow the log below to be purged.
+fn checkpoint_loop(state: Arc<State>, wake: Receiver<()>, purge_to: Arc<AtomicU64>, interval: Duration) {
+    loop {
+        match wake.recv_timeout(interval) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let t0 = Instant::now();
+        match state.checkpoint() {
+            Ok(upto) => {
+                purge_to.fetch_max(upto, Ordering::AcqRel);
+                metrics::histogram!("parley_checkpoint_duration_seconds").record(t0.elapsed().as_secs_f64());
+            }
+            Err(e) => tracing::error!(error = %e, "checkpoint failed"),
+        }
+    }
+}

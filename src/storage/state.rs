@@ -1,0 +1,784 @@
+//! The state machine: `apply(entry)` to sled trees, and the read queries (sync, history,
+//! conversations, groups, auth).
+//!
+//! **Invariant:** apply is deterministic. It reads only the entry and the trees: no clock, no
+//! randomness, no configuration (limits that apply enforces travel inside the command). The
+//! effects of one entry and the new applied index are written in one sled transaction, so after a
+//! crash sled holds the state after some whole entry, and recovery re-applies the rest of the log.
+//!
+//! **Invariant:** `seq` per conversation and `ev` per user are assigned here, 1, 2, 3, ... with
+//! no gaps.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::keys;
+use super::records::*;
+use super::trees::{TreeId, Trees, APPLIED_KEY, TREES};
+use super::StorageError;
+use crate::protocol::ids::Conv;
+use crate::protocol::{
+    ConversationItem, EventPayload, GroupAction, GroupView, MessageView, ReadMarkerView, ReceiptStatus,
+    ReceiptView,
+};
+
+/// Why apply refused a command. The command stays in the log and is refused again on replay;
+/// nothing of it reaches the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `register` of an existing user.
+    UserExists,
+    /// A named user does not exist.
+    UnknownUser(String),
+    /// The user is not a member of the conversation.
+    NotMember,
+    /// The request needs a group admin.
+    NotAdmin,
+    /// A group would exceed its size cap.
+    TooLarge(String),
+    /// Anything else malformed.
+    BadRequest(String),
+    /// Unknown user at login.
+    Unauthorized,
+}
+
+/// What one command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done; nothing to return.
+    Done,
+    /// A message is `seq` of `conv` at `ts`; `duplicate` when answered from the dedup record.
+    Sent { conv: String, seq: u64, ts: u64, duplicate: bool },
+    /// A group was created.
+    GroupCreated { group: String },
+    /// Refused; see [`Refusal`].
+    Refused(Refusal),
+}
+
+/// An event appended to a user's stream, for live delivery after the batch is durable.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    /// Whose stream.
+    pub user: String,
+    /// Its position.
+    pub ev: u64,
+    /// The payload as clients see it; shared between the members of a fan-out.
+    pub payload: Arc<EventPayload>,
+}
+
+/// Side effects of applying entries, handed to the registry after the commit.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// New events, in ev order per user.
+    pub events: Vec<Pushed>,
+    /// Revoked tokens: (user, token hash); their sockets close with 4001.
+    pub revoked: Vec<(String, TokenHash)>,
+    /// Users who sent a message in a conversation (their `composing` ends there).
+    pub sent_in: Vec<(String, String)>,
+}
+
+/// The sled-backed state machine.
+pub struct State {
+    db: sled::Db,
+    trees: Trees,
+    dir: PathBuf,
+    /// Index of the last applied entry; mirrors `meta/applied` (written in the same transaction).
+    applied: AtomicU64,
+}
+
+const DELIVERED: u8 = 0;
+const READ: u8 = 1;
+
+impl State {
+    /// Opens (creating) the state in `dir` with a page cache of `cache_bytes`.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<State, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
+        let trees = Trees::open(&db)?;
+        let applied = match trees.get(TreeId::Meta).get(APPLIED_KEY)? {
+            Some(v) => be_u64(&v)?,
+            None => 0,
+        };
+        Ok(State { db, trees, dir: dir.to_owned(), applied: AtomicU64::new(applied) })
+    }
+
+    /// Index of the last applied log entry (0: none).
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Applies log entry `index` (which must be `applied() + 1`). Returns one outcome per command.
+    pub fn apply(&self, index: u64, entry: &LogEntry) -> Result<(Vec<Outcome>, Effects), StorageError> {
+        let applied = self.applied();
+        if index != applied + 1 {
+            return Err(StorageError::Sequence { applied, got: index });
+        }
+        let mut a = Applier {
+            tx: Tx::new(&self.trees),
+            ts: entry.ts,
+            effects: Effects::default(),
+            receipts: BTreeMap::new(),
+        };
+        let mut outcomes = Vec::with_capacity(entry.commands.len());
+        for c in &entry.commands {
+            outcomes.push(a.command(c)?);
+        }
+        a.flush_receipts()?;
+        a.tx.put_u64(TreeId::Meta, APPLIED_KEY.to_vec(), index);
+        a.tx.commit()?;
+        self.applied.store(index, Ordering::Release);
+        Ok((outcomes, a.effects))
+    }
+
+    /// Makes everything applied so far durable in sled's own files: `flush()`, then fsync of every
+    /// file and directory of sled (its flush uses `sync_file_range`, which is not enough).
+    /// Returns the applied index that is now durable; log entries up to it may be deleted.
+    pub fn checkpoint(&self) -> Result<u64, StorageError> {
+        let applied = self.applied();
+        self.db.flush()?;
+        fsync_tree(&self.dir)?;
+        Ok(applied)
+    }
+
+    /// The sled database (for trees outside the log, like presence's last_seen).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    // ------------------------------------------------------------------ queries
+
+    /// A user's record.
+    pub fn user(&self, user: &str) -> Result<Option<UserRecord>, StorageError> {
+        get(&self.trees, TreeId::Users, user.as_bytes())
+    }
+
+    /// A token's record.
+    pub fn token(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StorageError> {
+        get(&self.trees, TreeId::Tokens, hash)
+    }
+
+    /// A user's latest ev (0: none).
+    pub fn head(&self, user: &str) -> Result<u64, StorageError> {
+        get_u64(&self.trees, TreeId::UserHead, user.as_bytes())
+    }
+
+    /// A device's stored cursor (0: none).
+    pub fn cursor(&self, user: &str, device: &str) -> Result<u64, StorageError> {
+        get_u64(&self.trees, TreeId::DeviceCursor, &keys::pair(user, device))
+    }
+
+    /// The original ack of `(from, id)`, if that message was accepted.
+    pub fn dedup(&self, from: &str, id: &str) -> Result<Option<AckRecord>, StorageError> {
+        get(&self.trees, TreeId::SenderIdAck, &keys::pair(from, id))
+    }
+
+    /// Events of `user` with `after < ev <= upto`, at most `limit`, in ev order.
+    pub fn events(&self, user: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, EventPayload)>, StorageError> {
+        let mut out = Vec::new();
+        if upto <= after {
+            return Ok(out);
+        }
+        let tree = self.trees.get(TreeId::UserEvEvent);
+        for kv in tree.range(keys::num(user, after + 1)..=keys::num(user, upto)).take(limit) {
+            let (k, v) = kv?;
+            let ev = keys::num_suffix(&k).ok_or_else(|| StorageError::Decode("event key".into()))?;
+            let rec: EventRecord = decode(&v)?;
+            out.push((ev, self.view(rec)?));
+        }
+        Ok(out)
+    }
+
+    fn view(&self, rec: EventRecord) -> Result<EventPayload, StorageError> {
+        Ok(match rec {
+            EventRecord::Message { conv, seq, .. } => EventPayload::Message(self.message(&conv, seq)?),
+            EventRecord::Receipt { conv, by, status, up_to } => EventPayload::Receipt(ReceiptView {
+                conv,
+                by,
+                status: if status == READ { ReceiptStatus::Read } else { ReceiptStatus::Delivered },
+                up_to,
+            }),
+            EventRecord::Group { group, action, users, by } => EventPayload::Group(GroupView {
+                group: format!("g:{group}"),
+                action: group_action(action),
+                users,
+                by,
+            }),
+            EventRecord::ReadMarker { conv, seq } => EventPayload::ReadMarker(ReadMarkerView { conv, seq }),
+        })
+    }
+
+    fn message(&self, conv: &str, seq: u64) -> Result<MessageView, StorageError> {
+        let m: MessageRecord = get(&self.trees, TreeId::ConvSeqMessage, &keys::num(conv, seq))?
+            .ok_or_else(|| StorageError::Missing(format!("message {conv}#{seq}")))?;
+        Ok(message_view(conv, seq, m))
+    }
+
+    /// Whether `user` may read and write `conv` now (a dm it is part of, or a group it is in).
+    pub fn is_member(&self, user: &str, conv: &Conv) -> Result<bool, StorageError> {
+        Ok(match conv {
+            Conv::Dm { .. } => conv.dm_has(user),
+            Conv::Group(id) => self.group(id)?.is_some_and(|g| g.members.iter().any(|m| m.user == user)),
+        })
+    }
+
+    /// A group's record.
+    pub fn group(&self, id: &str) -> Result<Option<GroupRecord>, StorageError> {
+        get(&self.trees, TreeId::Groups, id.as_bytes())
+    }
+
+    /// A page of `conv` for `user`: messages with seq < `before` (newest when None), at most
+    /// `limit`, ascending; `more` when older visible messages exist. `Err(NotMember)` for a
+    /// conversation the user is not part of (nothing about it is revealed).
+    pub fn history(
+        &self,
+        user: &str,
+        conv: &Conv,
+        before: Option<u64>,
+        limit: u64,
+    ) -> Result<Result<(Vec<MessageView>, bool), Refusal>, StorageError> {
+        let name = conv.to_string();
+        let uc: Option<UserConvRecord> = get(&self.trees, TreeId::UserConvState, &keys::pair(user, &name))?;
+        let uc = match (uc, conv) {
+            (Some(uc), _) => uc,
+            (None, Conv::Dm { .. }) if conv.dm_has(user) => return Ok(Ok((Vec::new(), false))),
+            _ => return Ok(Err(Refusal::NotMember)),
+        };
+        let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, name.as_bytes())?.unwrap_or_default();
+        let lo = uc.visible_from.max(1);
+        let hi = uc.visible_to.map_or(meta.last_seq, |t| t.min(meta.last_seq));
+        let top = match before {
+            Some(b) => hi.min(b.saturating_sub(1)),
+            None => hi,
+        };
+        if top < lo || limit == 0 {
+            return Ok(Ok((Vec::new(), false)));
+        }
+        let start = lo.max(top.saturating_sub(limit - 1));
+        let mut msgs = Vec::with_capacity((top - start + 1) as usize);
+        for kv in self.trees.get(TreeId::ConvSeqMessage).range(keys::num(&name, start)..=keys::num(&name, top)) {
+            let (k, v) = kv?;
+            let seq = keys::num_suffix(&k).ok_or_else(|| StorageError::Decode("message key".into()))?;
+            msgs.push(message_view(&name, seq, decode(&v)?));
+        }
+        Ok(Ok((msgs, start > lo)))
+    }
+
+    /// Every conversation of `user`, newest first.
+    pub fn conversations(&self, user: &str) -> Result<Vec<ConversationItem>, StorageError> {
+        let mut items = Vec::new();
+        for kv in self.trees.get(TreeId::UserConvState).scan_prefix(keys::prefix(user)) {
+            let (k, v) = kv?;
+            let conv = keys::pair_suffix(&k).ok_or_else(|| StorageError::Decode("user_conv key".into()))?.to_owned();
+            let uc: UserConvRecord = decode(&v)?;
+            let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
+            let last_seq = uc.visible_to.map_or(meta.last_seq, |t| t.min(meta.last_seq));
+            let last = if last_seq >= uc.visible_from.max(1) { Some(self.message(&conv, last_seq)?) } else { None };
+            items.push(ConversationItem { conv, last_seq, read_seq: uc.read_seq, unread: uc.unread, last });
+        }
+        items.sort_by(|a, b| {
+            let ta = a.last.as_ref().map_or(0, |m| m.ts);
+            let tb = b.last.as_ref().map_or(0, |m| m.ts);
+            tb.cmp(&ta).then_with(|| a.conv.cmp(&b.conv))
+        });
+        Ok(items)
+    }
+
+    /// Counts of stored records, for `admin stats` and metrics: (users, conversations, messages).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.trees.get(TreeId::Users).len(),
+            self.trees.get(TreeId::ConvMeta).len(),
+            self.trees.get(TreeId::ConvSeqMessage).len(),
+        )
+    }
+}
+
+fn message_view(conv: &str, seq: u64, m: MessageRecord) -> MessageView {
+    MessageView { conv: conv.to_owned(), seq, id: m.id, from: m.from, body: m.body, ts: m.ts }
+}
+
+fn group_action(a: u8) -> GroupAction {
+    match a {
+        0 => GroupAction::Created,
+        1 => GroupAction::Added,
+        2 => GroupAction::Removed,
+        _ => GroupAction::Left,
+    }
+}
+
+fn be_u64(v: &[u8]) -> Result<u64, StorageError> {
+    let b: [u8; 8] = v.try_into().map_err(|_| StorageError::Decode("u64 value".into()))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn get<T: DeserializeOwned>(trees: &Trees, t: TreeId, k: &[u8]) -> Result<Option<T>, StorageError> {
+    trees.get(t).get(k)?.map(|v| decode(&v)).transpose()
+}
+
+fn get_u64(trees: &Trees, t: TreeId, k: &[u8]) -> Result<u64, StorageError> {
+    trees.get(t).get(k)?.map_or(Ok(0), |v| be_u64(&v))
+}
+
+/// fsyncs every file and directory below `dir` (and `dir` itself).
+fn fsync_tree(dir: &Path) -> Result<(), StorageError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| StorageError::io(dir, e))?;
+    for ent in rd {
+        let ent = ent.map_err(|e| StorageError::io(dir, e))?;
+        let p = ent.path();
+        let ft = ent.file_type().map_err(|e| StorageError::io(&p, e))?;
+        if ft.is_dir() {
+            fsync_tree(&p)?;
+        } else if ft.is_file() {
+            std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(|e| StorageError::io(&p, e))?;
+        }
+    }
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| StorageError::io(dir, e))
+}
+
+// ---------------------------------------------------------------------- apply
+
+/// The write set of one entry: reads see earlier writes of the same entry; `commit` writes all of
+/// it, with the applied index, in one sled transaction.
+struct Tx<'a> {
+    trees: &'a Trees,
+    writes: Vec<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl<'a> Tx<'a> {
+    fn new(trees: &'a Trees) -> Self {
+        Tx { trees, writes: vec![BTreeMap::new(); TREES.len()] }
+    }
+
+    fn raw(&self, t: TreeId, k: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        if let Some(v) = self.writes[t as usize].get(k) {
+            return Ok(v.clone());
+        }
+        Ok(self.trees.get(t).get(k)?.map(|v| v.to_vec()))
+    }
+
+    fn get<T: DeserializeOwned>(&self, t: TreeId, k: &[u8]) -> Result<Option<T>, StorageError> {
+        self.raw(t, k)?.map(|v| decode(&v)).transpose()
+    }
+
+    fn get_u64(&self, t: TreeId, k: &[u8]) -> Result<u64, StorageError> {
+        self.raw(t, k)?.map_or(Ok(0), |v| be_u64(&v))
+    }
+
+    fn exists(&self, t: TreeId, k: &[u8]) -> Result<bool, StorageError> {
+        Ok(self.raw(t, k)?.is_some())
+    }
+
+    fn put<T: Serialize>(&mut self, t: TreeId, k: Vec<u8>, v: &T) -> Result<(), StorageError> {
+        self.writes[t as usize].insert(k, Some(encode(v)?));
+        Ok(())
+    }
+
+    fn put_u64(&mut self, t: TreeId, k: Vec<u8>, n: u64) {
+        self.writes[t as usize].insert(k, Some(n.to_be_bytes().to_vec()));
+    }
+
+    fn del(&mut self, t: TreeId, k: Vec<u8>) {
+        self.writes[t as usize].insert(k, None);
+    }
+
+    fn commit(self) -> Result<(), StorageError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let writes = &self.writes;
+        let r = self.trees.all.as_slice().transaction(|tx| {
+            for (i, w) in writes.iter().enumerate() {
+                for (k, v) in w {
+                    match v {
+                        Some(v) => {
+                            tx[i].insert(k.as_slice(), v.as_slice())?;
+                        }
+                        None => {
+                            tx[i].remove(k.as_slice())?;
+                        }
+                    }
+                }
+            }
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
+        match r {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+            Err(TransactionError::Abort(())) => Err(StorageError::Decode("transaction aborted".into())),
+        }
+    }
+}
+
+struct Applier<'a> {
+    tx: Tx<'a>,
+    ts: u64,
+    effects: Effects,
+    /// Receipts of this entry, coalesced: (recipient, conv, by, status) → up_to.
+    receipts: BTreeMap<(String, String, String, u8), u64>,
+}
+
+impl Applier<'_> {
+    fn command(&mut self, c: &Command) -> Result<Outcome, StorageError> {
+        match c {
+            Command::Register { user, password_hash } => {
+                if self.tx.exists(TreeId::Users, user.as_bytes())? {
+                    return Ok(Outcome::Refused(Refusal::UserExists));
+                }
+                let rec = UserRecord { password_hash: password_hash.clone(), created: self.ts };
+                self.tx.put(TreeId::Users, user.as_bytes().to_vec(), &rec)?;
+                Ok(Outcome::Done)
+            }
+            Command::Login { token_hash, user, device } => {
+                if !self.tx.exists(TreeId::Users, user.as_bytes())? {
+                    return Ok(Outcome::Refused(Refusal::Unauthorized));
+                }
+                let rec = TokenRecord { user: user.clone(), device: device.clone(), created: self.ts };
+                self.tx.put(TreeId::Tokens, token_hash.to_vec(), &rec)?;
+                Ok(Outcome::Done)
+            }
+            Command::Logout { token_hash } => {
+                if let Some(t) = self.tx.get::<TokenRecord>(TreeId::Tokens, token_hash)? {
+                    self.tx.del(TreeId::Tokens, token_hash.to_vec());
+                    self.effects.revoked.push((t.user, *token_hash));
+                    Ok(Outcome::Done)
+                } else {
+                    Ok(Outcome::Refused(Refusal::Unauthorized))
+                }
+            }
+            Command::Send { from, device: _, id, conv, body } => self.send(from, id, conv, body),
+            Command::Received { user, device, up_to } => self.received(user, device, *up_to),
+            Command::Read { user, conv, seq } => self.read(user, conv, *seq),
+            Command::GroupCreate { group, by, name, members, cap } => self.group_create(group, by, name, members, *cap),
+            Command::GroupAdd { group, by, users, cap } => self.group_add(group, by, users, *cap),
+            Command::GroupRemove { group, by, users } => self.group_remove(group, by, users),
+            Command::GroupLeave { group, by } => self.group_leave(group, by),
+        }
+    }
+
+    /// Appends an event to `user`'s stream: ev = head + 1.
+    fn append_event(&mut self, user: &str, rec: &EventRecord, payload: Arc<EventPayload>) -> Result<(), StorageError> {
+        let ev = self.tx.get_u64(TreeId::UserHead, user.as_bytes())? + 1;
+        self.tx.put(TreeId::UserEvEvent, keys::num(user, ev), rec)?;
+        self.tx.put_u64(TreeId::UserHead, user.as_bytes().to_vec(), ev);
+        self.effects.events.push(Pushed { user: user.to_owned(), ev, payload });
+        Ok(())
+    }
+
+    fn user_conv(&self, user: &str, conv: &str) -> Result<Option<UserConvRecord>, StorageError> {
+        self.tx.get(TreeId::UserConvState, &keys::pair(user, conv))
+    }
+
+    fn put_user_conv(&mut self, user: &str, conv: &str, uc: &UserConvRecord) -> Result<(), StorageError> {
+        self.tx.put(TreeId::UserConvState, keys::pair(user, conv), uc)
+    }
+
+    fn meta(&self, conv: &str) -> Result<ConvMeta, StorageError> {
+        Ok(self.tx.get(TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default())
+    }
+
+    fn send(&mut self, from: &str, id: &str, conv: &str, body: &str) -> Result<Outcome, StorageError> {
+        if let Some(a) = self.tx.get::<AckRecord>(TreeId::SenderIdAck, &keys::pair(from, id))? {
+            return Ok(Outcome::Sent { conv: a.conv, seq: a.seq, ts: a.ts, duplicate: true });
+        }
+        let Some(parsed) = Conv::parse(conv) else {
+            return Ok(Outcome::Refused(Refusal::BadRequest(format!("bad conversation {conv}"))));
+        };
+        let members: Vec<String> = match &parsed {
+            Conv::Dm { a, b } => {
+                if !parsed.dm_has(from) {
+                    return Ok(Outcome::Refused(Refusal::NotMember));
+                }
+                for u in [a, b] {
+                    if !self.tx.exists(TreeId::Users, u.as_bytes())? {
+                        return Ok(Outcome::Refused(Refusal::UnknownUser(u.clone())));
+                    }
+                }
+                if a == b { vec![a.clone()] } else { vec![a.clone(), b.clone()] }
+            }
+            Conv::Group(gid) => match self.tx.get::<GroupRecord>(TreeId::Groups, gid.as_bytes())? {
+                Some(g) if g.members.iter().any(|m| m.user == from) => g.members.into_iter().map(|m| m.user).collect(),
+                _ => return Ok(Outcome::Refused(Refusal::NotMember)),
+            },
+        };
+        let mut meta = self.meta(conv)?;
+        meta.last_seq += 1;
+        meta.last_ts = self.ts;
+        let seq = meta.last_seq;
+        self.tx.put(TreeId::ConvMeta, conv.as_bytes().to_vec(), &meta)?;
+        let rec = MessageRecord { id: id.to_owned(), from: from.to_owned(), body: body.to_owned(), ts: self.ts };
+        self.tx.put(TreeId::ConvSeqMessage, keys::num(conv, seq), &rec)?;
+        let ack = AckRecord { conv: conv.to_owned(), seq, ts: self.ts };
+        self.tx.put(TreeId::SenderIdAck, keys::pair(from, id), &ack)?;
+        let payload = Arc::new(EventPayload::Message(message_view(conv, seq, rec)));
+        let ev_rec = EventRecord::Message { conv: conv.to_owned(), seq, from: from.to_owned() };
+        for m in &members {
+            self.append_event(m, &ev_rec, payload.clone())?;
+            let mut uc = self.user_conv(m, conv)?.unwrap_or(UserConvRecord { visible_from: 1, ..Default::default() });
+            if m != from {
+                uc.unread += 1;
+            }
+            self.put_user_conv(m, conv, &uc)?;
+        }
+        self.effects.sent_in.push((from.to_owned(), conv.to_owned()));
+        Ok(Outcome::Sent { conv: conv.to_owned(), seq, ts: self.ts, duplicate: false })
+    }
+
+    fn received(&mut self, user: &str, device: &str, up_to: u64) -> Result<Outcome, StorageError> {
+        let head = self.tx.get_u64(TreeId::UserHead, user.as_bytes())?;
+        let key = keys::pair(user, device);
+        let cur = self.tx.get_u64(TreeId::DeviceCursor, &key)?;
+        let new = up_to.min(head);
+        if new <= cur {
+            return Ok(Outcome::Done);
+        }
+        self.tx.put_u64(TreeId::DeviceCursor, key, new);
+        // Which conversations' messages (from others) this confirmation covers, and their senders.
+        let mut covered: BTreeMap<String, (u64, BTreeSet<String>)> = BTreeMap::new();
+        for ev in cur + 1..=new {
+            if let Some(EventRecord::Message { conv, seq, from }) = self.tx.get(TreeId::UserEvEvent, &keys::num(user, ev))? {
+                if from != user {
+                    let e = covered.entry(conv).or_default();
+                    e.0 = e.0.max(seq);
+                    e.1.insert(from);
+                }
+            }
+        }
+        for (conv, (seq, senders)) in covered {
+            let Some(mut uc) = self.user_conv(user, &conv)? else { continue };
+            if seq > uc.delivered_seq {
+                uc.delivered_seq = seq;
+                self.put_user_conv(user, &conv, &uc)?;
+                for s in senders {
+                    self.receipt(&s, &conv, user, DELIVERED, seq);
+                }
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn receipt(&mut self, to: &str, conv: &str, by: &str, status: u8, up_to: u64) {
+        let e = self.receipts.entry((to.to_owned(), conv.to_owned(), by.to_owned(), status)).or_insert(0);
+        *e = (*e).max(up_to);
+    }
+
+    fn read(&mut self, user: &str, conv: &str, seq: u64) -> Result<Outcome, StorageError> {
+        let Some(parsed) = Conv::parse(conv) else {
+            return Ok(Outcome::Refused(Refusal::BadRequest(format!("bad conversation {conv}"))));
+        };
+        let member = match &parsed {
+            Conv::Dm { .. } => parsed.dm_has(user),
+            Conv::Group(gid) => self
+                .tx
+                .get::<GroupRecord>(TreeId::Groups, gid.as_bytes())?
+                .is_some_and(|g| g.members.iter().any(|m| m.user == user)),
+        };
+        let uc = if member { self.user_conv(user, conv)? } else { None };
+        let Some(mut uc) = uc else {
+            return Ok(Outcome::Refused(Refusal::NotMember));
+        };
+        let meta = self.meta(conv)?;
+        let hi = uc.visible_to.map_or(meta.last_seq, |t| t.min(meta.last_seq));
+        let new = seq.min(hi);
+        if new <= uc.read_seq {
+            return Ok(Outcome::Done);
+        }
+        let mut senders = BTreeSet::new();
+        for s in uc.read_seq.max(uc.visible_from.max(1) - 1) + 1..=new {
+            if let Some(m) = self.tx.get::<MessageRecord>(TreeId::ConvSeqMessage, &keys::num(conv, s))? {
+                if m.from != user {
+                    senders.insert(m.from);
+                }
+            }
+        }
+        let mut unread = 0;
+        for s in new + 1..=hi {
+            if let Some(m) = self.tx.get::<MessageRecord>(TreeId::ConvSeqMessage, &keys::num(conv, s))? {
+                if m.from != user {
+                    unread += 1;
+                }
+            }
+        }
+        uc.read_seq = new;
+        uc.delivered_seq = uc.delivered_seq.max(new);
+        uc.unread = unread;
+        self.put_user_conv(user, conv, &uc)?;
+        let marker = EventRecord::ReadMarker { conv: conv.to_owned(), seq: new };
+        let payload = Arc::new(EventPayload::ReadMarker(ReadMarkerView { conv: conv.to_owned(), seq: new }));
+        self.append_event(user, &marker, payload)?;
+        for s in senders {
+            self.receipt(&s, conv, user, READ, new);
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Appends the entry's coalesced receipts: one event per (recipient, conv, by, status).
+    fn flush_receipts(&mut self) -> Result<(), StorageError> {
+        let receipts = std::mem::take(&mut self.receipts);
+        for ((to, conv, by, status), up_to) in receipts {
+            let rec = EventRecord::Receipt { conv: conv.clone(), by: by.clone(), status, up_to };
+            let payload = Arc::new(EventPayload::Receipt(ReceiptView {
+                conv,
+                by,
+                status: if status == READ { ReceiptStatus::Read } else { ReceiptStatus::Delivered },
+                up_to,
+            }));
+            self.append_event(&to, &rec, payload)?;
+        }
+        Ok(())
+    }
+
+    fn group_event(&mut self, group: &str, action: u8, users: Vec<String>, by: &str, to: &[String]) -> Result<(), StorageError> {
+        let rec = EventRecord::Group { group: group.to_owned(), action, users: users.clone(), by: by.to_owned() };
+        let payload = Arc::new(EventPayload::Group(GroupView {
+            group: format!("g:{group}"),
+            action: group_action(action),
+            users,
+            by: by.to_owned(),
+        }));
+        for u in to {
+            self.append_event(u, &rec, payload.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Dedups `users` (keeping order) and checks each exists.
+    fn existing_users(&self, users: &[String]) -> Result<Result<Vec<String>, Refusal>, StorageError> {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for u in users {
+            if seen.insert(u.as_str()) {
+                if !self.tx.exists(TreeId::Users, u.as_bytes())? {
+                    return Ok(Err(Refusal::UnknownUser(u.clone())));
+                }
+                out.push(u.clone());
+            }
+        }
+        Ok(Ok(out))
+    }
+
+    fn group_create(&mut self, group: &str, by: &str, name: &str, members: &[String], cap: u32) -> Result<Outcome, StorageError> {
+        if self.tx.exists(TreeId::Groups, group.as_bytes())? {
+            return Ok(Outcome::Refused(Refusal::BadRequest("group id taken".into())));
+        }
+        let mut all = vec![by.to_owned()];
+        all.extend(members.iter().cloned());
+        let users = match self.existing_users(&all)? {
+            Ok(u) => u,
+            Err(r) => return Ok(Outcome::Refused(r)),
+        };
+        if users.len() > cap as usize {
+            return Ok(Outcome::Refused(Refusal::TooLarge(format!("a group holds at most {cap} members"))));
+        }
+        let rec = GroupRecord {
+            name: name.to_owned(),
+            members: users.iter().map(|u| Member { user: u.clone(), admin: u == by }).collect(),
+            created: self.ts,
+        };
+        self.tx.put(TreeId::Groups, group.as_bytes().to_vec(), &rec)?;
+        let conv = format!("g:{group}");
+        for u in &users {
+            self.put_user_conv(u, &conv, &UserConvRecord { visible_from: 1, ..Default::default() })?;
+        }
+        self.group_event(group, 0, users.clone(), by, &users)?;
+        Ok(Outcome::GroupCreated { group: conv })
+    }
+
+    /// The group, when `by` is an admin of it.
+    fn admin_group(&self, group: &str, by: &str) -> Result<Result<GroupRecord, Refusal>, StorageError> {
+        let Some(g) = self.tx.get::<GroupRecord>(TreeId::Groups, group.as_bytes())? else {
+            return Ok(Err(Refusal::NotMember));
+        };
+        match g.members.iter().find(|m| m.user == by) {
+            None => Ok(Err(Refusal::NotMember)),
+            Some(m) if !m.admin => Ok(Err(Refusal::NotAdmin)),
+            Some(_) => Ok(Ok(g)),
+        }
+    }
+
+    fn group_add(&mut self, group: &str, by: &str, users: &[String], cap: u32) -> Result<Outcome, StorageError> {
+        let mut g = match self.admin_group(group, by)? {
+            Ok(g) => g,
+            Err(r) => return Ok(Outcome::Refused(r)),
+        };
+        let users = match self.existing_users(users)? {
+            Ok(u) => u,
+            Err(r) => return Ok(Outcome::Refused(r)),
+        };
+        let new: Vec<String> = users.into_iter().filter(|u| !g.members.iter().any(|m| &m.user == u)).collect();
+        if g.members.len() + new.len() > cap as usize {
+            return Ok(Outcome::Refused(Refusal::TooLarge(format!("a group holds at most {cap} members"))));
+        }
+        if new.is_empty() {
+            return Ok(Outcome::Done);
+        }
+        let conv = format!("g:{group}");
+        let from = self.meta(&conv)?.last_seq + 1;
+        for u in &new {
+            g.members.push(Member { user: u.clone(), admin: false });
+            let mut uc = self.user_conv(u, &conv)?.unwrap_or_default();
+            uc.visible_from = from;
+            uc.visible_to = None;
+            uc.read_seq = uc.read_seq.max(from - 1);
+            uc.delivered_seq = uc.delivered_seq.max(from - 1);
+            uc.unread = 0;
+            self.put_user_conv(u, &conv, &uc)?;
+        }
+        self.tx.put(TreeId::Groups, group.as_bytes().to_vec(), &g)?;
+        let to: Vec<String> = g.members.iter().map(|m| m.user.clone()).collect();
+        self.group_event(group, 1, new, by, &to)?;
+        Ok(Outcome::Done)
+    }
+
+    fn group_remove(&mut self, group: &str, by: &str, users: &[String]) -> Result<Outcome, StorageError> {
+        let g = match self.admin_group(group, by)? {
+            Ok(g) => g,
+            Err(r) => return Ok(Outcome::Refused(r)),
+        };
+        let gone: Vec<String> = g.members.iter().filter(|m| users.contains(&m.user)).map(|m| m.user.clone()).collect();
+        if gone.is_empty() {
+            return Ok(Outcome::Done);
+        }
+        self.drop_members(group, g, &gone, 2, by)?;
+        Ok(Outcome::Done)
+    }
+
+    fn group_leave(&mut self, group: &str, by: &str) -> Result<Outcome, StorageError> {
+        let Some(g) = self.tx.get::<GroupRecord>(TreeId::Groups, group.as_bytes())? else {
+            return Ok(Outcome::Refused(Refusal::NotMember));
+        };
+        if !g.members.iter().any(|m| m.user == by) {
+            return Ok(Outcome::Refused(Refusal::NotMember));
+        }
+        self.drop_members(group, g, &[by.to_owned()], 3, by)?;
+        Ok(Outcome::Done)
+    }
+
+    /// Removes `gone` from the group (action 2 removed, 3 left), tells every member before the
+    /// change, freezes what the gone members may see, and promotes the longest-standing member
+    /// when no admin is left.
+    fn drop_members(&mut self, group: &str, mut g: GroupRecord, gone: &[String], action: u8, by: &str) -> Result<(), StorageError> {
+        let to: Vec<String> = g.members.iter().map(|m| m.user.clone()).collect();
+        g.members.retain(|m| !gone.contains(&m.user));
+        if !g.members.is_empty() && !g.members.iter().any(|m| m.admin) {
+            g.members[0].admin = true;
+        }
+        self.tx.put(TreeId::Groups, group.as_bytes().to_vec(), &g)?;
+        let conv = format!("g:{group}");
+        let last = self.meta(&conv)?.last_seq;
+        for u in gone {
+            if let Some(mut uc) = self.user_conv(u, &conv)? {
+                uc.visible_to = Some(last);
+                self.put_user_conv(u, &conv, &uc)?;
+            }
+        }
+        self.group_event(group, action, gone.to_vec(), by, &to)
+    }
+}

@@ -1,0 +1,1880 @@
+//! The write-ahead log: the durable, ordered record of every command batch.
+//!
+//! Every command batch of the server is appended as one log *entry*, fsync'd with
+//! [`Wal::sync`], and only then acknowledged. On start-up the server replays the entries
+//! past its state machine's applied index ([`Wal::read_from`]). The log is the truth: when
+//! it cannot be read back exactly as written, [`Wal::open`] refuses to start instead of
+//! silently dropping acknowledged entries.
+//!
+//! Entries are numbered by `index` (1, 2, 3, ... without gaps) and carry a `term` (always 1
+//! for now; later Raft's term), so the log can later back openraft's log store.
+//!
+//! # On-disk format (version 1)
+//!
+//! A directory holds *segment* files named `{first_index:020}.wal`, where `first_index` is
+//! the index of the first entry the segment holds (or will hold, if it is still empty), e.g.
+//! `00000000000000000001.wal`. Other files in the directory are ignored; a `.wal` file with
+//! any other name is reported as corrupt.
+//!
+//! Each segment starts with an 8-byte header: the magic `b"PRLYWAL"` followed by the format
+//! version byte `1`. Then come records, back to back, all integers little-endian:
+//!
+//! ```text
+//! +-----------+-----------+------------------------------------------------+
+//! | len: u32  | crc: u32  | body (len bytes)                               |
+//! |           |           | index: u64 | term: u64 | payload (len-16 bytes)  |
+//! +-----------+-----------+------------------------------------------------+
+//! ```
+//!
+//! * `len` counts the bytes of the body (so `len >= 16`; a payload is at most
+//!   `u32::MAX - 16` bytes).
+//! * `crc` is CRC-32 (IEEE, as computed by `crc32fast`) over the four `len` bytes followed
+//!   by the body.
+//! * The payload is opaque to the log.
+//!
+//! Within a segment, indexes are consecutive starting at the segment's `first_index`;
+//! each segment starts right after the previous one's last index.
+//!
+//! A segment is closed ("rolled") when an append would start a record in a segment that
+//! already holds at least one record and is `>= segment_bytes` long: the old segment is
+//! fsync'd first, then a new segment named after the record's index is created. So a
+//! segment exceeds `segment_bytes` by less than one record, and only the last segment (the
+//! *active* one) is ever written to. A closed segment always holds at least one record.
+//!
+//! # Recovery: torn tail versus corruption
+//!
+//! A crash in the middle of an append can leave the end of the *last* segment incomplete.
+//! [`Wal::open`] scans every segment (header, record lengths, CRCs, index continuity) and
+//! treats a bad record in the last segment as a *torn tail* when
+//!
+//! * everything from the record's start to the end of the file is zero bytes, or
+//! * the record's claimed end (`start + 8 + len`) is at or past the end of the file (the
+//!   record header itself is cut short, the body runs past EOF, or the CRC of a record that
+//!   ends exactly at EOF does not match), **and** no valid record with a later index can be
+//!   found in the bytes after the record's start (this catches a bit flip in the `len` field
+//!   of a middle record, which would otherwise look like a torn tail).
+//!
+//! A torn tail is cut off (`ftruncate` + fsync) and reported in
+//! [`RecoveryReport::torn_tail_bytes`]. A missing, partial or all-zero segment header in the
+//! last segment (a crash right after creating it) is a torn tail too: the header is
+//! rewritten.
+//!
+//! Everything else is [`WalError::Corrupt`] and nothing is modified: a bad record followed
+//! by bytes that are not all zero, any bad record or header in a segment that is not the
+//! last, a record whose CRC is valid but whose index is not the expected one, a gap or
+//! overlap between segments, an unknown format version. An operator must look at the log
+//! then; the error names the file and byte offset.
+//!
+//! # Durability and ownership
+//!
+//! [`Wal::append`] writes but does not fsync (except the segment being closed on a roll);
+//! [`Wal::sync`] fsyncs the active segment and, when a segment was created or deleted
+//! since the last sync, the directory. After a failed write that could not be rolled back,
+//! or any failed fsync, the `Wal` refuses further appends and syncs (the state of the page
+//! cache is unknown after a failed fsync); reopen it to recover.
+//!
+//! A `Wal` is owned by a single thread (the commit thread). There is no inter-process lock:
+//! two processes must never open the same directory at once.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Segment header: magic + format version.
+const HEADER: [u8; 8] = *b"PRLYWAL\x01";
+/// Length of the magic part of the header.
+const MAGIC_LEN: usize = 7;
+/// Format version written into (and accepted from) segment headers.
+const VERSION: u8 = 1;
+/// Bytes of a segment header.
+const HEADER_LEN: u64 = 8;
+/// Bytes of a record header (`len` + `crc`).
+const RECORD_HEADER_LEN: u64 = 8;
+/// Bytes of the fixed part of a record body (`index` + `term`).
+const BODY_FIXED_LEN: u32 = 16;
+/// Largest payload a record can carry, in bytes.
+const MAX_PAYLOAD_BYTES: usize = (u32::MAX - BODY_FIXED_LEN) as usize;
+/// File name extension of segment files.
+const SEGMENT_EXT: &str = "wal";
+/// Buffer size for sequential reads, in bytes.
+const READ_BUF_BYTES: usize = 64 * 1024;
+
+/// One log entry: the unit the log appends, stores and replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Position in the log: 1, 2, 3, ... without gaps.
+    pub index: u64,
+    /// Term the entry was written in (always 1 for now; Raft's term later).
+    pub term: u64,
+    /// The command batch, opaque to the log; at most `u32::MAX - 16` bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Errors of the write-ahead log.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    /// An operating-system call on `path` (a segment file or the log directory) failed.
+    /// Also used, with the directory as `path`, for a payload that is too large
+    /// (`InvalidInput`) and for a log that refuses work after an earlier failed write or
+    /// fsync (`Other`; reopen the log).
+    #[error("log I/O error in {path}: {source}")]
+    Io {
+        /// The file or directory the operation was on.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The log's content is damaged in a way that is not a torn tail; nothing was modified.
+    #[error("corrupt log record in {path} at byte {offset}: {reason}; refusing to start (the log after it would be lost)")]
+    Corrupt {
+        /// The segment file that is damaged.
+        path: PathBuf,
+        /// Byte offset in that file of the bad header (0) or record.
+        offset: u64,
+        /// What is wrong, for the operator.
+        reason: String,
+    },
+    /// An appended entry's index is not the next one. Nothing of the batch was written.
+    #[error("log entry index {got} where {expected} was expected")]
+    OutOfOrder {
+        /// The index the log needed at that position.
+        expected: u64,
+        /// The index the entry carried.
+        got: u64,
+    },
+}
+
+/// What [`Wal::open`] found (and repaired) or what [`verify`] found.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecoveryReport {
+    /// Number of valid entries in the log (after cutting a torn tail).
+    pub entries: u64,
+    /// Number of segment files.
+    pub segments: usize,
+    /// Bytes cut off the end of the last segment as a torn tail (0 when the log was clean).
+    /// For a damaged segment header this is the whole former length of that file.
+    pub torn_tail_bytes: u64,
+}
+
+/// What the scan knows about one segment file.
+#[derive(Debug, Clone)]
+struct SegMeta {
+    /// Index of the first entry the segment holds or will hold (from its file name).
+    first_index: u64,
+    /// Index of its last entry; `first_index - 1` when it holds none.
+    last_index: u64,
+    /// Length of the file in bytes (as far as valid).
+    len: u64,
+    /// Full path of the file.
+    path: PathBuf,
+}
+
+impl SegMeta {
+    fn has_entries(&self) -> bool {
+        self.last_index >= self.first_index
+    }
+}
+
+/// How the last segment must be repaired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TailFix {
+    /// Cut the file to this many bytes.
+    Truncate(u64),
+    /// The header is damaged and no record follows: rewrite the file as a bare header.
+    RewriteHeader,
+}
+
+/// Result of scanning one segment.
+struct SegScan {
+    meta: SegMeta,
+    entries: u64,
+    last_term: Option<u64>,
+    fix: Option<TailFix>,
+    torn_bytes: u64,
+}
+
+/// Result of scanning the whole directory (read-only).
+struct DirScan {
+    segments: Vec<SegMeta>,
+    last_term: u64,
+    fix: Option<TailFix>,
+    report: RecoveryReport,
+}
+
+/// Outcome of reading one record during a scan.
+enum RecordRead {
+    Valid { index: u64, term: u64, end: u64 },
+    Bad { reason: String, claimed_end: u64 },
+}
+
+/// The write-ahead log: a directory of segment files, appended to by a single owner
+/// (the commit thread).
+#[derive(Debug)]
+pub struct Wal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    /// All segments, oldest first; the last one is the active segment.
+    segments: Vec<SegMeta>,
+    /// Open handle of the active segment, positioned at its end. `Some` iff `segments` is
+    /// not empty.
+    active: Option<File>,
+    /// Index the next appended entry gets.
+    next_index: u64,
+    last_term: u64,
+    /// The active segment was written since its last fsync.
+    active_dirty: bool,
+    /// A segment was created or deleted since the directory's last fsync.
+    dir_dirty: bool,
+    /// A write could not be rolled back or an fsync failed: refuse appends and syncs.
+    poisoned: bool,
+    /// Reused encoding buffer.
+    buf: Vec<u8>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
+    move |source| WalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> WalError {
+    WalError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    if let Some(s) = b.get(at..at + 4) {
+        a.copy_from_slice(s);
+    }
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    if let Some(s) = b.get(at..at + 8) {
+        a.copy_from_slice(s);
+    }
+    u64::from_le_bytes(a)
+}
+
+fn segment_path(dir: &Path, first_index: u64) -> PathBuf {
+    dir.join(format!("{first_index:020}.{SEGMENT_EXT}"))
+}
+
+/// Parses a segment file stem: exactly 20 ASCII digits, value >= 1.
+fn parse_segment_stem(stem: &str) -> Option<u64> {
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse::<u64>().ok().filter(|v| *v >= 1)
+}
+
+/// Lists the segment files of `dir`, sorted by first index.
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
+    let mut out = Vec::new();
+    for ent in fs::read_dir(dir).map_err(io_err(dir))? {
+        let ent = ent.map_err(io_err(dir))?;
+        let path = ent.path();
+        if path.extension().and_then(|e| e.to_str()) != Some(SEGMENT_EXT) {
+            continue;
+        }
+        let is_file = fs::metadata(&path).map_err(io_err(&path))?.is_file();
+        let first = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(parse_segment_stem);
+        match first {
+            Some(first) if is_file => out.push((first, path)),
+            _ => {
+                return Err(corrupt(
+                    &path,
+                    0,
+                    "unexpected entry in the log directory: segment files must be regular files \
+                     named {first_index:020}.wal with first_index >= 1",
+                ))
+            }
+        }
+    }
+    out.sort_by_key(|(first, _)| *first);
+    Ok(out)
+}
+
+/// Reads `r` to its end and tells whether every byte was zero.
+fn rest_is_zero<R: Read>(r: &mut R, path: &Path) -> Result<bool, WalError> {
+    let mut buf = vec![0u8; READ_BUF_BYTES];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        if buf.iter().take(n).any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
+}
+
+/// Whether `rest` (the bytes from a bad record's start to EOF) holds, at some offset after
+/// its start, a record with a valid CRC and a plausible later index (> `expected`).
+fn valid_record_follows(rest: &[u8], expected: u64) -> bool {
+    let min_record = (RECORD_HEADER_LEN as usize) + (BODY_FIXED_LEN as usize);
+    let max_index = expected.saturating_add((rest.len() / min_record) as u64 + 1);
+    for p in 1..rest.len() {
+        let Some(head) = rest.get(p..p + min_record) else {
+            break;
+        };
+        let len = u32_at(head, 0);
+        if len < BODY_FIXED_LEN {
+            continue;
+        }
+        let index = u64_at(head, 8);
+        if index <= expected || index > max_index {
+            continue;
+        }
+        let body_start = p + RECORD_HEADER_LEN as usize;
+        let Some(body) = body_start
+            .checked_add(len as usize)
+            .and_then(|end| rest.get(body_start..end))
+        else {
+            continue;
+        };
+        let mut h = crc32fast::Hasher::new();
+        h.update(&len.to_le_bytes());
+        h.update(body);
+        if h.finalize() == u32_at(head, 4) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Decides whether a bad record at `off` in the last segment is a torn tail.
+fn tail_is_torn(
+    path: &Path,
+    off: u64,
+    file_len: u64,
+    claimed_end: u64,
+    expected: u64,
+) -> Result<bool, WalError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    f.seek(SeekFrom::Start(off)).map_err(io_err(path))?;
+    let mut rest = Vec::new();
+    f.take(file_len.saturating_sub(off))
+        .read_to_end(&mut rest)
+        .map_err(io_err(path))?;
+    if rest.iter().all(|&b| b == 0) {
+        return Ok(true);
+    }
+    if claimed_end < file_len {
+        return Ok(false);
+    }
+    Ok(!valid_record_follows(&rest, expected))
+}
+
+/// Reads the record at `off` during a scan. The reader is positioned at `off`.
+fn read_scan_record(
+    r: &mut BufReader<File>,
+    path: &Path,
+    off: u64,
+    file_len: u64,
+    body: &mut Vec<u8>,
+) -> Result<RecordRead, WalError> {
+    let remaining = file_len - off;
+    if remaining < RECORD_HEADER_LEN {
+        return Ok(RecordRead::Bad {
+            reason: format!("record header cut short ({remaining} of 8 bytes before end of file)"),
+            claimed_end: off + RECORD_HEADER_LEN,
+        });
+    }
+    let mut head = [0u8; RECORD_HEADER_LEN as usize];
+    r.read_exact(&mut head).map_err(io_err(path))?;
+    let len = u32_at(&head, 0);
+    let crc = u32_at(&head, 4);
+    let claimed_end = off + RECORD_HEADER_LEN + u64::from(len);
+    if len < BODY_FIXED_LEN {
+        return Ok(RecordRead::Bad {
+            reason: format!("record length {len} is below the minimum of {BODY_FIXED_LEN}"),
+            claimed_end,
+        });
+    }
+    if claimed_end > file_len {
+        return Ok(RecordRead::Bad {
+            reason: format!(
+                "record of {len} bytes runs past the end of the file ({file_len} bytes)"
+            ),
+            claimed_end,
+        });
+    }
+    body.resize(len as usize, 0);
+    r.read_exact(body).map_err(io_err(path))?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head[0..4]);
+    h.update(body);
+    let computed = h.finalize();
+    if computed != crc {
+        return Ok(RecordRead::Bad {
+            reason: format!("CRC mismatch (stored {crc:#010x}, computed {computed:#010x})"),
+            claimed_end,
+        });
+    }
+    Ok(RecordRead::Valid {
+        index: u64_at(body, 0),
+        term: u64_at(body, 8),
+        end: claimed_end,
+    })
+}
+
+/// Scans one segment read-only: header, every record's length and CRC, index continuity.
+fn scan_segment(path: &Path, first_index: u64, is_last: bool) -> Result<SegScan, WalError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let file_len = file.metadata().map_err(io_err(path))?.len();
+    let mut r = BufReader::with_capacity(READ_BUF_BYTES, file);
+    let empty = |len: u64| SegMeta {
+        first_index,
+        last_index: first_index - 1,
+        len,
+        path: path.to_path_buf(),
+    };
+
+    // Header.
+    let mut hdr = Vec::with_capacity(HEADER_LEN as usize);
+    (&mut r)
+        .take(HEADER_LEN)
+        .read_to_end(&mut hdr)
+        .map_err(io_err(path))?;
+    let hlen = hdr.len();
+    if hdr != HEADER {
+        let seen = hdr.as_slice();
+        let torn = is_last
+            && if hlen < HEADER_LEN as usize {
+                HEADER.starts_with(seen) || seen.iter().all(|&b| b == 0)
+            } else {
+                seen.iter().all(|&b| b == 0) && rest_is_zero(&mut r, path)?
+            };
+        if torn {
+            return Ok(SegScan {
+                meta: empty(HEADER_LEN),
+                entries: 0,
+                last_term: None,
+                fix: Some(TailFix::RewriteHeader),
+                torn_bytes: file_len,
+            });
+        }
+        let reason = if hlen < HEADER_LEN as usize {
+            format!("segment header cut short ({hlen} of 8 bytes)")
+        } else if hdr.get(..MAGIC_LEN) == HEADER.get(..MAGIC_LEN) {
+            format!(
+                "unsupported log format version {} (this build reads version {VERSION})",
+                hdr.get(MAGIC_LEN).copied().unwrap_or_default()
+            )
+        } else {
+            "bad segment header (not a parley log segment)".to_string()
+        };
+        return Err(corrupt(path, 0, reason));
+    }
+
+    // Records.
+    let mut off = HEADER_LEN;
+    let mut expected = first_index;
+    let mut entries = 0u64;
+    let mut last_term = None;
+    let mut body = Vec::new();
+    while off < file_len {
+        match read_scan_record(&mut r, path, off, file_len, &mut body)? {
+            RecordRead::Valid { index, term, end } => {
+                if index != expected {
+                    return Err(corrupt(
+                        path,
+                        off,
+                        format!("record has index {index} where {expected} was expected"),
+                    ));
+                }
+                expected = expected.checked_add(1).ok_or_else(|| {
+                    corrupt(
+                        path,
+                        off,
+                        "record index u64::MAX leaves no room for the next",
+                    )
+                })?;
+                entries += 1;
+                last_term = Some(term);
+                off = end;
+            }
+            RecordRead::Bad {
+                reason,
+                claimed_end,
+            } => {
+                if is_last && tail_is_torn(path, off, file_len, claimed_end, expected)? {
+                    return Ok(SegScan {
+                        meta: SegMeta {
+                            first_index,
+                            last_index: expected - 1,
+                            len: off,
+                            path: path.to_path_buf(),
+                        },
+                        entries,
+                        last_term,
+                        fix: Some(TailFix::Truncate(off)),
+                        torn_bytes: file_len - off,
+                    });
+                }
+                return Err(corrupt(path, off, reason));
+            }
+        }
+    }
+    if !is_last && entries == 0 {
+        return Err(corrupt(
+            path,
+            HEADER_LEN,
+            "closed segment holds no records (only the last segment may be empty)",
+        ));
+    }
+    Ok(SegScan {
+        meta: SegMeta {
+            first_index,
+            last_index: expected - 1,
+            len: file_len,
+            path: path.to_path_buf(),
+        },
+        entries,
+        last_term,
+        fix: None,
+        torn_bytes: 0,
+    })
+}
+
+/// Scans the whole log directory read-only.
+fn scan_dir(dir: &Path) -> Result<DirScan, WalError> {
+    let files = list_segments(dir)?;
+    let count = files.len();
+    let mut segments: Vec<SegMeta> = Vec::with_capacity(count);
+    let mut last_term = 0;
+    let mut entries = 0;
+    let mut fix = None;
+    let mut torn_tail_bytes = 0;
+    for (i, (first, path)) in files.into_iter().enumerate() {
+        if let Some(prev) = segments.last() {
+            if prev.last_index.checked_add(1) != Some(first) {
+                return Err(corrupt(
+                    &path,
+                    0,
+                    format!(
+                        "segment starts at index {first} but the previous segment {} ends at index {}",
+                        prev.path.display(),
+                        prev.last_index
+                    ),
+                ));
+            }
+        }
+        let is_last = i + 1 == count;
+        let s = scan_segment(&path, first, is_last)?;
+        if let Some(t) = s.last_term {
+            last_term = t;
+        }
+        entries += s.entries;
+        if is_last {
+            fix = s.fix;
+            torn_tail_bytes = s.torn_bytes;
+        }
+        segments.push(s.meta);
+    }
+    Ok(DirScan {
+        report: RecoveryReport {
+            entries,
+            segments: segments.len(),
+            torn_tail_bytes,
+        },
+        segments,
+        last_term,
+        fix,
+    })
+}
+
+/// fsyncs a directory so that file creations and deletions in it are durable.
+fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+    }
+    Ok(())
+}
+
+/// Checks the log in `dir` read-only, exactly as [`Wal::open`] would, without repairing
+/// anything: the returned report's `torn_tail_bytes` is what `open` would cut.
+///
+/// # Errors
+/// [`WalError::Io`] if `dir` or a segment cannot be read (including a missing `dir`);
+/// [`WalError::Corrupt`] for damage that `open` would refuse to start on.
+pub fn verify(dir: &Path) -> Result<RecoveryReport, WalError> {
+    Ok(scan_dir(dir)?.report)
+}
+
+impl Wal {
+    /// Opens the log in `dir`, creating the directory if it does not exist: scans every
+    /// segment, checks headers, record lengths, CRCs and index continuity, cuts a torn tail
+    /// off the last segment (ftruncate + fsync) and positions for appending.
+    ///
+    /// `segment_bytes` is the size in bytes past which the active segment is closed and a
+    /// new one started (see the module docs); 0 means one record per segment.
+    ///
+    /// An empty directory is an empty log; no file is created until the first append.
+    ///
+    /// # Errors
+    /// [`WalError::Io`] when the directory or a file cannot be created, read, truncated or
+    /// fsync'd; [`WalError::Corrupt`] for damage that is not a torn tail (then nothing was
+    /// modified).
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Wal, RecoveryReport), WalError> {
+        match fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(io_err(dir)(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the log path exists but is not a directory",
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(io_err(dir))?;
+                let parent = match dir.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                sync_dir(parent)?;
+            }
+            Err(e) => return Err(io_err(dir)(e)),
+        }
+
+        let scan = scan_dir(dir)?;
+        let mut active = None;
+        if let Some(last) = scan.segments.last() {
+            let path = &last.path;
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io_err(path))?;
+            match scan.fix {
+                Some(TailFix::Truncate(at)) => {
+                    f.set_len(at).map_err(io_err(path))?;
+                    f.sync_all().map_err(io_err(path))?;
+                }
+                Some(TailFix::RewriteHeader) => {
+                    f.set_len(0).map_err(io_err(path))?;
+                    f.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
+                    f.write_all(&HEADER).map_err(io_err(path))?;
+                    f.sync_all().map_err(io_err(path))?;
+                }
+                None => {}
+            }
+            f.seek(SeekFrom::Start(last.len)).map_err(io_err(path))?;
+            active = Some(f);
+        }
+        let next_index = match scan.segments.last() {
+            Some(last) => last.last_index + 1,
+            None => 1,
+        };
+        let wal = Wal {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            segments: scan.segments,
+            active,
+            next_index,
+            last_term: scan.last_term,
+            active_dirty: false,
+            dir_dirty: false,
+            poisoned: false,
+            buf: Vec::new(),
+        };
+        Ok((wal, scan.report))
+    }
+
+    /// Index of the oldest entry still in the log; `None` when the log holds no entry.
+    pub fn first_index(&self) -> Option<u64> {
+        self.segments
+            .first()
+            .map(|s| s.first_index)
+            .filter(|first| *first <= self.last_index())
+    }
+
+    /// Index of the newest entry; 0 for a log that never held an entry. After the newest
+    /// entries' segment was found empty on open (its entries were never durable), this is
+    /// the index just before that segment's name.
+    pub fn last_index(&self) -> u64 {
+        self.next_index - 1
+    }
+
+    /// Term of the newest entry; 0 when no entry is known (empty log, or a log whose only
+    /// remaining segment is empty).
+    pub fn last_term(&self) -> u64 {
+        self.last_term
+    }
+
+    /// Appends `entries` (their indexes must be `last_index() + 1`, `+ 2`, ...), encoded
+    /// into one write per segment touched (normally one). Does not fsync, except that a
+    /// segment closed by a roll is fsync'd before the next one is created; call
+    /// [`Wal::sync`] before acknowledging. An empty slice is a no-op.
+    ///
+    /// # Errors
+    /// [`WalError::OutOfOrder`] for a wrong index (nothing written);
+    /// [`WalError::Io`] with kind `InvalidInput` for a payload over `u32::MAX - 16` bytes
+    /// (nothing written); [`WalError::Io`] when writing, creating a segment or the roll's
+    /// fsync fails. If a batch spanning a roll fails in its second segment, the entries
+    /// written to the first segment stay in the log (`last_index()` tells).
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), WalError> {
+        let mut expected = self.next_index;
+        for e in entries {
+            if e.index != expected {
+                return Err(WalError::OutOfOrder {
+                    expected,
+                    got: e.index,
+                });
+            }
+            self.check_payload(&e.payload)?;
+            expected = expected.checked_add(1).ok_or_else(|| self.exhausted())?;
+        }
+        self.write_batch(entries.iter().map(|e| (e.term, e.payload.as_slice())))
+    }
+
+    /// Appends one entry with index `last_index() + 1` and returns that index. Does not
+    /// fsync (see [`Wal::append`]).
+    ///
+    /// # Errors
+    /// As [`Wal::append`].
+    pub fn append_next(&mut self, term: u64, payload: &[u8]) -> Result<u64, WalError> {
+        self.check_payload(payload)?;
+        let index = self.next_index;
+        if index == u64::MAX {
+            return Err(self.exhausted());
+        }
+        self.write_batch(std::iter::once((term, payload)))?;
+        Ok(index)
+    }
+
+    /// fsyncs the active segment if it was written since the last sync, and the directory
+    /// if a segment was created or deleted since then. When this returns `Ok`, every entry
+    /// appended so far is durable.
+    ///
+    /// # Errors
+    /// [`WalError::Io`] if an fsync fails; the `Wal` then refuses further appends and syncs
+    /// (reopen it), because a failed fsync leaves the file's durable state unknown.
+    pub fn sync(&mut self) -> Result<(), WalError> {
+        self.check_poisoned()?;
+        if self.active_dirty {
+            if let (Some(f), Some(seg)) = (&self.active, self.segments.last()) {
+                if let Err(e) = f.sync_data() {
+                    self.poisoned = true;
+                    return Err(io_err(&seg.path)(e));
+                }
+            }
+            self.active_dirty = false;
+        }
+        if self.dir_dirty {
+            if let Err(e) = sync_dir(&self.dir) {
+                self.poisoned = true;
+                return Err(e);
+            }
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Returns a streaming iterator over the entries with index `>= from`, in order,
+    /// reading segment by segment (one record in memory at a time). Entries already purged
+    /// are not there: the first entry yielded is `max(from, first_index())`, so a caller
+    /// that needs `from` exactly should compare the first entry's index. `from` past
+    /// `last_index()` yields nothing. The reader sees the entries present when it was
+    /// created, not later appends; purging segments it has yet to read makes it yield an
+    /// [`WalError::Io`] error.
+    ///
+    /// # Errors
+    /// None at creation (the `Result` is for future use); the iterator yields
+    /// [`WalError::Io`] or [`WalError::Corrupt`] items on read failures and ends after one.
+    pub fn read_from(&self, from: u64) -> Result<WalReader, WalError> {
+        let pending = self
+            .segments
+            .iter()
+            .filter(|s| s.has_entries() && s.last_index >= from)
+            .cloned()
+            .collect();
+        Ok(WalReader {
+            pending,
+            from,
+            cur: None,
+            done: false,
+        })
+    }
+
+    /// Deletes the closed segments (oldest first) all of whose entries have index `<= upto`;
+    /// the active segment is never deleted. Returns how many files were deleted. The
+    /// directory is fsync'd by the next [`Wal::sync`]. Until then a crash may bring deleted
+    /// segments back, which is harmless.
+    ///
+    /// # Errors
+    /// [`WalError::Io`] if deleting a file fails (the segments deleted before stay deleted).
+    pub fn purge_upto(&mut self, upto: u64) -> Result<usize, WalError> {
+        let mut deleted = 0;
+        while self.segments.len() > 1 {
+            let Some(oldest) = self.segments.first() else {
+                break;
+            };
+            if oldest.last_index > upto {
+                break;
+            }
+            match fs::remove_file(&oldest.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&oldest.path)(e)),
+            }
+            self.segments.remove(0);
+            self.dir_dirty = true;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    /// Total size in bytes of all segment files (headers included).
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Number of segment files (0 for a log that never held an entry).
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check_poisoned(&self) -> Result<(), WalError> {
+        if self.poisoned {
+            return Err(io_err(&self.dir)(io::Error::other(
+                "an earlier write or fsync of the log failed; the log must be reopened",
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_payload(&self, payload: &[u8]) -> Result<(), WalError> {
+        if payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(io_err(&self.dir)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "log payload of {} bytes exceeds the maximum of {MAX_PAYLOAD_BYTES} bytes",
+                    payload.len()
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    fn exhausted(&self) -> WalError {
+        io_err(&self.dir)(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "log index space exhausted",
+        ))
+    }
+
+    /// Encodes and writes already validated `(term, payload)` items with consecutive
+    /// indexes from `next_index`, rolling segments as needed.
+    fn write_batch<'a, I>(&mut self, items: I) -> Result<(), WalError>
+    where
+        I: Iterator<Item = (u64, &'a [u8])>,
+    {
+        self.check_poisoned()?;
+        self.buf.clear();
+        let mut pending = 0u64;
+        let mut pending_term = 0u64;
+        for (term, payload) in items {
+            let index = self.next_index + pending;
+            let roll = match self.segments.last() {
+                None => true,
+                Some(seg) => {
+                    let holds_records = seg.has_entries() || pending > 0;
+                    holds_records && seg.len + self.buf.len() as u64 >= self.segment_bytes
+                }
+            };
+            if roll {
+                self.flush(pending, pending_term)?;
+                pending = 0;
+                if !self.segments.is_empty() {
+                    self.sync_active_for_roll()?;
+                }
+                self.create_segment(index)?;
+            }
+            // Checked by the callers: the payload fits.
+            let len = BODY_FIXED_LEN + payload.len() as u32;
+            let len_bytes = len.to_le_bytes();
+            let index_bytes = index.to_le_bytes();
+            let term_bytes = term.to_le_bytes();
+            let mut h = crc32fast::Hasher::new();
+            h.update(&len_bytes);
+            h.update(&index_bytes);
+            h.update(&term_bytes);
+            h.update(payload);
+            self.buf.extend_from_slice(&len_bytes);
+            self.buf.extend_from_slice(&h.finalize().to_le_bytes());
+            self.buf.extend_from_slice(&index_bytes);
+            self.buf.extend_from_slice(&term_bytes);
+            self.buf.extend_from_slice(payload);
+            pending += 1;
+            pending_term = term;
+        }
+        self.flush(pending, pending_term)
+    }
+
+    /// Writes the encoded buffer (`count` records, the last with `last_term`) to the active
+    /// segment and updates the in-memory state. On failure, tries to cut the file back.
+    fn flush(&mut self, count: u64, last_term: u64) -> Result<(), WalError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let (Some(f), Some(seg)) = (self.active.as_mut(), self.segments.last_mut()) else {
+            return Err(io_err(&self.dir)(io::Error::other(
+                "log has no active segment to write to",
+            )));
+        };
+        if let Err(e) = f.write_all(&self.buf) {
+            let restored = f
+                .set_len(seg.len)
+                .and_then(|()| f.seek(SeekFrom::Start(seg.len)).map(|_| ()));
+            if restored.is_err() {
+                self.poisoned = true;
+            }
+            return Err(io_err(&seg.path)(e));
+        }
+        seg.len += self.buf.len() as u64;
+        seg.last_index += count;
+        self.next_index += count;
+        self.last_term = last_term;
+        self.active_dirty = true;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// fsyncs the active segment before it is closed by a roll.
+    fn sync_active_for_roll(&mut self) -> Result<(), WalError> {
+        if !self.active_dirty {
+            return Ok(());
+        }
+        if let (Some(f), Some(seg)) = (&self.active, self.segments.last()) {
+            if let Err(e) = f.sync_data() {
+                self.poisoned = true;
+                return Err(io_err(&seg.path)(e));
+            }
+        }
+        self.active_dirty = false;
+        Ok(())
+    }
+
+    /// Creates a new segment for entries from `first_index` on and makes it active.
+    fn create_segment(&mut self, first_index: u64) -> Result<(), WalError> {
+        let path = segment_path(&self.dir, first_index);
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        self.dir_dirty = true;
+        if let Err(e) = f.write_all(&HEADER) {
+            if fs::remove_file(&path).is_err() {
+                self.poisoned = true;
+            }
+            return Err(io_err(&path)(e));
+        }
+        self.segments.push(SegMeta {
+            first_index,
+            last_index: first_index - 1,
+            len: HEADER_LEN,
+            path,
+        });
+        self.active = Some(f);
+        self.active_dirty = true;
+        Ok(())
+    }
+}
+
+/// Streaming iterator over log entries, returned by [`Wal::read_from`]. Holds at most one
+/// segment file open and one record in memory. Yields `Err` at most once, then ends.
+#[derive(Debug)]
+pub struct WalReader {
+    pending: VecDeque<SegMeta>,
+    from: u64,
+    cur: Option<SegCursor>,
+    done: bool,
+}
+
+/// Read position in one segment.
+#[derive(Debug)]
+struct SegCursor {
+    r: BufReader<File>,
+    meta: SegMeta,
+    off: u64,
+    expected: u64,
+}
+
+impl SegCursor {
+    fn open(meta: SegMeta) -> Result<SegCursor, WalError> {
+        let f = File::open(&meta.path).map_err(io_err(&meta.path))?;
+        let mut r = BufReader::with_capacity(READ_BUF_BYTES, f);
+        let mut hdr = [0u8; HEADER_LEN as usize];
+        r.read_exact(&mut hdr).map_err(io_err(&meta.path))?;
+        if hdr != HEADER {
+            return Err(corrupt(&meta.path, 0, "bad segment header"));
+        }
+        Ok(SegCursor {
+            r,
+            expected: meta.first_index,
+            off: HEADER_LEN,
+            meta,
+        })
+    }
+
+    /// Next entry with index >= `from` in this segment, or `None` at its (snapshot) end.
+    fn next_entry(&mut self, from: u64) -> Result<Option<Entry>, WalError> {
+        let path = &self.meta.path;
+        loop {
+            if self.expected > self.meta.last_index {
+                return Ok(None);
+            }
+            let remaining = self.meta.len.saturating_sub(self.off);
+            let fixed = RECORD_HEADER_LEN + u64::from(BODY_FIXED_LEN);
+            if remaining < fixed {
+                return Err(corrupt(
+                    path,
+                    self.off,
+                    format!(
+                        "segment ends before entry {} (it should hold entries up to {})",
+                        self.expected, self.meta.last_index
+                    ),
+                ));
+            }
+            let mut head = [0u8; 24];
+            self.r.read_exact(&mut head).map_err(io_err(path))?;
+            let len = u32_at(&head, 0);
+            let crc = u32_at(&head, 4);
+            let index = u64_at(&head, 8);
+            let term = u64_at(&head, 16);
+            if len < BODY_FIXED_LEN || RECORD_HEADER_LEN + u64::from(len) > remaining {
+                return Err(corrupt(path, self.off, format!("bad record length {len}")));
+            }
+            if index != self.expected {
+                return Err(corrupt(
+                    path,
+                    self.off,
+                    format!(
+                        "record has index {index} where {} was expected",
+                        self.expected
+                    ),
+                ));
+            }
+            let payload_len = len - BODY_FIXED_LEN;
+            let record_off = self.off;
+            self.off += RECORD_HEADER_LEN + u64::from(len);
+            self.expected += 1;
+            if index < from {
+                self.r
+                    .seek_relative(i64::from(payload_len))
+                    .map_err(io_err(path))?;
+                continue;
+            }
+            let mut payload = vec![0u8; payload_len as usize];
+            self.r.read_exact(&mut payload).map_err(io_err(path))?;
+            let mut h = crc32fast::Hasher::new();
+            h.update(&head[0..4]);
+            h.update(&head[8..24]);
+            h.update(&payload);
+            if h.finalize() != crc {
+                return Err(corrupt(path, record_off, "CRC mismatch"));
+            }
+            return Ok(Some(Entry {
+                index,
+                term,
+                payload,
+            }));
+        }
+    }
+}
+
+impl WalReader {
+    fn advance(&mut self) -> Result<Option<Entry>, WalError> {
+        loop {
+            if self.cur.is_none() {
+                let Some(meta) = self.pending.pop_front() else {
+                    return Ok(None);
+                };
+                self.cur = Some(SegCursor::open(meta)?);
+            }
+            let Some(cur) = self.cur.as_mut() else {
+                return Ok(None);
+            };
+            match cur.next_entry(self.from)? {
+                Some(e) => return Ok(Some(e)),
+                None => self.cur = None,
+            }
+        }
+    }
+}
+
+impl Iterator for WalReader {
+    type Item = Result<Entry, WalError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.advance() {
+            Ok(Some(e)) => Some(Ok(e)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                self.cur = None;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn payload(i: u64) -> Vec<u8> {
+        // Varying lengths, including empty payloads.
+        let n = (i * 7 % 23) as usize;
+        (0..n)
+            .map(|k| (i as u8).wrapping_mul(31).wrapping_add(k as u8) | 1)
+            .collect()
+    }
+
+    fn entry(i: u64) -> Entry {
+        Entry {
+            index: i,
+            term: 1,
+            payload: payload(i),
+        }
+    }
+
+    fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+        range.map(entry).collect()
+    }
+
+    fn read_all(wal: &Wal, from: u64) -> Vec<Entry> {
+        wal.read_from(from)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    }
+
+    /// Creates a log with entries 1..=n (appended in batches of 3) and syncs it.
+    fn build(dir: &Path, segment_bytes: u64, n: u64) -> Wal {
+        let (mut wal, _) = Wal::open(dir, segment_bytes).unwrap();
+        let all = entries(1..=n);
+        for chunk in all.chunks(3) {
+            wal.append(chunk).unwrap();
+        }
+        wal.sync().unwrap();
+        wal
+    }
+
+    fn seg_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("wal"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                let b = fs::read(&p).unwrap();
+                (p, b)
+            })
+            .collect()
+    }
+
+    /// Byte offsets (start, end) of every record in a segment file.
+    fn record_spans(path: &Path) -> Vec<(u64, u64)> {
+        let b = fs::read(path).unwrap();
+        let mut off = HEADER_LEN as usize;
+        let mut out = Vec::new();
+        while off + 8 <= b.len() {
+            let len = u32_at(&b, off) as usize;
+            out.push((off as u64, (off + 8 + len) as u64));
+            off += 8 + len;
+        }
+        out
+    }
+
+    fn truncate(path: &Path, len: u64) {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let mut b = fs::read(path).unwrap();
+        b[at as usize] ^= 0xFF;
+        fs::write(path, b).unwrap();
+    }
+
+    fn assert_corrupt_at(err: WalError, path: &Path, offset: u64) {
+        match err {
+            WalError::Corrupt {
+                path: p,
+                offset: o,
+                reason,
+            } => {
+                assert_eq!(p, path, "reason: {reason}");
+                assert_eq!(o, offset, "reason: {reason}");
+                let msg = WalError::Corrupt {
+                    path: p,
+                    offset: o,
+                    reason,
+                }
+                .to_string();
+                assert!(msg.contains(&path.display().to_string()), "{msg}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_dir_is_empty_log_and_first_append_creates_first_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("wal"); // does not exist yet
+        let (mut wal, rep) = Wal::open(&dir, 1024).unwrap();
+        assert_eq!((rep.entries, rep.segments, rep.torn_tail_bytes), (0, 0, 0));
+        assert_eq!(wal.first_index(), None);
+        assert_eq!(wal.last_index(), 0);
+        assert_eq!(wal.last_term(), 0);
+        assert_eq!(wal.segment_count(), 0);
+        assert_eq!(wal.size_bytes(), 0);
+        assert!(seg_files(&dir).is_empty());
+        assert_eq!(read_all(&wal, 0), vec![]);
+        wal.append(&[]).unwrap();
+        assert!(seg_files(&dir).is_empty());
+        assert_eq!(wal.append_next(1, b"hello").unwrap(), 1);
+        wal.sync().unwrap();
+        assert_eq!(seg_files(&dir), vec![dir.join("00000000000000000001.wal")]);
+        let bytes = fs::read(dir.join("00000000000000000001.wal")).unwrap();
+        assert_eq!(&bytes[..8], b"PRLYWAL\x01");
+        assert_eq!(bytes.len() as u64, 8 + 8 + 16 + 5);
+        assert_eq!(wal.size_bytes(), bytes.len() as u64);
+        assert_eq!(wal.dir(), dir.as_path());
+    }
+
+    #[test]
+    fn round_trip_across_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (mut wal, _) = Wal::open(dir, 1 << 20).unwrap();
+        wal.append(&entries(1..=5)).unwrap();
+        assert_eq!(wal.append_next(2, b"six").unwrap(), 6);
+        wal.append(&[Entry {
+            index: 7,
+            term: 3,
+            payload: vec![],
+        }])
+        .unwrap();
+        wal.sync().unwrap();
+        assert_eq!(wal.first_index(), Some(1));
+        assert_eq!(wal.last_index(), 7);
+        assert_eq!(wal.last_term(), 3);
+        let before = read_all(&wal, 1);
+        assert_eq!(before.len(), 7);
+        assert_eq!(
+            before[5],
+            Entry {
+                index: 6,
+                term: 2,
+                payload: b"six".to_vec()
+            }
+        );
+        drop(wal);
+
+        let (mut wal, rep) = Wal::open(dir, 1 << 20).unwrap();
+        assert_eq!((rep.entries, rep.segments, rep.torn_tail_bytes), (7, 1, 0));
+        assert_eq!(wal.first_index(), Some(1));
+        assert_eq!(wal.last_index(), 7);
+        assert_eq!(wal.last_term(), 3);
+        assert_eq!(read_all(&wal, 0), before);
+        assert_eq!(read_all(&wal, 4), before[3..].to_vec());
+        assert_eq!(read_all(&wal, 8), vec![]);
+        assert_eq!(wal.append_next(3, b"eight").unwrap(), 8);
+        wal.sync().unwrap();
+        drop(wal);
+
+        let (wal, rep) = Wal::open(dir, 1 << 20).unwrap();
+        assert_eq!(rep.entries, 8);
+        assert_eq!(read_all(&wal, 8)[0].payload, b"eight".to_vec());
+        assert_eq!(verify(dir).unwrap().entries, 8);
+    }
+
+    #[test]
+    fn rotation_many_segments_and_read_from_anywhere() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let n = 60;
+        let wal = build(dir, 100, n);
+        let files = seg_files(dir);
+        assert!(files.len() >= 10, "only {} segments", files.len());
+        assert_eq!(wal.segment_count(), files.len());
+        let total: u64 = files.iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+        assert_eq!(wal.size_bytes(), total);
+        // File names give each segment's first index; segments roll once >= 100 bytes.
+        let mut next = 1;
+        for (i, p) in files.iter().enumerate() {
+            assert_eq!(p, &segment_path(dir, next));
+            let spans = record_spans(p);
+            assert!(!spans.is_empty());
+            let len = fs::metadata(p).unwrap().len();
+            if i + 1 < files.len() {
+                let last_start = spans.last().unwrap().0;
+                assert!(
+                    last_start < 100 && len >= 100,
+                    "segment {p:?} rolled wrongly"
+                );
+            }
+            next += spans.len() as u64;
+        }
+        assert_eq!(next, n + 1);
+        let all = entries(1..=n);
+        let check = |wal: &Wal| {
+            for from in [0, 1, 2, 3, 4, 5, 17, 29, 30, 31, 45, 59, 60] {
+                let start = from.max(1) as usize - 1;
+                assert_eq!(read_all(wal, from), all[start..].to_vec(), "from {from}");
+            }
+            assert_eq!(read_all(wal, 61), vec![]);
+            // Every segment boundary.
+            for p in seg_files(dir) {
+                let first: u64 = p.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+                assert_eq!(read_all(wal, first)[0].index, first);
+            }
+        };
+        check(&wal);
+        drop(wal);
+        let (wal, rep) = Wal::open(dir, 100).unwrap();
+        assert_eq!((rep.entries, rep.segments), (n, files.len()));
+        check(&wal);
+        // Iteration is lazy: taking a few works without reading the rest.
+        let first3: Vec<u64> = wal
+            .read_from(10)
+            .unwrap()
+            .take(3)
+            .map(|e| e.unwrap().index)
+            .collect();
+        assert_eq!(first3, vec![10, 11, 12]);
+    }
+
+    #[test]
+    fn batch_spanning_a_roll_and_zero_segment_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (mut wal, _) = Wal::open(dir, 0).unwrap();
+        wal.append(&entries(1..=4)).unwrap();
+        wal.sync().unwrap();
+        assert_eq!(wal.segment_count(), 4);
+        drop(wal);
+        let (mut wal, rep) = Wal::open(dir, 120).unwrap();
+        assert_eq!((rep.entries, rep.segments), (4, 4));
+        wal.append(&entries(5..=20)).unwrap();
+        wal.sync().unwrap();
+        assert!(wal.segment_count() > 5);
+        assert_eq!(read_all(&wal, 1), entries(1..=20));
+        drop(wal);
+        let (wal, rep) = Wal::open(dir, 120).unwrap();
+        assert_eq!(rep.entries, 20);
+        assert_eq!(read_all(&wal, 3), entries(3..=20));
+    }
+
+    #[test]
+    fn purge_then_read_from_and_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut wal = build(dir, 100, 40);
+        let segs = wal.segment_count();
+        let firsts: Vec<u64> = seg_files(dir)
+            .iter()
+            .map(|p| p.file_stem().unwrap().to_str().unwrap().parse().unwrap())
+            .collect();
+        // Nothing whose segment still holds an index > upto goes.
+        assert_eq!(wal.purge_upto(0).unwrap(), 0);
+        assert_eq!(wal.purge_upto(firsts[1] - 2).unwrap(), 0);
+        assert_eq!(wal.purge_upto(firsts[1] - 1).unwrap(), 1);
+        assert_eq!(wal.first_index(), Some(firsts[1]));
+        assert_eq!(wal.purge_upto(firsts[3] - 2).unwrap(), 1); // segment 2 whole, segment 3 not
+        assert_eq!(wal.first_index(), Some(firsts[2]));
+        assert_eq!(wal.segment_count(), segs - 2);
+        wal.sync().unwrap();
+        assert_eq!(read_all(&wal, firsts[2]), entries(firsts[2]..=40));
+        assert_eq!(read_all(&wal, 1), entries(firsts[2]..=40)); // purged entries are gone
+        assert_eq!(read_all(&wal, 33), entries(33..=40));
+        // Everything but the active segment.
+        let last_first = *firsts.last().unwrap();
+        assert_eq!(wal.purge_upto(u64::MAX).unwrap(), segs - 3);
+        assert_eq!(wal.segment_count(), 1);
+        assert_eq!(wal.first_index(), Some(last_first));
+        assert_eq!(wal.last_index(), 40);
+        assert_eq!(wal.last_term(), 1);
+        let total: u64 = seg_files(dir)
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(wal.size_bytes(), total);
+        wal.sync().unwrap();
+        drop(wal);
+        let (mut wal, rep) = Wal::open(dir, 100).unwrap();
+        assert_eq!(rep.segments, 1);
+        assert_eq!(rep.entries, 40 - last_first + 1);
+        assert_eq!(wal.first_index(), Some(last_first));
+        assert_eq!(wal.last_index(), 40);
+        assert_eq!(read_all(&wal, 0), entries(last_first..=40));
+        assert_eq!(wal.append_next(1, &payload(41)).unwrap(), 41);
+        wal.sync().unwrap();
+        assert_eq!(read_all(&wal, 41), entries(41..=41));
+    }
+
+    /// Truncates the last record of the last segment to every length and checks recovery.
+    fn torn_tail_every_cut(segment_bytes: u64, n: u64) {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        drop(build(&src, segment_bytes, n));
+        let last = seg_files(&src).pop().unwrap();
+        let (start, end) = *record_spans(&last).last().unwrap();
+        let name = last.file_name().unwrap().to_owned();
+        for cut in start..=end {
+            let dir = tmp.path().join(format!("cut{cut}"));
+            fs::create_dir(&dir).unwrap();
+            for p in seg_files(&src) {
+                fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+            }
+            let seg = dir.join(&name);
+            truncate(&seg, cut);
+            let expect_n = if cut == end { n } else { n - 1 };
+            let v = verify(&dir).unwrap();
+            assert_eq!(v.torn_tail_bytes, if cut == end { 0 } else { cut - start });
+            assert_eq!(
+                fs::metadata(&seg).unwrap().len(),
+                cut,
+                "verify modified the file"
+            );
+            let (mut wal, rep) = Wal::open(&dir, segment_bytes).unwrap();
+            assert_eq!(
+                (rep.entries, rep.segments, rep.torn_tail_bytes),
+                (v.entries, v.segments, v.torn_tail_bytes)
+            );
+            assert_eq!(rep.entries, expect_n, "cut {cut}");
+            assert_eq!(
+                fs::metadata(&seg).unwrap().len(),
+                if cut == end { end } else { start }
+            );
+            assert_eq!(wal.last_index(), expect_n);
+            assert_eq!(read_all(&wal, 1), entries(1..=expect_n), "cut {cut}");
+            let next = wal.append_next(7, b"after crash").unwrap();
+            assert_eq!(next, expect_n + 1);
+            wal.sync().unwrap();
+            drop(wal);
+            let (wal, rep) = Wal::open(&dir, segment_bytes).unwrap();
+            assert_eq!((rep.entries, rep.torn_tail_bytes), (expect_n + 1, 0));
+            assert_eq!(wal.last_term(), 7);
+            let got = read_all(&wal, 1);
+            assert_eq!(got[..expect_n as usize], entries(1..=expect_n)[..]);
+            assert_eq!(
+                got[expect_n as usize],
+                Entry {
+                    index: next,
+                    term: 7,
+                    payload: b"after crash".to_vec()
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn torn_tail_every_cut_mid_segment() {
+        torn_tail_every_cut(1 << 20, 6);
+    }
+
+    #[test]
+    fn torn_tail_every_cut_of_only_record_in_last_segment() {
+        // segment_bytes 0: every record is alone in its segment, so cutting it at its start
+        // leaves a header-only last segment whose name gives the next index.
+        torn_tail_every_cut(0, 4);
+    }
+
+    #[test]
+    fn torn_segment_header_is_rewritten() {
+        for partial in [
+            &b""[..],
+            &b"PRL"[..],
+            &b"PRLYWAL"[..],
+            &[0u8; 5][..],
+            &[0u8; 8][..],
+            &[0u8; 64][..],
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path();
+            drop(build(dir, 1 << 20, 5));
+            let new_seg = segment_path(dir, 6);
+            fs::write(&new_seg, partial).unwrap();
+            assert_eq!(verify(dir).unwrap().torn_tail_bytes, partial.len() as u64);
+            let (mut wal, rep) = Wal::open(dir, 1 << 20).unwrap();
+            assert_eq!(
+                (rep.entries, rep.segments, rep.torn_tail_bytes),
+                (5, 2, partial.len() as u64)
+            );
+            assert_eq!(fs::read(&new_seg).unwrap(), HEADER.to_vec());
+            assert_eq!(wal.last_index(), 5);
+            assert_eq!(wal.last_term(), 1);
+            assert_eq!(wal.append_next(1, &payload(6)).unwrap(), 6);
+            wal.sync().unwrap();
+            drop(wal);
+            let (wal, rep) = Wal::open(dir, 1 << 20).unwrap();
+            assert_eq!((rep.entries, rep.segments), (6, 2));
+            assert_eq!(read_all(&wal, 1), entries(1..=6));
+        }
+    }
+
+    #[test]
+    fn empty_last_segment_name_gives_next_index() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        // Only segment, empty, after a purge-like history: the log starts at 50.
+        fs::write(segment_path(dir, 50), HEADER).unwrap();
+        let (mut wal, rep) = Wal::open(dir, 1 << 20).unwrap();
+        assert_eq!((rep.entries, rep.segments, rep.torn_tail_bytes), (0, 1, 0));
+        assert_eq!(wal.first_index(), None);
+        assert_eq!(wal.last_index(), 49);
+        assert!(matches!(wal.append_next(1, b"x"), Ok(50)));
+        assert!(matches!(
+            wal.append(&[entry(52)]),
+            Err(WalError::OutOfOrder {
+                expected: 51,
+                got: 52
+            })
+        ));
+        wal.sync().unwrap();
+        assert_eq!(wal.first_index(), Some(50));
+        assert_eq!(seg_files(dir), vec![segment_path(dir, 50)]);
+    }
+
+    #[test]
+    fn trailing_zeros_are_cut() {
+        for zeros in [1usize, 7, 8, 30, 4096] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path();
+            drop(build(dir, 1 << 20, 5));
+            let seg = seg_files(dir).pop().unwrap();
+            let clean_len = fs::metadata(&seg).unwrap().len();
+            let mut b = fs::read(&seg).unwrap();
+            b.extend_from_slice(&vec![0u8; zeros]);
+            fs::write(&seg, &b).unwrap();
+            let (wal, rep) = Wal::open(dir, 1 << 20).unwrap();
+            assert_eq!((rep.entries, rep.torn_tail_bytes), (5, zeros as u64));
+            assert_eq!(fs::metadata(&seg).unwrap().len(), clean_len);
+            assert_eq!(read_all(&wal, 1), entries(1..=5));
+        }
+        // The last record zeroed out entirely (size persisted, data not).
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        drop(build(dir, 1 << 20, 5));
+        let seg = seg_files(dir).pop().unwrap();
+        let (start, end) = *record_spans(&seg).last().unwrap();
+        let mut b = fs::read(&seg).unwrap();
+        b[start as usize..end as usize].fill(0);
+        fs::write(&seg, &b).unwrap();
+        let (_, rep) = Wal::open(dir, 1 << 20).unwrap();
+        assert_eq!((rep.entries, rep.torn_tail_bytes), (4, end - start));
+    }
+
+    #[test]
+    fn garbage_crc_of_last_record_ending_at_eof_is_torn() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        drop(build(dir, 1 << 20, 5));
+        let seg = seg_files(dir).pop().unwrap();
+        let (start, end) = *record_spans(&seg).last().unwrap();
+        flip(&seg, end - 1);
+        let (_, rep) = Wal::open(dir, 1 << 20).unwrap();
+        assert_eq!((rep.entries, rep.torn_tail_bytes), (4, end - start));
+    }
+
+    #[test]
+    fn flipped_byte_in_middle_record_is_corrupt_and_nothing_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        drop(build(dir, 1 << 20, 6));
+        let seg = seg_files(dir).pop().unwrap();
+        let (start, end) = record_spans(&seg)[2];
+        let original = snapshot(dir);
+        // Every byte of the record: len, crc, index, term, payload.
+        for at in start..end {
+            flip(&seg, at);
+            let damaged = snapshot(dir);
+            assert_corrupt_at(verify(dir).unwrap_err(), &seg, start);
+            assert_corrupt_at(Wal::open(dir, 1 << 20).unwrap_err(), &seg, start);
+            assert_eq!(
+                snapshot(dir),
+                damaged,
+                "open modified a corrupt log (byte {at})"
+            );
+            flip(&seg, at);
+        }
+        assert_eq!(snapshot(dir), original);
+        // A zeroed middle record followed by valid records is corrupt too, not a torn tail.
+        let mut b = fs::read(&seg).unwrap();
+        b[start as usize..end as usize].fill(0);
+        fs::write(&seg, &b).unwrap();
+        assert_corrupt_at(Wal::open(dir, 1 << 20).unwrap_err(), &seg, start);
+        assert_eq!(fs::read(&seg).unwrap(), b);
+    }
+
+    #[test]
+    fn flipped_byte_in_last_record_of_non_last_segment_is_corrupt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        drop(build(dir, 100, 20));
+        let files = seg_files(dir);
+        assert!(files.len() >= 3);
+        let seg = &files[1];
+        let (start, end) = *record_spans(seg).last().unwrap();
+        for at in start..end {
+            flip(seg, at);
+            let damaged = snapshot(dir);
+            assert_corrupt_at(Wal::open(dir, 100).unwrap_err(), seg, start);
+            assert_corrupt_at(verify(dir).unwrap_err(), seg, start);
+            assert_eq!(snapshot(dir), damaged);
+            flip(seg, at);
+        }
+        // A truncated non-last segment is corrupt as well.
+        truncate(seg, end - 3);
+        assert_corrupt_at(Wal::open(dir, 100).unwrap_err(), seg, start);
+        assert_eq!(fs::metadata(seg).unwrap().len(), end - 3);
+        // And a bad header in a non-last segment.
+        let tmp2 = tempfile::tempdir().unwrap();
+        drop(build(tmp2.path(), 100, 20));
+        let seg0 = seg_files(tmp2.path())[0].clone();
+        flip(&seg0, 7);
+        assert_corrupt_at(Wal::open(tmp2.path(), 100).unwrap_err(), &seg0, 0);
+    }
+
+    #[test]
+    fn index_discontinuity_on_disk_is_corrupt() {
+        // A missing middle segment.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        drop(build(dir, 100, 20));
+        let files = seg_files(dir);
+        fs::remove_file(&files[1]).unwrap();
+        let before = snapshot(dir);
+        assert_corrupt_at(Wal::open(dir, 100).unwrap_err(), &files[2], 0);
+        assert_corrupt_at(verify(dir).unwrap_err(), &files[2], 0);
+        assert_eq!(snapshot(dir), before);
+
+        // A record with a valid CRC but a wrong index (even as the last record).
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (mut wal, _) = Wal::open(dir, 1 << 20).unwrap();
+        wal.append(&entries(1..=3)).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let seg = segment_path(dir, 1);
+        let mut b = fs::read(&seg).unwrap();
+        let rogue = {
+            let mut w = Vec::new();
+            let e = entry(9);
+            let len = (16 + e.payload.len()) as u32;
+            let mut h = crc32fast::Hasher::new();
+            h.update(&len.to_le_bytes());
+            h.update(&e.index.to_le_bytes());
+            h.update(&e.term.to_le_bytes());
+            h.update(&e.payload);
+            w.extend_from_slice(&len.to_le_bytes());
+            w.extend_from_slice(&h.finalize().to_le_bytes());
+            w.extend_from_slice(&e.index.to_le_bytes());
+            w.extend_from_slice(&e.term.to_le_bytes());
+            w.extend_from_slice(&e.payload);
+            w
+        };
+        let at = b.len() as u64;
+        b.extend_from_slice(&rogue);
+        fs::write(&seg, &b).unwrap();
+        assert_corrupt_at(Wal::open(dir, 1 << 20).unwrap_err(), &seg, at);
+        assert_eq!(fs::read(&seg).unwrap(), b);
+
+        // A segment whose name does not match its first record.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        drop(build(dir, 1 << 20, 3));
+        fs::rename(segment_path(dir, 1), segment_path(dir, 2)).unwrap();
+        assert_corrupt_at(
+            Wal::open(dir, 1 << 20).unwrap_err(),
+            &segment_path(dir, 2),
+            8,
+        );
+
+        // Stray .wal names and unknown versions are refused; other files are ignored.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        drop(build(dir, 1 << 20, 3));
+        fs::write(dir.join("notes.txt"), b"hi").unwrap();
+        assert_eq!(Wal::open(dir, 1 << 20).unwrap().1.entries, 3);
+        fs::write(dir.join("backup.wal"), b"").unwrap();
+        assert!(matches!(
+            Wal::open(dir, 1 << 20),
+            Err(WalError::Corrupt { .. })
+        ));
+        fs::remove_file(dir.join("backup.wal")).unwrap();
+        let seg = segment_path(dir, 1);
+        let mut b = fs::read(&seg).unwrap();
+        b[7] = 2;
+        fs::write(&seg, &b).unwrap();
+        let err = Wal::open(dir, 1 << 20).unwrap_err();
+        assert!(
+            err.to_string().contains("unsupported log format version 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn out_of_order_appends_are_refused_and_write_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (mut wal, _) = Wal::open(dir, 1 << 20).unwrap();
+        assert!(matches!(
+            wal.append(&[entry(5)]),
+            Err(WalError::OutOfOrder {
+                expected: 1,
+                got: 5
+            })
+        ));
+        assert_eq!(wal.segment_count(), 0);
+        wal.append(&entries(1..=3)).unwrap();
+        let size = wal.size_bytes();
+        let batch = vec![entry(4), entry(5), entry(7)];
+        let err = wal.append(&batch).unwrap_err();
+        assert!(matches!(
+            err,
+            WalError::OutOfOrder {
+                expected: 6,
+                got: 7
+            }
+        ));
+        assert_eq!(err.to_string(), "log entry index 7 where 6 was expected");
+        assert!(matches!(
+            wal.append(&[entry(3)]),
+            Err(WalError::OutOfOrder {
+                expected: 4,
+                got: 3
+            })
+        ));
+        assert_eq!(wal.last_index(), 3);
+        assert_eq!(wal.size_bytes(), size);
+        wal.sync().unwrap();
+        assert_eq!(fs::metadata(segment_path(dir, 1)).unwrap().len(), size);
+        wal.append(&entries(4..=5)).unwrap();
+        assert_eq!(read_all(&wal, 1), entries(1..=5));
+    }
+
+    #[test]
+    fn corrupt_len_field_in_middle_of_last_segment_is_not_a_torn_tail() {
+        // A bit flip that makes a middle record's length run past EOF must not silently
+        // cut the valid records after it.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        drop(build(dir, 1 << 20, 6));
+        let seg = segment_path(dir, 1);
+        let (start, _) = record_spans(&seg)[4];
+        let mut b = fs::read(&seg).unwrap();
+        b[start as usize + 2] = 0x7F;
+        fs::write(&seg, &b).unwrap();
+        assert_corrupt_at(Wal::open(dir, 1 << 20).unwrap_err(), &seg, start);
+        assert_eq!(fs::read(&seg).unwrap(), b);
+    }
+
+    #[test]
+    fn verify_agrees_with_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        assert!(matches!(
+            verify(&dir.join("missing")),
+            Err(WalError::Io { .. })
+        ));
+        drop(build(dir, 100, 25));
+        let v = verify(dir).unwrap();
+        let (wal, rep) = Wal::open(dir, 100).unwrap();
+        drop(wal);
+        assert_eq!(
+            (v.entries, v.segments, v.torn_tail_bytes),
+            (rep.entries, rep.segments, rep.torn_tail_bytes)
+        );
+        assert_eq!(
+            (v.entries, v.segments, v.torn_tail_bytes),
+            (25, seg_files(dir).len(), 0)
+        );
+
+        // Torn: verify reports what open cuts and changes nothing.
+        let last = seg_files(dir).pop().unwrap();
+        let len = fs::metadata(&last).unwrap().len();
+        truncate(&last, len - 5);
+        let before = snapshot(dir);
+        let v = verify(dir).unwrap();
+        assert_eq!(snapshot(dir), before);
+        let (_, rep) = Wal::open(dir, 100).unwrap();
+        assert_eq!(
+            (v.entries, v.segments, v.torn_tail_bytes),
+            (rep.entries, rep.segments, rep.torn_tail_bytes)
+        );
+        assert_eq!(v.entries, 24);
+        assert!(v.torn_tail_bytes > 0);
+        assert_eq!(verify(dir).unwrap().torn_tail_bytes, 0);
+
+        // Corrupt: both refuse with the same error.
+        let first = seg_files(dir)[0].clone();
+        flip(&first, 12);
+        let a = verify(dir).unwrap_err().to_string();
+        let b = Wal::open(dir, 100).unwrap_err().to_string();
+        assert_eq!(a, b);
+        assert!(a.contains("refusing to start"), "{a}");
+    }
+
+    #[test]
+    fn reader_snapshot_ignores_later_appends() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut wal = build(dir, 1 << 20, 3);
+        let reader = wal.read_from(1).unwrap();
+        wal.append(&entries(4..=5)).unwrap();
+        let got: Vec<u64> = reader.map(|e| e.unwrap().index).collect();
+        assert_eq!(got, vec![1, 2, 3]);
+        assert_eq!(read_all(&wal, 1), entries(1..=5));
+    }
+}
