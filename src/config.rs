@@ -270,14 +270,14 @@ mod tests {
             let c = Config::load(None).unwrap();
             assert_eq!(c.session.hello_timeout_ms, 1234);
             jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "soon");
-            let e = Config::load(None).unwrap_err().to_string();
-            assert!(e.contains("hello_timeout_ms"), "{e}");
+            let e = Config::load(None).unwrap_err().to_string().to_lowercase();
+            assert!(e.contains("session.hello_timeout_ms"), "{e}");
             jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "0");
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("session.hello_timeout_ms"), "{e}");
             jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "1000");
             jail.set_env("PARLEY__SESSION__NO_SUCH_KEY", "1");
-            let e = Config::load(None).unwrap_err().to_string();
+            let e = Config::load(None).unwrap_err().to_string().to_lowercase();
             assert!(e.contains("no_such_key"), "{e}");
             Ok(())
         });

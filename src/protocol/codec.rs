@@ -126,3 +126,188 @@ pub fn decode_server_postcard(bytes: &[u8]) -> Result<ServerFrame, DecodeError> 
         .map(|w| w.0)
         .map_err(|e| bad(&format!("malformed binary server frame: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::protocol::client::{ClientFrame, TypingState};
+    use crate::protocol::server::*;
+
+    fn msg() -> MessageView {
+        MessageView { conv: "dm:alice:bob".into(), seq: 7, id: "m-1".into(), from: "alice".into(), body: "שלום 😀 \"q\"\n".into(), ts: 1_700_000_000_123 }
+    }
+
+    /// One of every client frame (with and without optional fields).
+    fn client_frames() -> Vec<Request> {
+        let frames = vec![
+            ClientFrame::Hello { token: "t0k".into(), cursor: None },
+            ClientFrame::Hello { token: "t0k".into(), cursor: Some(42) },
+            ClientFrame::Send { id: "m1".into(), to: "bob".into(), body: "héllo 你好".into() },
+            ClientFrame::Received { up_to: 9 },
+            ClientFrame::Read { conv: "dm:a:b".into(), seq: 3 },
+            ClientFrame::Typing { conv: "g:abc".into(), state: TypingState::Composing },
+            ClientFrame::Typing { conv: "g:abc".into(), state: TypingState::Paused },
+            ClientFrame::Watch { users: vec!["a".into(), "b".into()] },
+            ClientFrame::Unwatch { users: vec![] },
+            ClientFrame::History { conv: "dm:a:b".into(), before: None, limit: None },
+            ClientFrame::History { conv: "dm:a:b".into(), before: Some(10), limit: Some(200) },
+            ClientFrame::Conversations,
+            ClientFrame::GroupCreate { name: "Family 👪".into(), members: vec!["b".into()] },
+            ClientFrame::GroupAdd { group: "g:x".into(), users: vec!["c".into()] },
+            ClientFrame::GroupRemove { group: "g:x".into(), users: vec!["c".into()] },
+            ClientFrame::GroupLeave { group: "g:x".into() },
+            ClientFrame::GroupInfo { group: "g:x".into() },
+        ];
+        let mut out = Vec::new();
+        for f in frames {
+            out.push(Request { rid: None, frame: f.clone() });
+            out.push(Request { rid: Some("r-1".into()), frame: f });
+        }
+        out
+    }
+
+    /// One of every server frame and event kind.
+    fn server_frames() -> Vec<ServerFrame> {
+        let ev = |payload| ServerFrame::Event { ev: 5, payload };
+        vec![
+            ServerFrame::Welcome { user: "alice".into(), device: "web".into(), head: 3, server_time: 1_700_000_000_000 },
+            ServerFrame::Synced { head: 3 },
+            ServerFrame::Ack { rid: None, id: "m1".into(), conv: "dm:a:b".into(), seq: 1, ts: 2 },
+            ServerFrame::Ack { rid: Some("r".into()), id: "m1".into(), conv: "dm:a:b".into(), seq: 1, ts: 2 },
+            ev(EventPayload::Message(msg())),
+            ev(EventPayload::Receipt(ReceiptView { conv: "dm:a:b".into(), by: "b".into(), status: ReceiptStatus::Delivered, up_to: 4 })),
+            ev(EventPayload::Receipt(ReceiptView { conv: "dm:a:b".into(), by: "b".into(), status: ReceiptStatus::Read, up_to: 4 })),
+            ev(EventPayload::Group(GroupView { group: "g:x".into(), action: GroupAction::Created, users: vec!["a".into()], by: "a".into() })),
+            ev(EventPayload::Group(GroupView { group: "g:x".into(), action: GroupAction::Added, users: vec![], by: "a".into() })),
+            ev(EventPayload::Group(GroupView { group: "g:x".into(), action: GroupAction::Removed, users: vec![], by: "a".into() })),
+            ev(EventPayload::Group(GroupView { group: "g:x".into(), action: GroupAction::Left, users: vec![], by: "a".into() })),
+            ev(EventPayload::ReadMarker(ReadMarkerView { conv: "g:x".into(), seq: 9 })),
+            ServerFrame::Typing { conv: "dm:a:b".into(), from: "a".into(), state: TypingState::Composing },
+            ServerFrame::Presence { user: "a".into(), online: true, last_seen: None },
+            ServerFrame::Presence { user: "a".into(), online: false, last_seen: Some(17) },
+            ServerFrame::History { rid: Some("r".into()), conv: "dm:a:b".into(), messages: vec![msg(), msg()], more: true },
+            ServerFrame::Conversations {
+                rid: None,
+                items: vec![
+                    ConversationItem { conv: "dm:a:b".into(), last_seq: 7, read_seq: 2, unread: 5, last: Some(msg()) },
+                    ConversationItem { conv: "g:x".into(), last_seq: 0, read_seq: 0, unread: 0, last: None },
+                ],
+            },
+            ServerFrame::Result { rid: Some("r".into()), group: Some("g:x".into()), name: None, members: None, admins: None },
+            ServerFrame::Result {
+                rid: Some("r".into()),
+                group: Some("g:x".into()),
+                name: Some("n".into()),
+                members: Some(vec!["a".into(), "b".into()]),
+                admins: Some(vec!["a".into()]),
+            },
+            ServerFrame::error(ErrorCode::NotMember, "no", Some("r".into()), None),
+            ServerFrame::error(ErrorCode::TooLarge, "big", None, Some("m1".into())),
+            ServerFrame::Goaway { reason: "restart".into(), retry_after_ms: 1500 },
+        ]
+    }
+
+    fn decode_request(e: &Encoded) -> Result<Request, DecodeError> {
+        match e {
+            Encoded::Text(s) => decode_request_json(s),
+            Encoded::Binary(b) => decode_request_postcard(b),
+        }
+    }
+
+    fn decode_server(e: &Encoded) -> Result<ServerFrame, DecodeError> {
+        match e {
+            Encoded::Text(s) => decode_server_json(s),
+            Encoded::Binary(b) => decode_server_postcard(b),
+        }
+    }
+
+    #[test]
+    fn every_client_frame_round_trips_in_both_encodings() {
+        for enc in [Encoding::Json, Encoding::Postcard] {
+            for r in client_frames() {
+                let e = encode_request(&r, enc);
+                assert!(!e.is_empty());
+                assert_eq!(decode_request(&e).unwrap(), r, "{enc:?} {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_server_frame_round_trips_in_both_encodings() {
+        for enc in [Encoding::Json, Encoding::Postcard] {
+            for f in server_frames() {
+                let e = encode_server(&f, enc);
+                assert_eq!(decode_server(&e).unwrap(), f, "{enc:?} {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_shapes_follow_the_protocol() {
+        let v: serde_json::Value = serde_json::from_str(match &encode_server(&server_frames()[4], Encoding::Json) {
+            Encoded::Text(s) => s,
+            Encoded::Binary(_) => unreachable!(),
+        })
+        .unwrap();
+        assert_eq!(v["type"], "event");
+        assert_eq!(v["kind"], "message");
+        assert_eq!(v["ev"], 5);
+        assert_eq!(v["message"]["body"], "שלום 😀 \"q\"\n");
+        let Encoded::Text(s) = encode_server(&ServerFrame::error(ErrorCode::BadFrame, "x", None, None), Encoding::Json) else { unreachable!() };
+        assert_eq!(s, r#"{"type":"error","code":"bad_frame","message":"x"}"#);
+        let Encoded::Text(s) = encode_server(&ServerFrame::Presence { user: "a".into(), online: false, last_seen: None }, Encoding::Json) else {
+            unreachable!()
+        };
+        assert_eq!(s, r#"{"type":"presence","user":"a","online":false,"last_seen":null}"#);
+        // Non-ASCII is sent as itself, not \u escapes.
+        assert!(!s.contains("\\u"));
+    }
+
+    #[test]
+    fn json_requests_as_clients_write_them() {
+        let r = decode_request_json(r#"{"type":"send","id":"x","to":"bob","body":"hi","extra":[1,2],"rid":"q"}"#).unwrap();
+        assert_eq!(r.rid.as_deref(), Some("q"));
+        assert_eq!(r.frame, ClientFrame::Send { id: "x".into(), to: "bob".into(), body: "hi".into() });
+        let r = decode_request_json(r#"{"type":"conversations","rid":"z"}"#).unwrap();
+        assert_eq!(r.frame, ClientFrame::Conversations);
+        assert_eq!(r.rid.as_deref(), Some("z"));
+    }
+
+    #[test]
+    fn malformed_json_is_bad_frame_with_echoes() {
+        for bad in ["not json", "{", "[1,2,3]", "42", r#"{"type":"no_such_type"}"#, r#"{"no_type":true}"#, &"[".repeat(100_000)] {
+            let e = decode_request_json(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadFrame, "{bad:.40}");
+        }
+        let e = decode_request_json(r#"{"type":"send","to":null,"body":123,"id":"e1","rid":"r9"}"#).unwrap_err();
+        assert_eq!((e.id.as_deref(), e.rid.as_deref()), (Some("e1"), Some("r9")));
+    }
+
+    #[test]
+    fn trailing_binary_bytes_are_refused() {
+        let Encoded::Binary(b) = encode_request(&client_frames()[3], Encoding::Postcard) else { unreachable!() };
+        let mut v = b.to_vec();
+        v.push(0);
+        assert!(decode_request_postcard(&v).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request_postcard(&bytes);
+            if let Ok(s) = std::str::from_utf8(&bytes) {
+                let _ = decode_request_json(s);
+            }
+        }
+
+        #[test]
+        fn send_bodies_round_trip(body in "\\PC{0,200}", id in "[a-z0-9]{1,64}") {
+            let r = Request { rid: None, frame: ClientFrame::Send { id, to: "bob".into(), body } };
+            for enc in [Encoding::Json, Encoding::Postcard] {
+                prop_assert_eq!(&decode_request(&encode_request(&r, enc)).unwrap(), &r);
+            }
+        }
+    }
+}

@@ -10,6 +10,9 @@ pub mod state;
 pub mod trees;
 pub mod wal;
 
+#[cfg(test)]
+mod model_tests;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
