@@ -293,6 +293,30 @@ mod tests {
         assert!(decode_request_postcard(&v).is_err());
     }
 
+    /// Pins the binary layout documented in docs/protocol.md.
+    #[test]
+    fn postcard_layout_is_the_documented_one() {
+        let bin = |f: &ServerFrame| match encode_server(f, Encoding::Postcard) {
+            Encoded::Binary(b) => b.to_vec(),
+            Encoded::Text(_) => unreachable!(),
+        };
+        // Synced = variant 1; head 300 = varint AC 02.
+        assert_eq!(bin(&ServerFrame::Synced { head: 300 }), [1, 0xAC, 0x02]);
+        // Error = variant 9; code not_member = 5; message "x"; rid None; id Some("m").
+        assert_eq!(bin(&ServerFrame::error(ErrorCode::NotMember, "x", None, Some("m".into()))), [9, 5, 1, b'x', 0, 1, 1, b'm']);
+        // Event = 3, ev 2, payload ReadMarker = 3 {conv "g:a", seq 4}.
+        let f = ServerFrame::Event { ev: 2, payload: EventPayload::ReadMarker(ReadMarkerView { conv: "g:a".into(), seq: 4 }) };
+        assert_eq!(bin(&f), [3, 2, 3, 3, b'g', b':', b'a', 4]);
+        // Request: rid Some("r"), Received = variant 2, up_to 5.
+        let r = Request { rid: Some("r".into()), frame: ClientFrame::Received { up_to: 5 } };
+        let Encoded::Binary(b) = encode_request(&r, Encoding::Postcard) else { unreachable!() };
+        assert_eq!(b.to_vec(), [1, 1, b'r', 2, 5]);
+        // Hello = variant 0: rid None, token "t", cursor None.
+        let r = Request { rid: None, frame: ClientFrame::Hello { token: "t".into(), cursor: None } };
+        let Encoded::Binary(b) = encode_request(&r, Encoding::Postcard) else { unreachable!() };
+        assert_eq!(b.to_vec(), [0, 0, 1, b't', 0]);
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
