@@ -803,17 +803,14 @@ impl Actor for Session {
         if !self.watching.is_empty() {
             self.shared.presence.unwatch(self.id, &self.watching);
         }
-        if let Some(me) = self.auth.take() {
-            // Typing ends when the user's last device goes; other devices may still be composing.
-            let others_online = self.shared.online.get(&me.user).is_some_and(|v| v.iter().any(|c| c.session != self.id));
-            if !others_online {
-                let convs: Vec<String> = self.composing.drain().map(|(c, _)| c).collect();
-                self.auth = Some(me.clone());
-                for c in convs {
-                    self.relay_typing(&c, TypingState::Paused);
-                }
-                self.auth = None;
+        if let Some(me) = self.auth.clone() {
+            // The composing device is gone, so its typing ends now (its expiry timers die with
+            // the actor). With one device this is PROTOCOL.md's "last device disconnects".
+            let convs: Vec<String> = self.composing.drain().map(|(c, _)| c).collect();
+            for c in convs {
+                self.relay_typing(&c, TypingState::Paused);
             }
+            self.auth = None;
             self.shared.registry.do_send(Disconnect { user: me.user, session: self.id });
         }
     }
