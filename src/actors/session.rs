@@ -379,7 +379,9 @@ impl Session {
             ClientFrame::Send { id, to, body } => self.send_message(&me, rid, id, to, body, ctx),
             ClientFrame::Received { up_to } => {
                 if up_to > self.cursor_sent {
-                    self.cursor_sent = up_to;
+                    // Apply clamps to the head; remember no more than this socket has seen, so
+                    // an over-eager `up_to` cannot hide later, real confirmations.
+                    self.cursor_sent = up_to.min(self.last_sent.max(self.cursor_sent));
                     let cmd = Command::Received { user: me.user, device: me.device, up_to };
                     self.write(cmd, rid, None, ctx);
                 }
