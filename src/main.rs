@@ -32,6 +32,8 @@ enum Cmd {
         #[arg(long)]
         log_format: Option<String>,
     },
+    /// Run the load generator against a server (see BENCHMARKS.md).
+    Load(parley::load::LoadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
             actix_rt::System::new().block_on(parley::server::run(cfg, listener, shutdown_signal()))
         }
+        Cmd::Load(args) => std::process::exit(parley::load::run(args)),
     }
 }
 

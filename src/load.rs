@@ -1,1 +1,0 @@
-//! The load generator (`parley load`): see issue 5. Not built yet.
