@@ -40,7 +40,22 @@ pub struct Config {
     pub auth: AuthConfig,
     pub session: SessionConfig,
     pub limits: LimitsConfig,
+    pub admission: AdmissionConfig,
     pub log: LogConfig,
+}
+
+/// `[admission]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Upgrades per second.
+    pub upgrades_per_s: f64,
+    /// Upgrade burst.
+    pub upgrade_burst: f64,
+    /// Open socket cap.
+    pub max_sockets: usize,
+    /// Retry-After upper bound, s.
+    pub retry_after_max_s: u64,
 }
 
 /// `[limits]`.
@@ -53,6 +68,12 @@ pub struct LimitsConfig {
     pub send_rate_per_s: f64,
     /// Send burst per user, messages.
     pub send_burst: f64,
+    /// Failed logins per IP in a burst.
+    pub failed_login_burst: f64,
+    /// Failed logins per IP per minute (refill).
+    pub failed_logins_per_min: f64,
+    /// Bad frames per socket per minute before close 4003.
+    pub bad_frames_per_min: u32,
 }
 
 /// `[server]`.
@@ -115,6 +136,8 @@ pub struct SessionConfig {
     pub unauth_max_frame_bytes: usize,
     /// Outbound queue, frames.
     pub outbound_queue_frames: usize,
+    /// Outbound queue, bytes.
+    pub outbound_queue_bytes: usize,
     /// Ping interval, ms.
     pub ping_interval_ms: u64,
     /// Pong timeout, ms.
@@ -226,6 +249,30 @@ impl Config {
         }
         if !(self.limits.send_burst >= 1.0) {
             return bad("limits.send_burst", "must be at least 1");
+        }
+        if self.session.outbound_queue_bytes < self.session.max_frame_bytes {
+            return bad("session.outbound_queue_bytes", "must be at least session.max_frame_bytes");
+        }
+        if !(self.limits.failed_login_burst >= 1.0) {
+            return bad("limits.failed_login_burst", "must be at least 1");
+        }
+        if !(self.limits.failed_logins_per_min > 0.0) {
+            return bad("limits.failed_logins_per_min", "must be greater than 0");
+        }
+        if self.limits.bad_frames_per_min == 0 {
+            return bad("limits.bad_frames_per_min", "must be at least 1");
+        }
+        if !(self.admission.upgrades_per_s > 0.0) {
+            return bad("admission.upgrades_per_s", "must be greater than 0");
+        }
+        if !(self.admission.upgrade_burst >= 1.0) {
+            return bad("admission.upgrade_burst", "must be at least 1");
+        }
+        if self.admission.max_sockets == 0 {
+            return bad("admission.max_sockets", "must be at least 1");
+        }
+        if self.admission.retry_after_max_s == 0 {
+            return bad("admission.retry_after_max_s", "must be at least 1");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("`{}` is neither \"text\" nor \"json\"", self.log.format));

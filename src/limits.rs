@@ -32,6 +32,15 @@ impl RateLimiter {
         self.allow_at(key, Instant::now())
     }
 
+    /// Whether `key` has a token, without taking it.
+    pub fn has_token(&self, key: &str) -> bool {
+        let now = Instant::now();
+        match self.buckets.get(key) {
+            None => true,
+            Some(b) => b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * self.rate >= 1.0,
+        }
+    }
+
     fn allow_at(&self, key: &str, now: Instant) -> bool {
         if self.buckets.len() > 100_000 {
             self.prune(now);

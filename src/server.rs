@@ -15,6 +15,7 @@ use crate::actors::messages::GoawayAll;
 use crate::actors::presence::PresenceHub;
 use crate::actors::registry::{Deliverer, Online, Registry};
 use crate::config::Config;
+use crate::limits::RateLimiter;
 use crate::storage::{self, Pipeline, State};
 
 /// What every handler and session shares.
@@ -39,7 +40,11 @@ pub struct Shared {
     pub draining: AtomicBool,
     pub metrics: Option<PrometheusHandle>,
     /// Per-user send rate limit (PROTOCOL.md §5).
-    pub send_limiter: crate::limits::RateLimiter,
+    pub send_limiter: RateLimiter,
+    /// Failed logins per client IP.
+    pub login_limiter: RateLimiter,
+    /// WebSocket upgrades (one bucket for the whole server).
+    pub upgrade_limiter: RateLimiter,
 }
 
 /// Runs the server on `listener` until `shutdown` completes, then shuts down in order: stop
@@ -50,6 +55,15 @@ pub struct Shared {
 pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let metrics = crate::http::metrics::install();
+    // While recovery replays the log, a stand-in server on the same socket answers 503, so
+    // health checks and clients see "starting" rather than a hung connection.
+    let boot = HttpServer::new(|| App::new().default_service(web::to(crate::http::starting)))
+        .workers(1)
+        .disable_signals()
+        .listen(listener.try_clone()?)?
+        .run();
+    let boot_handle = boot.handle();
+    let boot_task = actix_rt::spawn(boot);
     let data = cfg.server.data_dir.clone();
     let (state, wal, stats) = {
         let cfg = cfg.clone();
@@ -92,9 +106,13 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         metrics,
-        send_limiter: crate::limits::RateLimiter::new(cfg.limits.send_rate_per_s, cfg.limits.send_burst),
+        send_limiter: RateLimiter::new(cfg.limits.send_rate_per_s, cfg.limits.send_burst),
+        login_limiter: RateLimiter::new(cfg.limits.failed_logins_per_min / 60.0, cfg.limits.failed_login_burst),
+        upgrade_limiter: RateLimiter::new(cfg.admission.upgrades_per_s, cfg.admission.upgrade_burst),
     });
     let addr = listener.local_addr()?;
+    boot_handle.stop(false).await;
+    let _ = boot_task.await;
     let data = web::Data::new(shared.clone());
     let workers = if cfg.server.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { cfg.server.workers };
     let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(crate::http::routes))

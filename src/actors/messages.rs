@@ -32,13 +32,6 @@ pub struct Kick {
     pub goaway_ms: Option<u64>,
 }
 
-/// Registry → Session: the user sent a message in `conv`, so its typing there ends.
-#[derive(Message, Clone)]
-#[rtype(result = "()")]
-pub struct StopTyping {
-    pub conv: String,
-}
-
 /// One online device, as the registry holds it.
 #[derive(Clone)]
 pub struct DeviceConn {
@@ -49,7 +42,6 @@ pub struct DeviceConn {
     pub deliver: Recipient<Deliver>,
     pub relay: Recipient<Relay>,
     pub kick: Recipient<Kick>,
-    pub stop_typing: Recipient<StopTyping>,
 }
 
 /// Session → Registry: this device is online; answered once lookups see it.

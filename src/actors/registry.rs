@@ -114,12 +114,5 @@ impl Sink for Deliverer {
                 }
             }
         }
-        for (user, conv) in effects.sent_in {
-            if let Some(conns) = self.online.get(&user) {
-                for c in conns.iter() {
-                    c.stop_typing.do_send(StopTyping { conv: conv.clone() });
-                }
-            }
-        }
     }
 }

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_ws::{CloseCode, CloseReason, Item, Message as WsMessage, ProtocolError};
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::messages::*;
 use super::presence::now_ms;
@@ -58,20 +60,53 @@ pub enum Outbound {
     Close(u16, String),
 }
 
-/// Drains the outbound queue into the socket. Ends when the queue closes, on a close, or when the
-/// peer is gone. `urgent` closes at once, skipping what is queued (slow consumer).
-/// `_done` is dropped when the writer ends, which tells the session it may stop: stopping earlier
-/// drops the request payload and the connection goes before the close frame is written.
-pub async fn writer(
-    mut ws: actix_ws::Session,
-    mut rx: mpsc::Receiver<Outbound>,
-    mut urgent: oneshot::Receiver<(u16, String)>,
+/// The session's end of its socket's outbound queue: bounded in frames (the channel) and in bytes
+/// (`bytes`, counted on push, uncounted by the writer once written).
+pub struct OutQueue {
+    /// To the writer; capacity `outbound_queue_frames`. Dropping it ends the writer.
+    tx: mpsc::Sender<Outbound>,
+    /// Bytes of frames queued and not yet written.
+    bytes: Arc<AtomicUsize>,
+    /// Notified by the writer after each frame it takes: there may be room now.
+    room: Arc<Notify>,
+    /// Closes at once, skipping what is queued (slow consumer); taken when used.
+    urgent: Option<oneshot::Sender<(u16, String)>>,
+    /// Resolves when the writer has ended; taken by the first close.
+    done: Option<oneshot::Receiver<()>>,
+}
+
+/// The writer task's end of the queue.
+pub struct Wire {
+    rx: mpsc::Receiver<Outbound>,
+    bytes: Arc<AtomicUsize>,
+    room: Arc<Notify>,
+    urgent: oneshot::Receiver<(u16, String)>,
+    /// Dropped when the writer ends, which tells the session it may stop: stopping earlier drops
+    /// the request payload and the connection goes before the close frame is written.
     _done: oneshot::Sender<()>,
-) {
+}
+
+/// A new outbound queue of `frames` frames.
+pub fn outbound(frames: usize) -> (OutQueue, Wire) {
+    let (tx, rx) = mpsc::channel(frames);
+    let (utx, urx) = oneshot::channel();
+    let (dtx, drx) = oneshot::channel();
+    let bytes = Arc::new(AtomicUsize::new(0));
+    let room = Arc::new(Notify::new());
+    (
+        OutQueue { tx, bytes: bytes.clone(), room: room.clone(), urgent: Some(utx), done: Some(drx) },
+        Wire { rx, bytes, room, urgent: urx, _done: dtx },
+    )
+}
+
+/// Drains the outbound queue into the socket. Ends when the queue closes, on a close, or when the
+/// peer is gone. An urgent close wins over queued frames, even while a write waits.
+pub async fn writer(mut ws: actix_ws::Session, wire: Wire) {
     async fn close(ws: actix_ws::Session, code: u16, reason: String) {
         let r = CloseReason { code: CloseCode::from(code), description: Some(reason) };
         let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(r))).await;
     }
+    let Wire { mut rx, bytes, room, mut urgent, _done } = wire;
     loop {
         let item = tokio::select! {
             biased;
@@ -81,25 +116,23 @@ pub async fn writer(
             }
             m = rx.recv() => m,
         };
+        room.notify_one();
         let sent = match item {
             None => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
                 return;
             }
             Some(Outbound::Close(code, reason)) => return close(ws, code, reason).await,
-            Some(Outbound::Frame(Encoded::Text(s))) => {
-                tokio::select! {
+            Some(Outbound::Frame(e)) => {
+                let n = e.len();
+                let r = tokio::select! {
                     biased;
                     c = &mut urgent => { if let Ok((code, reason)) = c { close(ws, code, reason).await; } return; }
-                    r = ws.text(s) => r,
-                }
-            }
-            Some(Outbound::Frame(Encoded::Binary(b))) => {
-                tokio::select! {
-                    biased;
-                    c = &mut urgent => { if let Ok((code, reason)) = c { close(ws, code, reason).await; } return; }
-                    r = ws.binary(b) => r,
-                }
+                    r = async { match e { Encoded::Text(s) => ws.text(s).await, Encoded::Binary(b) => ws.binary(b).await } } => r,
+                };
+                bytes.fetch_sub(n, Ordering::Relaxed);
+                room.notify_one();
+                r
             }
             Some(Outbound::Pong(b)) => ws.pong(&b).await,
             Some(Outbound::Ping) => ws.ping(b"").await,
@@ -122,12 +155,10 @@ pub struct Session {
     /// Unique per socket on this node.
     id: u64,
     shared: Arc<Shared>,
-    /// To the writer task; bounded by `outbound_queue_frames`. Dropping it ends the writer.
-    out: mpsc::Sender<Outbound>,
-    /// Closes at once (slow consumer); taken when used.
-    urgent: Option<oneshot::Sender<(u16, String)>>,
-    /// Resolves when the writer task ends; taken by the first close.
-    writer_done: Option<oneshot::Receiver<()>>,
+    /// The outbound queue to the writer task.
+    out: OutQueue,
+    /// Malformed frames in the current minute: (window start, count).
+    bad_frames: (Instant, u32),
     /// Chosen by the first frame's kind.
     enc: Option<Encoding>,
     auth: Option<Authed>,
@@ -159,20 +190,13 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session for a new socket; `out`/`urgent` lead to its writer task.
-    pub fn new(
-        id: u64,
-        shared: Arc<Shared>,
-        out: mpsc::Sender<Outbound>,
-        urgent: oneshot::Sender<(u16, String)>,
-        writer_done: oneshot::Receiver<()>,
-    ) -> Self {
+    /// A session for a new socket; `out` leads to its writer task.
+    pub fn new(id: u64, shared: Arc<Shared>, out: OutQueue) -> Self {
         Session {
             id,
             shared,
             out,
-            urgent: Some(urgent),
-            writer_done: Some(writer_done),
+            bad_frames: (Instant::now(), 0),
             enc: None,
             auth: None,
             last_sent: 0,
@@ -207,8 +231,21 @@ impl Session {
         if self.closing {
             return false;
         }
-        match self.out.try_send(o) {
-            Ok(()) => true,
+        let n = match &o {
+            Outbound::Frame(e) => e.len(),
+            _ => 0,
+        };
+        if n > 0 && !self.has_room(n) {
+            metrics::counter!("parley_slow_consumer_closes_total").increment(1);
+            tracing::info!(session = self.id, "outbound queue over its byte cap: closing slow consumer");
+            self.close_now(close::SLOW_CONSUMER, "slow consumer", ctx);
+            return false;
+        }
+        match self.out.tx.try_send(o) {
+            Ok(()) => {
+                self.out.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!("parley_slow_consumer_closes_total").increment(1);
                 tracing::info!(session = self.id, "outbound queue full: closing slow consumer");
@@ -227,12 +264,18 @@ impl Session {
         self.send(&ServerFrame::error(code, msg, rid, id), ctx);
     }
 
+    /// Whether a frame of `n` bytes fits in the outbound queue now.
+    fn has_room(&self, n: usize) -> bool {
+        self.out.tx.capacity() > 0
+            && self.out.bytes.load(std::sync::atomic::Ordering::Relaxed) + n <= self.shared.cfg.session.outbound_queue_bytes
+    }
+
     /// Closes after what is queued.
     fn close(&mut self, code: u16, reason: &str, ctx: &mut Context<Self>) {
         if self.closing {
             return;
         }
-        if self.out.try_send(Outbound::Close(code, reason.to_owned())).is_err() {
+        if self.out.tx.try_send(Outbound::Close(code, reason.to_owned())).is_err() {
             return self.close_now(code, reason, ctx);
         }
         self.closing = true;
@@ -241,7 +284,7 @@ impl Session {
 
     /// Stops the actor once the writer has written the close frame (at most 2 s).
     fn stop_after_writer(&mut self, ctx: &mut Context<Self>) {
-        match self.writer_done.take() {
+        match self.out.done.take() {
             Some(done) => {
                 ctx.spawn(
                     async move {
@@ -257,7 +300,7 @@ impl Session {
 
     /// Closes at once, dropping what is queued.
     fn close_now(&mut self, code: u16, reason: &str, ctx: &mut Context<Self>) {
-        if let Some(u) = self.urgent.take() {
+        if let Some(u) = self.out.urgent.take() {
             let _ = u.send((code, reason.to_owned()));
         }
         self.closing = true;
@@ -294,6 +337,16 @@ impl Session {
             }
             Err(e) => {
                 metrics::counter!("parley_bad_frames_total").increment(1);
+                let (since, n) = &mut self.bad_frames;
+                if since.elapsed() >= Duration::from_secs(60) {
+                    *since = Instant::now();
+                    *n = 0;
+                }
+                *n += 1;
+                if *n > self.shared.cfg.limits.bad_frames_per_min {
+                    tracing::info!(session = self.id, "flood of bad frames: closing with 4003");
+                    return self.close(close::VIOLATION, "too many malformed frames", ctx);
+                }
                 self.send(&ServerFrame::error(e.code, e.message, e.rid, e.id), ctx);
             }
         }
@@ -474,7 +527,14 @@ impl Session {
                 }
             }
             #[cfg(feature = "fault-injection")]
-            ClientFrame::Fault => panic!("fault injected by a test"),
+            ClientFrame::Fault { what, count } => match what.as_str() {
+                "panic" => panic!("fault injected by a test"),
+                "storage" => {
+                    crate::storage::pipeline::fault::fail_next_commits(count);
+                    self.send(&ServerFrame::Result { rid, group: None, name: None, members: None, admins: None }, ctx);
+                }
+                _ => self.error(ErrorCode::BadRequest, "unknown fault", rid, None, ctx),
+            },
         }
     }
 
@@ -507,7 +567,14 @@ impl Session {
             metrics::counter!("parley_rate_limited_total", "what" => "send").increment(1);
             return self.error(ErrorCode::RateLimited, "too many messages; slow down", rid, echo, ctx);
         }
-        let cmd = Command::Send { from: me.user.clone(), device: me.device.clone(), id: id.clone(), conv: conv.to_string(), body };
+        let conv = conv.to_string();
+        // Sending ends this device's typing there (PROTOCOL.md §4.6). Done here, in frame order,
+        // so a `composing` sent after this message is not cancelled by it.
+        if let Some(h) = self.composing.remove(&conv) {
+            ctx.cancel_future(h);
+            self.relay_typing(&conv, TypingState::Paused);
+        }
+        let cmd = Command::Send { from: me.user.clone(), device: me.device.clone(), id: id.clone(), conv, body };
         self.write(cmd, rid, Some(id), ctx);
     }
 
@@ -650,7 +717,6 @@ impl Session {
             deliver: ctx.address().recipient(),
             relay: ctx.address().recipient(),
             kick: ctx.address().recipient(),
-            stop_typing: ctx.address().recipient(),
         };
         // Register first, then read the head: every event applied after the read is pushed to us,
         // every event before it is in storage. Nothing else runs on this actor meanwhile.
@@ -693,7 +759,8 @@ impl Session {
     }
 
     /// Sends stored events from `last_sent + 1` up to `target` while the queue has room, then
-    /// `synced` once the welcome head is reached.
+    /// `synced` once the welcome head is reached. Never overflows the queue: when it is full, it
+    /// waits for the writer to make room.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if self.waiting_room || self.closing {
             return;
@@ -703,17 +770,18 @@ impl Session {
         loop {
             if let Some(h) = self.sync_head {
                 if self.last_sent >= h {
-                    if self.out.capacity() == 0 {
+                    let f = self.encode(&ServerFrame::Synced { head: h });
+                    if !self.has_room(f.len()) {
                         return self.wait_room(ctx);
                     }
                     self.sync_head = None;
-                    self.send(&ServerFrame::Synced { head: h }, ctx);
+                    self.push(Outbound::Frame(f), ctx);
                 }
             }
             if self.last_sent >= self.target {
                 return;
             }
-            let room = self.out.capacity();
+            let room = self.out.tx.capacity();
             if room == 0 {
                 return self.wait_room(ctx);
             }
@@ -725,11 +793,16 @@ impl Session {
                 }
             };
             if events.is_empty() {
-                // The target is not applied yet (cannot happen: events are pushed after apply).
+                // Cannot happen: events are pushed only after they are applied.
                 return;
             }
             for (ev, payload) in events {
-                if !self.send(&ServerFrame::Event { ev, payload }, ctx) {
+                let f = self.encode(&ServerFrame::Event { ev, payload });
+                if !self.has_room(f.len()) {
+                    // The rest of the page is read again once there is room.
+                    return self.wait_room(ctx);
+                }
+                if !self.push(Outbound::Frame(f), ctx) {
                     return;
                 }
                 self.last_sent = ev;
@@ -740,18 +813,11 @@ impl Session {
     /// Resumes the pump once the writer has taken a frame off the queue.
     fn wait_room(&mut self, ctx: &mut Context<Self>) {
         self.waiting_room = true;
-        let out = self.out.clone();
-        ctx.spawn(
-            async move {
-                // Reserve a slot and give it back at once: only the wake-up matters.
-                drop(out.reserve().await);
-            }
-            .into_actor(self)
-            .map(|_, act, ctx| {
-                act.waiting_room = false;
-                act.pump(ctx);
-            }),
-        );
+        let room = self.out.room.clone();
+        ctx.spawn(async move { room.notified().await }.into_actor(self).map(|_, act, ctx| {
+            act.waiting_room = false;
+            act.pump(ctx);
+        }));
     }
 
     fn live(&self) -> bool {
@@ -860,7 +926,7 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
             }
             WsMessage::Pong(_) | WsMessage::Nop => {}
             WsMessage::Close(_) => {
-                let _ = self.out.try_send(Outbound::Close(close::NORMAL, String::new()));
+                let _ = self.out.tx.try_send(Outbound::Close(close::NORMAL, String::new()));
                 self.closing = true;
                 self.stop_after_writer(ctx);
             }
@@ -935,8 +1001,8 @@ impl Handler<Relay> for Session {
             return;
         }
         // Ephemeral frames are dropped, not queued, when the socket is backed up.
-        if self.out.capacity() > 0 {
-            let e = self.encode(&m.0);
+        let e = self.encode(&m.0);
+        if self.has_room(e.len()) {
             self.push(Outbound::Frame(e), ctx);
         }
     }
@@ -951,16 +1017,6 @@ impl Handler<Kick> for Session {
                 self.close(m.code, m.reason, ctx);
             }
             None => self.close(m.code, m.reason, ctx),
-        }
-    }
-}
-
-impl Handler<StopTyping> for Session {
-    type Result = ();
-    fn handle(&mut self, m: StopTyping, ctx: &mut Self::Context) {
-        if let Some(h) = self.composing.remove(&m.conv) {
-            ctx.cancel_future(h);
-            self.relay_typing(&m.conv, TypingState::Paused);
         }
     }
 }

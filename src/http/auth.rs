@@ -92,8 +92,19 @@ pub async fn register(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpRespon
     }
 }
 
-/// `POST /v1/login`: `200 {"token", "user", "device"}`.
-pub async fn login(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpResponse {
+/// `POST /v1/login`: `200 {"token", "user", "device"}`. After `failed_login_burst` failures from
+/// one IP, every login from it gets `429 rate_limited` until its bucket refills.
+pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let ip = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    if !s.login_limiter.has_token(&ip) {
+        metrics::counter!("parley_rate_limited_total", "what" => "login").increment(1);
+        return error(ErrorCode::RateLimited, "too many failed logins from this address; retry later");
+    }
+    let failed = || {
+        s.login_limiter.allow(&ip);
+        metrics::counter!("parley_logins_total", "result" => "failed").increment(1);
+        error(ErrorCode::Unauthorized, "wrong user or password")
+    };
     let c = match parse_body(&body) {
         Ok(c) => c,
         Err(r) => return r,
@@ -102,13 +113,12 @@ pub async fn login(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpResponse 
     if !valid_device_id(&device) {
         return error(ErrorCode::BadRequest, "device must be 1-32 chars of a-z 0-9 _ . -");
     }
-    let unauthorized = || error(ErrorCode::Unauthorized, "wrong user or password");
     if !valid_user_id(&c.user) || !PASSWORD_BYTES.contains(&c.password.len()) {
-        return unauthorized();
+        return failed();
     }
     let rec = match s.state.user(&c.user) {
         Ok(Some(r)) => r,
-        Ok(None) => return unauthorized(),
+        Ok(None) => return failed(),
         Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),
     };
     let s2 = s.clone();
@@ -120,8 +130,7 @@ pub async fn login(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpResponse 
     .await
     .unwrap_or(false);
     if !ok {
-        metrics::counter!("parley_logins_total", "result" => "failed").increment(1);
-        return unauthorized();
+        return failed();
     }
     let token = new_token();
     let cmd = Command::Login { token_hash: token_hash(&token), user: c.user.clone(), device: device.clone() };
@@ -130,7 +139,7 @@ pub async fn login(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpResponse 
             metrics::counter!("parley_logins_total", "result" => "ok").increment(1);
             HttpResponse::Ok().json(serde_json::json!({ "token": token, "user": c.user, "device": device }))
         }
-        Ok(_) => unauthorized(),
+        Ok(_) => failed(),
         Err(e) => pipeline_error(e),
     }
 }

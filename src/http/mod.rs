@@ -10,9 +10,8 @@ use std::sync::Arc;
 use actix::prelude::*;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use tokio::sync::{mpsc, oneshot};
 
-use crate::actors::session::{writer, Session};
+use crate::actors::session::{outbound, writer, Session};
 use crate::protocol::ErrorCode;
 use crate::server::Shared;
 use crate::storage::PipelineError;
@@ -55,6 +54,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .default_service(web::to(|| async { error(ErrorCode::NotFound, "no such path") }));
 }
 
+/// Every path while start-up recovery runs: 503 (`/v1/healthz` says `starting`).
+pub async fn starting(req: HttpRequest) -> HttpResponse {
+    if req.path() == "/v1/healthz" {
+        HttpResponse::ServiceUnavailable().json(serde_json::json!({ "status": "starting" }))
+    } else {
+        error(ErrorCode::Unavailable, "the server is starting; retry shortly")
+    }
+}
+
+/// 503 with a jittered `Retry-After` (1 to `retry_after_max_s` seconds), so refused clients do
+/// not all come back in the same second.
+fn overloaded(s: &Shared, why: &str) -> HttpResponse {
+    use rand::Rng;
+    let secs = rand::thread_rng().gen_range(1..=s.cfg.admission.retry_after_max_s);
+    ::metrics::counter!("parley_admission_rejections_total", "why" => why.to_owned()).increment(1);
+    HttpResponse::ServiceUnavailable()
+        .insert_header(("Retry-After", secs.to_string()))
+        .json(serde_json::json!({ "error": "overloaded", "message": why, "retry_after_ms": secs * 1000 }))
+}
+
 /// `GET /v1/healthz`: 200 when ready, 503 while starting, draining, or when storage fails.
 async fn healthz(s: web::Data<Arc<Shared>>) -> HttpResponse {
     let status = if !s.ready.load(Ordering::Relaxed) {
@@ -89,19 +108,23 @@ async fn index() -> HttpResponse {
 /// `GET /v1/ws`: the WebSocket upgrade; starts a [`Session`] and its writer task.
 async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> Result<HttpResponse, actix_web::Error> {
     if s.draining.load(Ordering::Relaxed) {
-        return Ok(error(ErrorCode::Unavailable, "the server is shutting down"));
+        return Ok(overloaded(&s, "the server is shutting down"));
+    }
+    if s.sockets.load(Ordering::Relaxed) >= s.cfg.admission.max_sockets {
+        return Ok(overloaded(&s, "too many open connections"));
+    }
+    if !s.upgrade_limiter.allow("") {
+        return Ok(overloaded(&s, "too many new connections"));
     }
     let (resp, ws, stream) = actix_ws::handle(&req, body)?;
     let stream = stream.max_frame_size(s.cfg.session.max_frame_bytes);
-    let (tx, rx) = mpsc::channel(s.cfg.session.outbound_queue_frames);
-    let (utx, urx) = oneshot::channel();
-    let (done_tx, done_rx) = oneshot::channel();
-    actix_rt::spawn(writer(ws, rx, urx, done_tx));
+    let (out, wire) = outbound(s.cfg.session.outbound_queue_frames);
+    actix_rt::spawn(writer(ws, wire));
     let id = s.next_session.fetch_add(1, Ordering::Relaxed);
     let shared: Arc<Shared> = s.get_ref().clone();
     Session::create(move |ctx| {
         ctx.add_stream(stream);
-        Session::new(id, shared, tx, utx, done_rx)
+        Session::new(id, shared, out)
     });
     Ok(resp)
 }

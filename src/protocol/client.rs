@@ -72,10 +72,15 @@ pub enum ClientFrame {
     GroupLeave { group: String },
     /// A group's name, members and admins.
     GroupInfo { group: String },
-    /// Test-only fault injection: makes the session's handler panic (PROTOCOL extension, compiled
-    /// only with the `fault-injection` feature).
+    /// Test-only fault injection (compiled only with the `fault-injection` feature): `what` =
+    /// `"panic"` makes this session's handler panic; `"storage"` makes the next `count` commits fail
+    /// as if the disk were full.
     #[cfg(feature = "fault-injection")]
-    Fault,
+    Fault {
+        what: String,
+        #[serde(default)]
+        count: u32,
+    },
 }
 
 /// The binary (postcard) layout of [`ClientFrame`]: externally tagged, every field present.
@@ -97,7 +102,7 @@ pub(crate) enum ClientFrameBin {
     GroupLeave { group: String },
     GroupInfo { group: String },
     #[cfg(feature = "fault-injection")]
-    Fault,
+    Fault { what: String, count: u32 },
 }
 
 /// The binary layout of [`Request`].
@@ -127,7 +132,7 @@ impl ClientFrame {
             ClientFrame::GroupLeave { .. } => "group_leave",
             ClientFrame::GroupInfo { .. } => "group_info",
             #[cfg(feature = "fault-injection")]
-            ClientFrame::Fault => "fault",
+            ClientFrame::Fault { .. } => "fault",
         }
     }
 }

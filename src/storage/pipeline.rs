@@ -239,6 +239,10 @@ impl Worker {
     }
 
     fn write(&mut self, entry: &LogEntry) -> Result<u64, StorageError> {
+        #[cfg(feature = "fault-injection")]
+        if fault::take_storage_failure() {
+            return Err(StorageError::io(self.wal.dir(), std::io::Error::other("injected fault: no space left on device")));
+        }
         let payload = encode(entry)?;
         let index = self.wal.append_next(TERM, &payload)?;
         self.wal.sync()?;
@@ -256,9 +260,17 @@ impl Worker {
         self.healthy.store(false, Ordering::Relaxed);
         let mut wait = Duration::from_millis(50);
         loop {
-            let attempt = Wal::open(self.wal.dir(), self.cfg.segment_bytes)
+            #[cfg(feature = "fault-injection")]
+            let injected = fault::take_storage_failure();
+            #[cfg(not(feature = "fault-injection"))]
+            let injected = false;
+            let attempt = if injected {
+                Err(StorageError::io(self.wal.dir(), std::io::Error::other("injected fault: no space left on device")))
+            } else {
+                Wal::open(self.wal.dir(), self.cfg.segment_bytes)
                 .map_err(StorageError::from)
-                .and_then(|(wal, _)| super::replay(&self.state, &wal).map(|_| wal));
+                    .and_then(|(wal, _)| super::replay(&self.state, &wal).map(|_| wal))
+            };
             match attempt {
                 Ok(wal) => {
                     self.wal = wal;
@@ -320,5 +332,23 @@ fn checkpoint_loop(state: Arc<State>, wake: Receiver<()>, purge_to: Arc<AtomicU6
             }
             Err(e) => tracing::error!(error = %e, "checkpoint failed"),
         }
+    }
+}
+
+/// Test-only storage fault injection (feature `fault-injection`).
+#[cfg(feature = "fault-injection")]
+pub mod fault {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    static FAIL_NEXT: AtomicU32 = AtomicU32::new(0);
+
+    /// Makes the next `n` commits (and recovery attempts) fail as if the disk were full.
+    pub fn fail_next_commits(n: u32) {
+        FAIL_NEXT.store(n, Ordering::SeqCst);
+    }
+
+    /// Takes one injected failure, if any.
+    pub(crate) fn take_storage_failure() -> bool {
+        FAIL_NEXT.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
     }
 }

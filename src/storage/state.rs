@@ -78,8 +78,6 @@ pub struct Effects {
     pub events: Vec<Pushed>,
     /// Revoked tokens: (user, token hash); their sockets close with 4001.
     pub revoked: Vec<(String, TokenHash)>,
-    /// Users who sent a message in a conversation (their `composing` ends there).
-    pub sent_in: Vec<(String, String)>,
 }
 
 /// The sled-backed state machine.
@@ -527,7 +525,6 @@ impl Applier<'_> {
             }
             self.put_user_conv(m, conv, &uc)?;
         }
-        self.effects.sent_in.push((from.to_owned(), conv.to_owned()));
         Ok(Outcome::Sent { conv: conv.to_owned(), seq, ts: self.ts, duplicate: false })
     }
 
