@@ -12,7 +12,7 @@ use dashmap::DashMap;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::actors::messages::GoawayAll;
-use crate::actors::presence::PresenceHub;
+use crate::actors::presence::{PresenceFlusher, PresenceHub};
 use crate::actors::registry::{Deliverer, Online, Registry};
 use crate::config::Config;
 use crate::limits::RateLimiter;
@@ -83,14 +83,18 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     let presence_tree = sled_presence_tree(&state)?;
     let presence = PresenceHub::new(presence_tree);
     let online: Online = Arc::new(DashMap::new());
-    presence.start_flusher(online.clone(), Duration::from_millis(100));
-
+    // The long-lived actors share one arbiter (thread), each under a supervisor.
+    let arbiter = Arbiter::new();
     let registry = {
         let online = online.clone();
         let presence = presence.clone();
-        let arbiter = Arbiter::new();
         Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Registry::new(online, presence))
     };
+    {
+        let (hub, online) = (presence.clone(), online.clone());
+        let every = Duration::from_millis(100);
+        Supervisor::start_in_arbiter(&arbiter.handle(), move |_| PresenceFlusher { hub, online, every });
+    }
     let sink = Arc::new(Deliverer { online: online.clone() });
     let (pipeline, commit_thread) = Pipeline::start(state.clone(), wal, cfg.storage.clone(), sink);
 

@@ -134,16 +134,28 @@ impl PresenceHub {
         }
         metrics::gauge!("parley_presence_watched_users").set(self.watchers.len() as f64);
     }
+}
 
-    /// Runs [`flush`](Self::flush) every `every` on its own thread until the hub is dropped.
-    pub fn start_flusher(self: &Arc<Self>, online: Arc<DashMap<String, Vec<DeviceConn>>>, every: Duration) {
-        let weak = Arc::downgrade(self);
-        let _ = std::thread::Builder::new().name("parley-presence".into()).spawn(move || loop {
-            std::thread::sleep(every);
-            match weak.upgrade() {
-                Some(hub) => hub.flush(&online),
-                None => return,
-            }
-        });
+/// Flushes the hub every `every` (coalescing window): a long-lived actor under
+/// `actix::Supervisor`; its state lives in the shared hub, so a restart loses nothing.
+pub struct PresenceFlusher {
+    pub hub: Arc<PresenceHub>,
+    pub online: Arc<DashMap<String, Vec<DeviceConn>>>,
+    pub every: Duration,
+}
+
+impl actix::Actor for PresenceFlusher {
+    type Context = actix::Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        use actix::AsyncContext;
+        ctx.run_interval(self.every, |act, _| act.hub.flush(&act.online));
+    }
+}
+
+impl actix::Supervised for PresenceFlusher {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        tracing::warn!("presence flusher restarting");
+        metrics::counter!("parley_actor_restarts_total", "actor" => "presence").increment(1);
     }
 }
