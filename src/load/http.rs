@@ -90,6 +90,11 @@ impl Client {
         Client { target, conn: None }
     }
 
+    /// The server it talks to.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
     /// `POST path` with a JSON body.
     pub async fn post(&mut self, path: &str, body: &serde_json::Value) -> anyhow::Result<Response> {
         let b = serde_json::to_vec(body)?;

@@ -9,6 +9,7 @@
 //! - [`offline`]: a backlog sent to an offline user, then its resync.
 //! - [`idle`]: many authenticated idle sockets; server memory per socket from /proc.
 //! - [`storm`]: every socket drops and reconnects at once; time until all are back.
+//! - [`fleet`]: many sockets from many source addresses, held open by small tasks.
 //! - [`accounts`], [`ws`], [`http`]: registering users, WebSocket and HTTP clients.
 //! - [`dialogs`], [`stats`], [`procfs`]: the replayed text, histograms, /proc readings.
 //!
@@ -20,9 +21,14 @@
 pub mod accounts;
 pub mod chat;
 pub mod dialogs;
+pub mod fleet;
 pub mod http;
+pub mod idle;
+pub mod offline;
 pub mod procfs;
+pub mod ramp;
 pub mod stats;
+pub mod storm;
 pub mod ws;
 
 use std::path::PathBuf;
@@ -237,6 +243,9 @@ async fn run_async(args: LoadArgs) -> anyhow::Result<Outcome> {
     let ctx = Ctx { enc: args.enc(), target, prefix, password, args };
     match ctx.args.scenario {
         Scenario::Chat => chat::run(&ctx).await,
-        other => bail!("scenario {other:?} is not built yet"),
+        Scenario::Offline => offline::run(&ctx).await,
+        Scenario::Idle => idle::run(&ctx).await,
+        Scenario::Storm => storm::run(&ctx).await,
+        Scenario::Ramp => ramp::run(&ctx).await,
     }
 }
