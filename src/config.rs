@@ -41,7 +41,31 @@ pub struct Config {
     pub session: SessionConfig,
     pub limits: LimitsConfig,
     pub admission: AdmissionConfig,
+    pub admin: AdminConfig,
+    pub retention: RetentionConfig,
     pub log: LogConfig,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer token of the HTTP admin endpoints; empty disables them.
+    pub token: String,
+}
+
+/// `[retention]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// `forever`, `days` or `delivered`.
+    pub mode: String,
+    /// Days to keep, for `days`.
+    pub days: u64,
+    /// Job interval, ms.
+    pub interval_ms: u64,
+    /// Messages per purge entry.
+    pub batch: u32,
 }
 
 /// `[admission]`.
@@ -273,6 +297,21 @@ impl Config {
         }
         if self.admission.retry_after_max_s == 0 {
             return bad("admission.retry_after_max_s", "must be at least 1");
+        }
+        if !matches!(self.retention.mode.as_str(), "forever" | "days" | "delivered") {
+            return bad("retention.mode", format!("`{}` is not one of \"forever\", \"days\", \"delivered\"", self.retention.mode));
+        }
+        if self.retention.mode == "days" && self.retention.days == 0 {
+            return bad("retention.days", "must be at least 1");
+        }
+        if self.retention.interval_ms == 0 {
+            return bad("retention.interval_ms", "must be at least 1");
+        }
+        if self.retention.batch == 0 {
+            return bad("retention.batch", "must be at least 1");
+        }
+        if !self.admin.token.is_empty() && self.admin.token.len() < 16 {
+            return bad("admin.token", "must be empty (disabled) or at least 16 characters");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("`{}` is neither \"text\" nor \"json\"", self.log.format));

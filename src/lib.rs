@@ -11,10 +11,12 @@
 //! - [`actors`]: the Session actor per socket, the Registry, the presence hub.
 //! - [`http`]: register/login/logout, healthz, metrics, the WebSocket upgrade.
 //! - [`limits`]: token-bucket rate limits.
+//! - [`admin`]: `parley admin` (users, stats, verify, backup, restore).
 //! - [`server`]: wires it all and owns the shutdown sequence.
 //! - [`load`]: the load generator (`parley load`).
 
 pub mod actors;
+pub mod admin;
 pub mod config;
 pub mod http;
 pub mod limits;

@@ -34,19 +34,35 @@ enum Cmd {
     },
     /// Run the load generator against a server (see BENCHMARKS.md).
     Load(parley::load::LoadArgs),
+    /// Administer a data directory (refuses while a server holds it).
+    Admin {
+        /// Data directory (default from config: ./data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// A TOML file with settings to override.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: parley::admin::AdminCmd,
+    },
+}
+
+/// Loads the configuration or exits with status 2 and a message naming the bad key.
+fn load_config(file: Option<&std::path::Path>) -> Config {
+    match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("parley: {e}");
+            std::process::exit(2);
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve { listen, data, config, log_format } => {
-            let mut cfg = match Config::load(config.as_deref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("parley: {e}");
-                    std::process::exit(2);
-                }
-            };
+            let mut cfg = load_config(config.as_deref());
             if let Some(l) = listen {
                 cfg.server.listen = l;
             }
@@ -66,6 +82,15 @@ fn main() -> anyhow::Result<()> {
             actix_rt::System::new().block_on(parley::server::run(cfg, listener, shutdown_signal()))
         }
         Cmd::Load(args) => std::process::exit(parley::load::run(args)),
+        Cmd::Admin { data, config, cmd } => {
+            let cfg = load_config(config.as_deref());
+            let data = data.unwrap_or_else(|| cfg.server.data_dir.clone());
+            if let Err(e) = parley::admin::run(&cfg, &data, cmd) {
+                eprintln!("parley admin: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -65,7 +65,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     let boot_handle = boot.handle();
     let boot_task = actix_rt::spawn(boot);
     let data = cfg.server.data_dir.clone();
-    let (state, wal, stats) = {
+    let storage::Opened { state, wal, stats, lock } = {
         let cfg = cfg.clone();
         let data = data.clone();
         actix_web::rt::task::spawn_blocking(move || storage::open(&data, cfg.storage.segment_bytes, cfg.storage.cache_bytes)).await??
@@ -114,6 +114,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         login_limiter: RateLimiter::new(cfg.limits.failed_logins_per_min / 60.0, cfg.limits.failed_login_burst),
         upgrade_limiter: RateLimiter::new(cfg.admission.upgrades_per_s, cfg.admission.upgrade_burst),
     });
+    start_retention(&cfg, &pipeline);
     let addr = listener.local_addr()?;
     boot_handle.stop(false).await;
     let _ = boot_task.await;
@@ -147,6 +148,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     pipeline.stop(Duration::from_secs(30)).await;
     drop(pipeline);
     let _ = actix_web::rt::task::spawn_blocking(move || commit_thread.join()).await;
+    drop(lock);
     tracing::info!("stopped");
     Ok(())
 }
@@ -154,4 +156,46 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
 /// The one tree outside the log: `presence_last_seen` (user → u64 BE ms), written lazily.
 fn sled_presence_tree(state: &State) -> anyhow::Result<sled::Tree> {
     Ok(state.db().open_tree("presence_last_seen")?)
+}
+
+/// Starts the retention job (unless `retention.mode` is `forever`): every `interval_ms`, purge
+/// entries of at most `batch` messages each, through the commit pipeline like any command, until
+/// a pass finds nothing more to delete. Small entries interleave with live traffic.
+fn start_retention(cfg: &Config, pipeline: &Pipeline) {
+    use crate::storage::records::{Command, PurgePolicy};
+    use crate::storage::Outcome;
+    let r = cfg.retention.clone();
+    if r.mode == "forever" {
+        return;
+    }
+    let pipeline = pipeline.clone();
+    let _ = std::thread::Builder::new().name("parley-retention".into()).spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(r.interval_ms));
+        let policy = if r.mode == "days" {
+            let now = crate::actors::presence::now_ms();
+            PurgePolicy::Before { ts: now.saturating_sub(r.days * 86_400_000) }
+        } else {
+            PurgePolicy::Delivered
+        };
+        let mut from = String::new();
+        let mut total = 0u64;
+        loop {
+            let Ok(rx) = pipeline.submit(Command::Purge { policy, max: r.batch, from: from.clone() }) else { break };
+            match rx.blocking_recv() {
+                Ok(Ok(Outcome::Purged { deleted, next })) => {
+                    total += u64::from(deleted);
+                    match next {
+                        Some(n) => from = n,
+                        None => break,
+                    }
+                }
+                Err(_) => return,
+                _ => break,
+            }
+        }
+        if total > 0 {
+            metrics::counter!("parley_retention_deleted_total").increment(total);
+            tracing::info!(deleted = total, mode = %r.mode, "retention pass");
+        }
+    });
 }

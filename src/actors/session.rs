@@ -475,7 +475,10 @@ impl Session {
                     return self.error(ErrorCode::BadRequest, "conv must be dm:<a>:<b> or g:<id>", rid, None, ctx);
                 };
                 match self.shared.state.history(&me.user, &c, before, limit) {
-                    Ok(Ok((messages, more))) => self.send(&ServerFrame::History { rid, conv, messages, more }, ctx),
+                    Ok(Ok(p)) => self.send(
+                        &ServerFrame::History { rid, conv, messages: p.messages, more: p.more, deleted_upto: p.deleted_upto },
+                        ctx,
+                    ),
                     Ok(Err(r)) => return self.refused(r, rid, None, ctx),
                     Err(e) => return self.internal(e, rid, ctx),
                 };
@@ -610,6 +613,8 @@ impl Session {
                     }
                 }
                 Ok(Outcome::Refused(r)) => act.refused(r, rid, id, ctx),
+                // Sessions never submit purges.
+                Ok(Outcome::Purged { .. }) => {}
                 Err(e) => act.pipeline_error(e, rid, id, ctx),
             }
             act.drain_deferred(ctx);

@@ -187,7 +187,8 @@ mod tests {
             ServerFrame::Typing { conv: "dm:a:b".into(), from: "a".into(), state: TypingState::Composing },
             ServerFrame::Presence { user: "a".into(), online: true, last_seen: None },
             ServerFrame::Presence { user: "a".into(), online: false, last_seen: Some(17) },
-            ServerFrame::History { rid: Some("r".into()), conv: "dm:a:b".into(), messages: vec![msg(), msg()], more: true },
+            ServerFrame::History { rid: Some("r".into()), conv: "dm:a:b".into(), messages: vec![msg(), msg()], more: true, deleted_upto: None },
+            ServerFrame::History { rid: None, conv: "dm:a:b".into(), messages: vec![], more: false, deleted_upto: Some(12) },
             ServerFrame::Conversations {
                 rid: None,
                 items: vec![

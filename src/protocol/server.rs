@@ -188,13 +188,17 @@ pub enum ServerFrame {
     Typing { conv: String, from: String, state: TypingState },
     /// `user`'s presence; `last_seen` in ms, null if never seen.
     Presence { user: String, online: bool, last_seen: Option<u64> },
-    /// A page of `conv` in ascending seq; `more`: older messages exist.
+    /// A page of `conv` in ascending seq; `more`: older messages exist. `deleted_upto` (an
+    /// extension, absent unless it applies): the page reached messages that retention deleted,
+    /// every seq up to this one.
     History {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rid: Option<String>,
         conv: String,
         messages: Vec<MessageView>,
         more: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deleted_upto: Option<u64>,
     },
     /// The user's conversations, newest first.
     Conversations {
@@ -238,7 +242,7 @@ pub(crate) enum ServerFrameBin {
     Event { ev: u64, payload: EventPayload },
     Typing { conv: String, from: String, state: TypingState },
     Presence { user: String, online: bool, last_seen: Option<u64> },
-    History { rid: Option<String>, conv: String, messages: Vec<MessageView>, more: bool },
+    History { rid: Option<String>, conv: String, messages: Vec<MessageView>, more: bool, deleted_upto: Option<u64> },
     Conversations { rid: Option<String>, items: Vec<ConversationItem> },
     Result {
         rid: Option<String>,

@@ -46,6 +46,8 @@ type Reply = oneshot::Sender<Result<Outcome, PipelineError>>;
 
 enum Msg {
     Submit(Command, Reply),
+    /// Write a consistent backup into the directory (between batches); answers the applied index.
+    Backup(std::path::PathBuf, oneshot::Sender<Result<u64, String>>),
     /// Finish, checkpoint, and stop; answered when done.
     Stop(oneshot::Sender<()>),
 }
@@ -110,6 +112,14 @@ impl Pipeline {
         self.submit(cmd)?.await.unwrap_or(Err(PipelineError::Unavailable))
     }
 
+    /// Takes a consistent backup into `dir` on the commit thread, between batches (commits wait
+    /// while it copies). Returns the applied index it holds.
+    pub async fn backup(&self, dir: std::path::PathBuf) -> Result<u64, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Backup(dir, tx)).map_err(|_| "the commit pipeline is stopped".to_owned())?;
+        rx.await.unwrap_or_else(|_| Err("the commit pipeline is stopped".to_owned()))
+    }
+
     /// Whether the log and state accept commits now.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
@@ -159,6 +169,10 @@ impl Worker {
                     self.gather(&mut batch, max, window).map(Some)
                 }
                 Ok(Msg::Stop(done)) => Some(Some(done)),
+                Ok(Msg::Backup(dir, reply)) => {
+                    self.backup(dir, reply);
+                    None
+                }
                 Err(_) => Some(None),
             };
             if !batch.is_empty() {
@@ -196,9 +210,21 @@ impl Worker {
             match msg {
                 Msg::Submit(c, r) => batch.push((c, r)),
                 Msg::Stop(done) => return Some(done),
+                Msg::Backup(dir, reply) => {
+                    // Commit what came before, so the backup holds everything already acked.
+                    self.commit(batch);
+                    self.backup(dir, reply);
+                }
             }
         }
         None
+    }
+
+    fn backup(&mut self, dir: std::path::PathBuf, reply: oneshot::Sender<Result<u64, String>>) {
+        let t0 = Instant::now();
+        let r = self.state.backup_to(&dir).map_err(|e| e.to_string());
+        tracing::info!(dir = %dir.display(), millis = t0.elapsed().as_millis() as u64, ok = r.is_ok(), "backup");
+        let _ = reply.send(r);
     }
 
     fn now_ts(&mut self) -> u64 {
@@ -289,6 +315,9 @@ impl Worker {
                             Ok(Msg::Stop(done)) => {
                                 let _ = done.send(());
                                 return;
+                            }
+                            Ok(Msg::Backup(_, reply)) => {
+                                let _ = reply.send(Err("storage is failing".to_owned()));
                             }
                             Err(_) => break,
                         }

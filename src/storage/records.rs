@@ -37,6 +37,22 @@ pub enum Command {
     GroupRemove { group: String, by: String, users: Vec<String> },
     /// `by` leaves `group`.
     GroupLeave { group: String, by: String },
+    /// Administrator: delete `user` (tokens revoked, groups left, the id kept as a tombstone).
+    DeleteUser { user: String },
+    /// Administrator: set `user`'s password hash and revoke every token of the user.
+    SetPassword { user: String, password_hash: String },
+    /// Retention: delete up to `max` messages that `policy` allows, oldest first, visiting
+    /// conversations in key order from `from` (inclusive).
+    Purge { policy: PurgePolicy, max: u32, from: String },
+}
+
+/// What a [`Command::Purge`] may delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PurgePolicy {
+    /// Messages accepted before `ts` (ms).
+    Before { ts: u64 },
+    /// Messages that reached every device of every member.
+    Delivered,
 }
 
 /// One log entry's payload: a batch of commands accepted together at `ts` (ms since the epoch).
@@ -55,6 +71,8 @@ pub struct UserRecord {
     pub password_hash: String,
     /// Registration time, ms.
     pub created: u64,
+    /// Deleted by an administrator: cannot log in, and the id is never given out again.
+    pub deleted: bool,
 }
 
 /// `tokens` value.
@@ -95,6 +113,8 @@ pub struct ConvMeta {
     pub last_seq: u64,
     /// ts of the latest message.
     pub last_ts: u64,
+    /// Highest seq deleted by retention (0: none); messages `purged_to+1 ..= last_seq` remain.
+    pub purged_to: u64,
 }
 
 /// `sender_id_ack` value: the original ack of `(from, id)`.
@@ -118,6 +138,8 @@ pub struct UserConvRecord {
     pub visible_from: u64,
     /// Last seq this user may see, once it left or was removed from a group.
     pub visible_to: Option<u64>,
+    /// Highest seq that reached *every* device of this user (for the `delivered` retention).
+    pub all_devices_seq: u64,
 }
 
 /// `groups` value.

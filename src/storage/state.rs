@@ -56,8 +56,21 @@ pub enum Outcome {
     Sent { conv: String, seq: u64, ts: u64, duplicate: bool },
     /// A group was created.
     GroupCreated { group: String },
+    /// Retention deleted `deleted` messages; `next` is where the next purge resumes (None: done).
+    Purged { deleted: u32, next: Option<String> },
     /// Refused; see [`Refusal`].
     Refused(Refusal),
+}
+
+/// One page of history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// Ascending seq.
+    pub messages: Vec<MessageView>,
+    /// Older visible messages exist.
+    pub more: bool,
+    /// The page reached messages deleted by retention: every seq up to this one.
+    pub deleted_upto: Option<u64>,
 }
 
 /// An event appended to a user's stream, for live delivery after the batch is durable.
@@ -143,6 +156,122 @@ impl State {
         Ok(applied)
     }
 
+    /// Writes a consistent copy of the state into `dir` (`dir/state`, a fresh sled database with
+    /// every tree, and `dir/wal`, an empty log that continues after the copied applied index),
+    /// plus `dir/BACKUP.json`. The caller guarantees that nothing is applied meanwhile (the commit
+    /// thread between batches, or an admin command holding the data directory lock). Returns the
+    /// applied index of the copy.
+    pub fn backup_to(&self, dir: &Path) -> Result<u64, StorageError> {
+        let applied = self.applied();
+        let target = dir.join("state");
+        if target.exists() || dir.join("wal").exists() {
+            return Err(StorageError::io(dir, std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the backup directory is not empty")));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
+        let db = sled::Config::new().path(&target).open()?;
+        for name in TREES.iter().chain(std::iter::once(&"presence_last_seen")) {
+            let (src, dst) = (self.db.open_tree(name)?, db.open_tree(name)?);
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for kv in src.iter() {
+                let (k, v) = kv?;
+                batch.insert(k, v);
+                n += 1;
+                if n % 10_000 == 0 {
+                    dst.apply_batch(std::mem::take(&mut batch))?;
+                }
+            }
+            dst.apply_batch(batch)?;
+        }
+        db.flush()?;
+        drop(db);
+        fsync_tree(&target)?;
+        super::wal::create_empty_at(&dir.join("wal"), applied + 1)?;
+        let manifest = serde_json::json!({
+            "applied_index": applied,
+            "format_version": FORMAT_VERSION,
+            "created_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        });
+        let mpath = dir.join("BACKUP.json");
+        std::fs::write(&mpath, manifest.to_string()).map_err(|e| StorageError::io(&mpath, e))?;
+        fsync_tree(dir)?;
+        Ok(applied)
+    }
+
+    /// Every key and value of every log-derived tree, in tree and key order (for verify and tests).
+    pub fn dump(&self) -> Result<Vec<Vec<(Vec<u8>, Vec<u8>)>>, StorageError> {
+        self.trees
+            .all
+            .iter()
+            .map(|t| t.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StorageError::from)).collect())
+            .collect()
+    }
+
+    /// Checks the state's own invariants; returns a list of problems (empty: consistent).
+    /// Seqs gapless per conversation (above what retention deleted), events gapless per user,
+    /// every message event pointing at a stored or purged message, cursors within the head,
+    /// every dedup record pointing at a stored seq.
+    pub fn check_invariants(&self) -> Result<Vec<String>, StorageError> {
+        let mut problems = Vec::new();
+        for kv in self.trees.get(TreeId::ConvMeta).iter() {
+            let (k, v) = kv?;
+            let conv = String::from_utf8_lossy(&k).into_owned();
+            let meta: ConvMeta = decode(&v)?;
+            let seqs: Vec<u64> = self
+                .trees
+                .get(TreeId::ConvSeqMessage)
+                .scan_prefix(keys::prefix(&conv))
+                .keys()
+                .map(|k| k.map(|k| keys::num_suffix(&k).unwrap_or(0)))
+                .collect::<Result<_, _>>()?;
+            let want: Vec<u64> = (meta.purged_to + 1..=meta.last_seq).collect();
+            if seqs != want {
+                problems.push(format!("{conv}: stored seqs are not {}..={}", meta.purged_to + 1, meta.last_seq));
+            }
+        }
+        for kv in self.trees.get(TreeId::UserHead).iter() {
+            let (k, v) = kv?;
+            let user = String::from_utf8_lossy(&k).into_owned();
+            let head = be_u64(&v)?;
+            let mut expect = 1;
+            for kv in self.trees.get(TreeId::UserEvEvent).scan_prefix(keys::prefix(&user)) {
+                let (k, v) = kv?;
+                let ev = keys::num_suffix(&k).unwrap_or(0);
+                if ev != expect {
+                    problems.push(format!("{user}: event {expect} missing (found {ev})"));
+                    break;
+                }
+                expect += 1;
+                if let EventRecord::Message { conv, seq, .. } = decode(&v)? {
+                    let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
+                    if seq > meta.last_seq || (seq > meta.purged_to && self.message_opt(&conv, seq)?.is_none()) {
+                        problems.push(format!("{user}: event {ev} points at missing message {conv}#{seq}"));
+                    }
+                }
+            }
+            if expect != head + 1 {
+                problems.push(format!("{user}: head is {head} but events end at {}", expect - 1));
+            }
+        }
+        for kv in self.trees.get(TreeId::DeviceCursor).iter() {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let user = key.split('\0').next().unwrap_or_default().to_owned();
+            if be_u64(&v)? > self.head(&user)? {
+                problems.push(format!("{}: cursor past the head", key.replace('\0', "/")));
+            }
+        }
+        for kv in self.trees.get(TreeId::SenderIdAck).iter() {
+            let (_, v) = kv?;
+            let a: AckRecord = decode(&v)?;
+            let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, a.conv.as_bytes())?.unwrap_or_default();
+            if a.seq > meta.last_seq {
+                problems.push(format!("dedup record points past the end of {}", a.conv));
+            }
+        }
+        Ok(problems)
+    }
+
     /// The sled database (for trees outside the log, like presence's last_seen).
     pub fn db(&self) -> &sled::Db {
         &self.db
@@ -191,14 +320,20 @@ impl State {
             let (k, v) = kv?;
             let ev = keys::num_suffix(&k).ok_or_else(|| StorageError::Decode("event key".into()))?;
             let rec: EventRecord = decode(&v)?;
-            out.push((ev, self.view(rec)?));
+            // A message that retention deleted is skipped (every device had it, or it expired).
+            if let Some(p) = self.view(rec)? {
+                out.push((ev, p));
+            }
         }
         Ok(out)
     }
 
-    fn view(&self, rec: EventRecord) -> Result<EventPayload, StorageError> {
-        Ok(match rec {
-            EventRecord::Message { conv, seq, .. } => EventPayload::Message(self.message(&conv, seq)?),
+    fn view(&self, rec: EventRecord) -> Result<Option<EventPayload>, StorageError> {
+        Ok(Some(match rec {
+            EventRecord::Message { conv, seq, .. } => match self.message_opt(&conv, seq)? {
+                Some(m) => EventPayload::Message(m),
+                None => return Ok(None),
+            },
             EventRecord::Receipt { conv, by, status, up_to } => EventPayload::Receipt(ReceiptView {
                 conv,
                 by,
@@ -212,13 +347,13 @@ impl State {
                 by,
             }),
             EventRecord::ReadMarker { conv, seq } => EventPayload::ReadMarker(ReadMarkerView { conv, seq }),
-        })
+        }))
     }
 
-    fn message(&self, conv: &str, seq: u64) -> Result<MessageView, StorageError> {
-        let m: MessageRecord = get(&self.trees, TreeId::ConvSeqMessage, &keys::num(conv, seq))?
-            .ok_or_else(|| StorageError::Missing(format!("message {conv}#{seq}")))?;
-        Ok(message_view(conv, seq, m))
+    /// A message, or None when retention deleted it.
+    fn message_opt(&self, conv: &str, seq: u64) -> Result<Option<MessageView>, StorageError> {
+        let m: Option<MessageRecord> = get(&self.trees, TreeId::ConvSeqMessage, &keys::num(conv, seq))?;
+        Ok(m.map(|m| message_view(conv, seq, m)))
     }
 
     /// Whether `user` may read and write `conv` now (a dm it is part of, or a group it is in).
@@ -235,31 +370,34 @@ impl State {
     }
 
     /// A page of `conv` for `user`: messages with seq < `before` (newest when None), at most
-    /// `limit`, ascending; `more` when older visible messages exist. `Err(NotMember)` for a
-    /// conversation the user is not part of (nothing about it is revealed).
+    /// `limit`, ascending; `more` when older visible messages exist; `deleted_upto` when the page
+    /// reaches messages retention deleted. `Err(NotMember)` for a conversation the user is not
+    /// part of (nothing about it is revealed).
     pub fn history(
         &self,
         user: &str,
         conv: &Conv,
         before: Option<u64>,
         limit: u64,
-    ) -> Result<Result<(Vec<MessageView>, bool), Refusal>, StorageError> {
+    ) -> Result<Result<HistoryPage, Refusal>, StorageError> {
         let name = conv.to_string();
         let uc: Option<UserConvRecord> = get(&self.trees, TreeId::UserConvState, &keys::pair(user, &name))?;
         let uc = match (uc, conv) {
             (Some(uc), _) => uc,
-            (None, Conv::Dm { .. }) if conv.dm_has(user) => return Ok(Ok((Vec::new(), false))),
+            (None, Conv::Dm { .. }) if conv.dm_has(user) => return Ok(Ok(HistoryPage::default())),
             _ => return Ok(Err(Refusal::NotMember)),
         };
         let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, name.as_bytes())?.unwrap_or_default();
-        let lo = uc.visible_from.max(1);
+        let visible_from = uc.visible_from.max(1);
+        let lo = visible_from.max(meta.purged_to + 1);
+        let deleted_upto = (meta.purged_to >= visible_from).then_some(meta.purged_to);
         let hi = uc.visible_to.map_or(meta.last_seq, |t| t.min(meta.last_seq));
         let top = match before {
             Some(b) => hi.min(b.saturating_sub(1)),
             None => hi,
         };
         if top < lo || limit == 0 {
-            return Ok(Ok((Vec::new(), false)));
+            return Ok(Ok(HistoryPage { messages: Vec::new(), more: false, deleted_upto }));
         }
         let start = lo.max(top.saturating_sub(limit - 1));
         let mut msgs = Vec::with_capacity((top - start + 1) as usize);
@@ -268,7 +406,8 @@ impl State {
             let seq = keys::num_suffix(&k).ok_or_else(|| StorageError::Decode("message key".into()))?;
             msgs.push(message_view(&name, seq, decode(&v)?));
         }
-        Ok(Ok((msgs, start > lo)))
+        let more = start > lo;
+        Ok(Ok(HistoryPage { messages: msgs, more, deleted_upto: deleted_upto.filter(|_| !more) }))
     }
 
     /// Every conversation of `user`, newest first.
@@ -280,7 +419,7 @@ impl State {
             let uc: UserConvRecord = decode(&v)?;
             let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
             let last_seq = uc.visible_to.map_or(meta.last_seq, |t| t.min(meta.last_seq));
-            let last = if last_seq >= uc.visible_from.max(1) { Some(self.message(&conv, last_seq)?) } else { None };
+            let last = if last_seq >= uc.visible_from.max(1) { self.message_opt(&conv, last_seq)? } else { None };
             items.push(ConversationItem { conv, last_seq, read_seq: uc.read_seq, unread: uc.unread, last });
         }
         items.sort_by(|a, b| {
@@ -376,6 +515,23 @@ impl<'a> Tx<'a> {
         Ok(self.raw(t, k)?.is_some())
     }
 
+    /// Every key of tree `t` starting with `prefix`, as it reads now (earlier writes of this
+    /// entry included; a `None` value is a deletion), in key order.
+    fn scan_prefix(&self, t: TreeId, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StorageError> {
+        let mut out: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for kv in self.trees.get(t).scan_prefix(prefix) {
+            let (k, v) = kv?;
+            out.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        for (k, v) in self.writes[t as usize].range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.insert(k.clone(), v.clone());
+        }
+        Ok(out.into_iter().filter(|(_, v)| v.is_some()).collect())
+    }
+
     fn put<T: Serialize>(&mut self, t: TreeId, k: Vec<u8>, v: &T) -> Result<(), StorageError> {
         self.writes[t as usize].insert(k, Some(encode(v)?));
         Ok(())
@@ -430,18 +586,36 @@ impl Applier<'_> {
                 if self.tx.exists(TreeId::Users, user.as_bytes())? {
                     return Ok(Outcome::Refused(Refusal::UserExists));
                 }
-                let rec = UserRecord { password_hash: password_hash.clone(), created: self.ts };
+                let rec = UserRecord { password_hash: password_hash.clone(), created: self.ts, deleted: false };
                 self.tx.put(TreeId::Users, user.as_bytes().to_vec(), &rec)?;
                 Ok(Outcome::Done)
             }
             Command::Login { token_hash, user, device } => {
-                if !self.tx.exists(TreeId::Users, user.as_bytes())? {
-                    return Ok(Outcome::Refused(Refusal::Unauthorized));
+                match self.tx.get::<UserRecord>(TreeId::Users, user.as_bytes())? {
+                    Some(u) if !u.deleted => {}
+                    _ => return Ok(Outcome::Refused(Refusal::Unauthorized)),
                 }
                 let rec = TokenRecord { user: user.clone(), device: device.clone(), created: self.ts };
                 self.tx.put(TreeId::Tokens, token_hash.to_vec(), &rec)?;
+                // A device exists from its first login: until it confirms, it holds retention.
+                let ck = keys::pair(user, device);
+                if !self.tx.exists(TreeId::DeviceCursor, &ck)? {
+                    self.tx.put_u64(TreeId::DeviceCursor, ck, 0);
+                    self.tx.put_u64(TreeId::UserMinCursor, user.as_bytes().to_vec(), 0);
+                }
                 Ok(Outcome::Done)
             }
+            Command::DeleteUser { user } => self.delete_user(user),
+            Command::SetPassword { user, password_hash } => {
+                let Some(mut u) = self.tx.get::<UserRecord>(TreeId::Users, user.as_bytes())? else {
+                    return Ok(Outcome::Refused(Refusal::UnknownUser(user.clone())));
+                };
+                u.password_hash = password_hash.clone();
+                self.tx.put(TreeId::Users, user.as_bytes().to_vec(), &u)?;
+                self.revoke_all(user)?;
+                Ok(Outcome::Done)
+            }
+            Command::Purge { policy, max, from } => self.purge(*policy, *max, from),
             Command::Logout { token_hash } => {
                 if let Some(t) = self.tx.get::<TokenRecord>(TreeId::Tokens, token_hash)? {
                     self.tx.del(TreeId::Tokens, token_hash.to_vec());
@@ -537,6 +711,7 @@ impl Applier<'_> {
             return Ok(Outcome::Done);
         }
         self.tx.put_u64(TreeId::DeviceCursor, key, new);
+        self.advance_min_cursor(user)?;
         // Which conversations' messages (from others) this confirmation covers, and their senders.
         let mut covered: BTreeMap<String, (u64, BTreeSet<String>)> = BTreeMap::new();
         for ev in cur + 1..=new {
@@ -630,6 +805,139 @@ impl Applier<'_> {
             self.append_event(&to, &rec, payload)?;
         }
         Ok(())
+    }
+
+    /// Recomputes the lowest cursor over `user`'s devices; message events it newly passes have
+    /// reached every device, which the `delivered` retention needs.
+    fn advance_min_cursor(&mut self, user: &str) -> Result<(), StorageError> {
+        let devices = self.tx.scan_prefix(TreeId::DeviceCursor, &keys::prefix(user))?;
+        let new = devices.iter().filter_map(|(_, v)| v.as_deref().map(be_u64)).collect::<Result<Vec<_>, _>>()?.into_iter().min().unwrap_or(0);
+        let old = self.tx.get_u64(TreeId::UserMinCursor, user.as_bytes())?;
+        if new <= old {
+            return Ok(());
+        }
+        self.tx.put_u64(TreeId::UserMinCursor, user.as_bytes().to_vec(), new);
+        let mut covered: BTreeMap<String, u64> = BTreeMap::new();
+        for ev in old + 1..=new {
+            if let Some(EventRecord::Message { conv, seq, .. }) = self.tx.get(TreeId::UserEvEvent, &keys::num(user, ev))? {
+                let e = covered.entry(conv).or_default();
+                *e = (*e).max(seq);
+            }
+        }
+        for (conv, seq) in covered {
+            if let Some(mut uc) = self.user_conv(user, &conv)? {
+                if seq > uc.all_devices_seq {
+                    uc.all_devices_seq = seq;
+                    self.put_user_conv(user, &conv, &uc)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every token of `user` (their sockets close with 4001).
+    fn revoke_all(&mut self, user: &str) -> Result<(), StorageError> {
+        for (k, v) in self.tx.scan_prefix(TreeId::Tokens, &[])? {
+            let Some(v) = v else { continue };
+            let t: TokenRecord = decode(&v)?;
+            if t.user == user {
+                if let Ok(hash) = <TokenHash>::try_from(k.as_slice()) {
+                    self.effects.revoked.push((user.to_owned(), hash));
+                }
+                self.tx.del(TreeId::Tokens, k);
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_user(&mut self, user: &str) -> Result<Outcome, StorageError> {
+        let Some(mut u) = self.tx.get::<UserRecord>(TreeId::Users, user.as_bytes())? else {
+            return Ok(Outcome::Refused(Refusal::UnknownUser(user.to_owned())));
+        };
+        u.deleted = true;
+        u.password_hash.clear();
+        self.tx.put(TreeId::Users, user.as_bytes().to_vec(), &u)?;
+        self.revoke_all(user)?;
+        for (k, _) in self.tx.scan_prefix(TreeId::UserConvState, &keys::prefix(user))? {
+            let Some(conv) = keys::pair_suffix(&k).map(str::to_owned) else { continue };
+            if let Some(gid) = conv.strip_prefix("g:") {
+                if let Some(g) = self.tx.get::<GroupRecord>(TreeId::Groups, gid.as_bytes())? {
+                    if g.members.iter().any(|m| m.user == user) {
+                        self.drop_members(gid, g, &[user.to_owned()], 3, user)?;
+                    }
+                }
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Retention: deletes up to `max` messages that `policy` allows, visiting conversations in
+    /// key order from `from`. Bounded work per entry, so purging never holds up live traffic.
+    fn purge(&mut self, policy: PurgePolicy, max: u32, from: &str) -> Result<Outcome, StorageError> {
+        let mut deleted = 0u32;
+        let convs: Vec<Vec<u8>> = self
+            .tx
+            .trees
+            .get(TreeId::ConvMeta)
+            .range(from.as_bytes().to_vec()..)
+            .keys()
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(|k| k.to_vec())
+            .collect();
+        for key in convs {
+            let conv = String::from_utf8_lossy(&key).into_owned();
+            if deleted >= max {
+                return Ok(Outcome::Purged { deleted, next: Some(conv) });
+            }
+            let Some(mut meta) = self.tx.get::<ConvMeta>(TreeId::ConvMeta, &key)? else { continue };
+            let upto = match policy {
+                PurgePolicy::Before { .. } => meta.last_seq,
+                PurgePolicy::Delivered => self.delivered_everywhere(&conv)?.min(meta.last_seq),
+            };
+            let mut seq = meta.purged_to + 1;
+            loop {
+                if seq > upto {
+                    break;
+                }
+                if deleted >= max {
+                    // Out of budget inside this conversation: resume here next time.
+                    self.tx.put(TreeId::ConvMeta, key, &meta)?;
+                    return Ok(Outcome::Purged { deleted, next: Some(conv) });
+                }
+                let k = keys::num(&conv, seq);
+                if let PurgePolicy::Before { ts } = policy {
+                    match self.tx.get::<MessageRecord>(TreeId::ConvSeqMessage, &k)? {
+                        Some(m) if m.ts >= ts => break,
+                        _ => {}
+                    }
+                }
+                self.tx.del(TreeId::ConvSeqMessage, k);
+                meta.purged_to = seq;
+                deleted += 1;
+                seq += 1;
+            }
+            self.tx.put(TreeId::ConvMeta, key, &meta)?;
+        }
+        Ok(Outcome::Purged { deleted, next: None })
+    }
+
+    /// The highest seq of `conv` that reached every device of every current member.
+    fn delivered_everywhere(&self, conv: &str) -> Result<u64, StorageError> {
+        let members: Vec<String> = match Conv::parse(conv) {
+            Some(Conv::Dm { a, b }) => vec![a, b],
+            Some(Conv::Group(g)) => match self.tx.get::<GroupRecord>(TreeId::Groups, g.as_bytes())? {
+                Some(rec) => rec.members.into_iter().map(|m| m.user).collect(),
+                None => Vec::new(),
+            },
+            None => Vec::new(),
+        };
+        let mut upto = u64::MAX;
+        for m in members {
+            let seq = self.user_conv(&m, conv)?.map_or(0, |uc| uc.all_devices_seq);
+            upto = upto.min(seq);
+        }
+        Ok(if upto == u64::MAX { 0 } else { upto })
     }
 
     fn group_event(&mut self, group: &str, action: u8, users: Vec<String>, by: &str, to: &[String]) -> Result<(), StorageError> {

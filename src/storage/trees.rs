@@ -13,6 +13,9 @@
 //! | `device_cursor` | user `\0` device | u64 BE: the device's confirmed ev |
 //! | `user_conv_state` | user `\0` conv | [`UserConvRecord`](super::records::UserConvRecord) |
 //! | `groups` | group id | [`GroupRecord`](super::records::GroupRecord) |
+//! | `user_min_cursor` | user | u64 BE: the lowest cursor over the user's devices (every device has reached it) |
+//!
+//! Outside the log (not in this table's transaction): `presence_last_seen` (user → u64 BE ms).
 
 /// Index of each tree in [`TREES`] and in `Trees::all`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -29,10 +32,11 @@ pub enum TreeId {
     DeviceCursor,
     UserConvState,
     Groups,
+    UserMinCursor,
 }
 
 /// The trees' names, in [`TreeId`] order.
-pub const TREES: [&str; 11] = [
+pub const TREES: [&str; 12] = [
     "meta",
     "users",
     "tokens",
@@ -44,6 +48,7 @@ pub const TREES: [&str; 11] = [
     "device_cursor",
     "user_conv_state",
     "groups",
+    "user_min_cursor",
 ];
 
 /// `meta` key of the applied index.

@@ -613,6 +613,26 @@ fn sync_dir(dir: &Path) -> Result<(), WalError> {
     Ok(())
 }
 
+/// Starts an empty log in `dir` whose first entry will be `next_index` (a header-only segment
+/// named after it, fsync'd with its directory). For a state restored from a backup at
+/// `next_index - 1`. Refuses a directory that already holds segments.
+pub fn create_empty_at(dir: &Path, next_index: u64) -> Result<(), WalError> {
+    let io = |path: &Path, source| WalError::Io { path: path.to_owned(), source };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let has_segments = std::fs::read_dir(dir)
+        .map_err(|e| io(dir, e))?
+        .filter_map(Result::ok)
+        .any(|e| e.path().extension().is_some_and(|x| x == SEGMENT_EXT));
+    if has_segments {
+        return Err(io(dir, std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the log already has segments")));
+    }
+    let path = dir.join(format!("{next_index:020}.{SEGMENT_EXT}"));
+    let mut f = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
+    std::io::Write::write_all(&mut f, &HEADER).map_err(|e| io(&path, e))?;
+    f.sync_all().map_err(|e| io(&path, e))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))
+}
+
 /// Checks the log in `dir` read-only, exactly as [`Wal::open`] would, without repairing
 /// anything: the returned report's `torn_tail_bytes` is what `open` would cut.
 ///

@@ -1,0 +1,220 @@
+//! `parley admin ...`: administration on a data directory, without a client.
+//!
+//! Every command takes the data directory's lock and refuses to run while a server holds it
+//! (a running server takes backups through `POST /v1/admin/backup`). Writes go through the
+//! write-ahead log like any other command (append, fsync, apply).
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use argon2::password_hash::{PasswordHasher, SaltString};
+use clap::Subcommand;
+
+use crate::config::Config;
+use crate::protocol::ids::valid_user_id;
+use crate::storage::records::{decode, Command, UserRecord};
+use crate::storage::trees::TreeId;
+use crate::storage::{self, Outcome, Refusal};
+
+/// The admin subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Manage users.
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Counts: users, conversations, messages, log and sled sizes.
+    Stats,
+    /// Check every log record's CRC and that the state matches a replay of the log.
+    Verify,
+    /// Write a consistent snapshot into DIR (which must not exist or be empty).
+    Backup { dir: PathBuf },
+    /// Replace the data directory by the backup in DIR (the data directory must be empty
+    /// unless --force, which moves it aside to DATA.replaced-<unix time>).
+    Restore {
+        dir: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `parley admin user ...`.
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Create a user; the password is read from --password or the first line of stdin.
+    Add {
+        user: String,
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// List users.
+    List,
+    /// Delete a user: tokens revoked, groups left; the id is never given out again.
+    Delete { user: String },
+    /// Set a new password (from --password or stdin) and revoke every token of the user.
+    ResetPassword {
+        user: String,
+        #[arg(long)]
+        password: Option<String>,
+    },
+}
+
+/// Runs an admin command on `data`.
+pub fn run(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
+    match cmd {
+        AdminCmd::Verify => {
+            let r = storage::verify(data, cfg.storage.cache_bytes)?;
+            println!(
+                "log: {} entries in {} segments{}; state applied up to {}; replay compared: {}",
+                r.log_entries,
+                r.log_segments,
+                if r.torn_tail_bytes > 0 { format!(" (a torn tail of {} bytes will be cut at start)", r.torn_tail_bytes) } else { String::new() },
+                r.applied,
+                if r.replay_compared { "yes, identical" } else { "no (the log does not start at entry 1: checkpointed or restored; invariant checks only)" }
+            );
+            if r.problems.is_empty() {
+                println!("verify: OK");
+                Ok(())
+            } else {
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                bail!("verify: {} problems", r.problems.len())
+            }
+        }
+        AdminCmd::Restore { dir, force } => restore(data, &dir, force),
+        cmd => {
+            let opened = storage::open(data, cfg.storage.segment_bytes, cfg.storage.cache_bytes)?;
+            let (state, mut wal) = (opened.state, opened.wal);
+            match cmd {
+                AdminCmd::Stats => {
+                    let (users, convs, messages) = state.counts();
+                    let groups = state.db().open_tree("groups")?.len();
+                    println!("users: {users}");
+                    println!("conversations: {convs}");
+                    println!("groups: {groups}");
+                    println!("messages: {messages}");
+                    println!("applied index: {}", state.applied());
+                    println!("log: {} bytes in {} segments (entries {:?}..={})", wal.size_bytes(), wal.segment_count(), wal.first_index(), wal.last_index());
+                    println!("state (sled): {} bytes", state.size_on_disk());
+                    Ok(())
+                }
+                AdminCmd::Backup { dir } => {
+                    let applied = state.backup_to(&dir)?;
+                    println!("backup of applied index {applied} written to {}", dir.display());
+                    Ok(())
+                }
+                AdminCmd::User { cmd } => user(cfg, &state, &mut wal, cmd),
+                AdminCmd::Verify | AdminCmd::Restore { .. } => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: UserCmd) -> anyhow::Result<()> {
+    let commit = |wal: &mut storage::wal::Wal, c: Command| -> anyhow::Result<Outcome> {
+        Ok(storage::commit_offline(state, wal, vec![c])?.into_iter().next().context("no outcome")?)
+    };
+    match cmd {
+        UserCmd::List => {
+            let tree = state.db().open_tree(crate::storage::trees::TREES[TreeId::Users as usize])?;
+            for kv in tree.iter() {
+                let (k, v) = kv?;
+                let u: UserRecord = decode(&v)?;
+                println!("{}\tcreated_ms={}{}", String::from_utf8_lossy(&k), u.created, if u.deleted { "\tdeleted" } else { "" });
+            }
+            Ok(())
+        }
+        UserCmd::Add { user, password } => {
+            if !valid_user_id(&user) {
+                bail!("user must be 1-32 chars of a-z 0-9 _ . -, starting with a letter or digit");
+            }
+            let password_hash = hash(cfg, &password_or_stdin(password)?)?;
+            match commit(wal, Command::Register { user: user.clone(), password_hash })? {
+                Outcome::Done => Ok(println!("user {user} added")),
+                Outcome::Refused(Refusal::UserExists) => bail!("user {user} exists"),
+                o => bail!("unexpected outcome {o:?}"),
+            }
+        }
+        UserCmd::Delete { user } => match commit(wal, Command::DeleteUser { user: user.clone() })? {
+            Outcome::Done => Ok(println!("user {user} deleted")),
+            Outcome::Refused(_) => bail!("no user {user}"),
+            o => bail!("unexpected outcome {o:?}"),
+        },
+        UserCmd::ResetPassword { user, password } => {
+            let password_hash = hash(cfg, &password_or_stdin(password)?)?;
+            match commit(wal, Command::SetPassword { user: user.clone(), password_hash })? {
+                Outcome::Done => Ok(println!("password of {user} reset; its tokens are revoked")),
+                Outcome::Refused(_) => bail!("no user {user}"),
+                o => bail!("unexpected outcome {o:?}"),
+            }
+        }
+    }
+}
+
+fn password_or_stdin(p: Option<String>) -> anyhow::Result<String> {
+    let p = match p {
+        Some(p) => p,
+        None => std::io::stdin().lock().lines().next().context("no password on stdin")??,
+    };
+    if !crate::http::auth::PASSWORD_BYTES.contains(&p.len()) {
+        bail!("password must be 8-256 bytes");
+    }
+    Ok(p)
+}
+
+fn hash(cfg: &Config, password: &str) -> anyhow::Result<String> {
+    let a = &cfg.auth;
+    let params = argon2::Params::new(a.argon2_memory_kib, a.argon2_iterations, a.argon2_parallelism, None)
+        .map_err(|e| anyhow::anyhow!("argon2 parameters: {e}"))?;
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::generate(&mut rand::thread_rng());
+    Ok(argon.hash_password(password.as_bytes(), &salt).map_err(|e| anyhow::anyhow!("hashing: {e}"))?.to_string())
+}
+
+fn restore(data: &Path, backup: &Path, force: bool) -> anyhow::Result<()> {
+    if !backup.join("BACKUP.json").exists() || !backup.join("state").is_dir() {
+        bail!("{} is not a parley backup (no BACKUP.json and state/)", backup.display());
+    }
+    let in_use = data.exists() && std::fs::read_dir(data)?.next().is_some();
+    if in_use {
+        // Refuses while a server runs, before touching anything.
+        let lock = storage::DataLock::acquire(data)?;
+        if !force {
+            bail!("{} is not empty; pass --force to move it aside and restore", data.display());
+        }
+        drop(lock);
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        let aside = PathBuf::from(format!("{}.replaced-{secs}", data.display()));
+        std::fs::rename(data, &aside).with_context(|| format!("moving {} aside", data.display()))?;
+        println!("moved the old data directory to {}", aside.display());
+    }
+    std::fs::create_dir_all(data)?;
+    copy_dir(&backup.join("state"), &data.join("state"))?;
+    copy_dir(&backup.join("wal"), &data.join("wal"))?;
+    let opened = storage::open(data, u64::MAX, 64 << 20)?;
+    let problems = opened.state.check_invariants()?;
+    if !problems.is_empty() {
+        bail!("restored state has problems: {problems:?}");
+    }
+    println!("restored {} (applied index {}) into {}", backup.display(), opened.state.applied(), data.display());
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let dst = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &dst)?;
+        } else {
+            std::fs::copy(e.path(), &dst)?;
+            std::fs::File::open(&dst)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(to)?.sync_all()?;
+    Ok(())
+}
