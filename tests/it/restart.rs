@@ -7,9 +7,18 @@ use parley::protocol::{ClientFrame, ServerFrame};
 
 use crate::common::{dialog, http, Client, Server, TestDir};
 
-/// SIGTERM; both clients must get `goaway` and then close 1001; the process must exit 0.
+/// SIGTERM; every client must get `goaway` and then close 1001; the process must exit 0.
 async fn stop_gracefully(srv: &mut Server, clients: Vec<Client>) {
+    stop_gracefully_with(srv, clients, None).await
+}
+
+/// [`stop_gracefully`], with a socket that has not said `hello`: it must get close 1001.
+async fn stop_gracefully_with(srv: &mut Server, clients: Vec<Client>, silent: Option<&mut Client>) {
     srv.sigterm();
+    if let Some(c) = silent {
+        let (frames, code) = c.until_closed().await;
+        assert_eq!(code, Some(close::GOING_AWAY), "a socket without hello at shutdown; frames: {frames:?}");
+    }
     for mut c in clients {
         let (frames, code) = c.until_closed().await;
         let goaway = frames.iter().position(|f| matches!(f, ServerFrame::Goaway { .. }));
@@ -89,4 +98,21 @@ async fn sigterm_then_restart_keeps_everything_and_continues_the_sequences() {
     assert_eq!(h.iter().map(|m| m.body.clone()).collect::<Vec<_>>(), t);
     let report = srv.recovery_report();
     assert_eq!(report["torn_tail_bytes"], 0, "a graceful stop leaves no torn tail: {report}");
+}
+
+/// A socket that has not said `hello` yet must not hold up a graceful shutdown: it is closed with
+/// 1001 like the others (it has no encoding yet, so no `goaway`), and the server exits promptly.
+/// Here the hello timeout (60 s) and the shutdown deadline (30 s) are both longer than the wait
+/// for the exit ([`T`](crate::common::T), 20 s), so only a prompt close passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "server bug: sockets that have not said hello get no goaway/1001 at SIGTERM; shutdown waits for them until shutdown_timeout_ms (or their hello timeout closes them with 4002)"]
+async fn sigterm_does_not_wait_for_sockets_that_have_not_said_hello() {
+    let dir = TestDir::new();
+    let env = [("PARLEY__SESSION__HELLO_TIMEOUT_MS", "60000"), ("PARLEY__SERVER__SHUTDOWN_TIMEOUT_MS", "30000")];
+    let mut srv = Server::start_with(&dir, &env).await;
+    let a = srv.user("alice").await;
+    let alice = srv.connect(&a, None).await.client;
+    let mut silent = Client::open_raw(srv.addr, parley::protocol::Encoding::Json).await.expect("connect");
+    // The upgrade is done when open_raw returns; the server counts the socket from then on.
+    stop_gracefully_with(&mut srv, vec![alice], Some(&mut silent)).await;
 }
