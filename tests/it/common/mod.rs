@@ -637,8 +637,9 @@ impl Client {
     }
 
     /// Every message of `conv`, read newest first in pages of 200 with `before`, checked page by
-    /// page: ascending, contiguous seqs, `more` exactly when older messages exist. Returned in
-    /// ascending seq order.
+    /// page: ascending, contiguous seqs, full pages while older messages exist, `more` exactly
+    /// when they do. Returned in ascending seq order, which must be 1..N (the reader must see
+    /// the whole conversation).
     pub async fn history_all(&mut self, conv: &str) -> Vec<MessageView> {
         let mut pages: Vec<Vec<MessageView>> = Vec::new();
         let mut before = None;
@@ -663,11 +664,11 @@ impl Client {
             match first {
                 Some(s) if s > 1 => {
                     assert!(more, "history of {conv}: seq {s} is the oldest of a page but more=false");
+                    assert!(full, "history of {conv}: a short page (oldest seq {s}) while older messages exist");
                     before = Some(s);
                 }
                 _ => {
                     assert!(!more, "history of {conv}: more=true on a page reaching seq 1 (or empty)");
-                    let _ = full;
                     break;
                 }
             }
