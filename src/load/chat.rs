@@ -725,11 +725,14 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let mut engine = Engine::start(&ctx.target, &accounts, dialogs, cfg, stats.clone()).await?;
     let connect_s = t_conn.elapsed().as_secs_f64();
     ctx.progress(&format!("setup: {users} users registered and logged in in {setup_s:.1} s, connected and synced in {connect_s:.2} s"));
+    let server_pid = super::procfs::listener_pid(ctx.target.addr.port());
+    let cpu0 = super::procfs::CpuSample::now(server_pid);
     engine.go();
     let t_run = Instant::now();
     let rates = progress(ctx, &engine, secs, "").await;
     engine.stop_sending();
     let run_s = t_run.elapsed().as_secs_f64();
+    let (cpu_line, cpu_json) = super::procfs::cpu_report(super::procfs::CpuSample::now(server_pid).since(&cpu0));
     let t_drain = Instant::now();
     let drained = engine.drain(DRAIN).await;
     let drain_s = t_drain.elapsed().as_secs_f64();
@@ -746,6 +749,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
          \x20 ack latency       {}\n\
          \x20 delivery latency  {}\n\
          \x20 errors: {}   retries {}   skipped ticks {}\n\
+         \x20 cpu while sending: {}\n\
          \x20 integrity: {}",
         if drained { "" } else { ", NOT drained" },
         stats::thousands(sent),
@@ -762,6 +766,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
         stats.errors_line(),
         Stats::load(&stats.retries),
         Stats::load(&stats.skipped),
+        cpu_line,
         verdict.line()
     );
     if rate_limited > 0 {
@@ -791,6 +796,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
         "errors": stats.errors_json(),
         "retries": Stats::load(&stats.retries),
         "skipped_ticks": Stats::load(&stats.skipped),
+        "cpu": cpu_json,
         "integrity": verdict.json(),
     });
     Ok(super::Outcome { human, json, ok: verdict.ok() && drained })

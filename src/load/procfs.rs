@@ -117,6 +117,70 @@ pub fn raise_nofile(want: u64) -> u64 {
     }
 }
 
+/// CPU time of a process (user + system), in clock ticks.
+pub fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Busy CPU time of the whole machine (all CPUs, neither idle nor waiting for I/O), in ticks.
+pub fn machine_busy_ticks() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let l = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = v.iter().take(8).sum();
+    Some(total - v.get(3)? - v.get(4)?)
+}
+
+/// Where the CPU went between two [`CpuSample`]s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSample {
+    at: Option<std::time::Instant>,
+    machine: Option<u64>,
+    me: Option<u64>,
+    server: Option<u64>,
+}
+
+impl CpuSample {
+    /// Reads the machine's, this process's and the server's (when known) CPU time now.
+    pub fn now(server: Option<u32>) -> CpuSample {
+        CpuSample {
+            at: Some(std::time::Instant::now()),
+            machine: machine_busy_ticks(),
+            me: proc_cpu_ticks(std::process::id()),
+            server: server.and_then(proc_cpu_ticks),
+        }
+    }
+
+    /// Cores used since `earlier`: (server, this client, everything else on the machine).
+    pub fn since(&self, earlier: &CpuSample) -> (Option<f64>, Option<f64>, Option<f64>) {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let secs = match (self.at, earlier.at) {
+            (Some(a), Some(b)) => a.duration_since(b).as_secs_f64().max(1e-3),
+            _ => return (None, None, None),
+        };
+        let d = |a: Option<u64>, b: Option<u64>| Some(a?.saturating_sub(b?) as f64 / hz / secs);
+        let (server, me, all) = (d(self.server, earlier.server), d(self.me, earlier.me), d(self.machine, earlier.machine));
+        let other = all.map(|a| (a - server.unwrap_or(0.0) - me.unwrap_or(0.0)).max(0.0));
+        (server, me, other)
+    }
+}
+
+/// `server 1.20, this client 0.60, other processes 0.05 cores` and its JSON.
+pub fn cpu_report(used: (Option<f64>, Option<f64>, Option<f64>)) -> (String, serde_json::Value) {
+    let f = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.2}"));
+    (
+        format!("server {}, this client {}, other processes {} (cores)", f(used.0), f(used.1), f(used.2)),
+        serde_json::json!({ "server_cores": used.0, "client_cores": used.1, "other_cores": used.2 }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +191,16 @@ mod tests {
         assert_eq!(kib_field(t, "VmRSS"), Some(1024));
         assert_eq!(kib_field(t, "VmHWM"), Some(2048));
         assert_eq!(kib_field(t, "Vm"), None);
+    }
+
+    #[test]
+    fn reads_cpu_times() {
+        assert!(proc_cpu_ticks(std::process::id()).is_some());
+        assert!(machine_busy_ticks().is_some());
+        let a = CpuSample::now(None);
+        let b = CpuSample::now(None);
+        let (server, me, other) = b.since(&a);
+        assert!(server.is_none() && me.is_some() && other.is_some());
     }
 
     #[test]

@@ -30,6 +30,8 @@ struct Step {
     errors: u64,
     held: bool,
     why: String,
+    /// Cores used during the step: (server, this client, other processes).
+    cpu: (Option<f64>, Option<f64>, Option<f64>),
 }
 
 /// Pause between steps so that one step's queues do not spill into the next.
@@ -63,6 +65,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     };
     let stats = Arc::new(Stats::new());
     let mut engine = Engine::start(&ctx.target, &accounts, dialogs, cfg, stats.clone()).await?;
+    let server_pid = super::procfs::listener_pid(ctx.target.addr.port());
     engine.go();
     let t0 = Instant::now();
     let mut steps: Vec<Step> = Vec::new();
@@ -70,7 +73,9 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let mut per_user = start;
     while t0.elapsed().as_secs_f64() + step_s <= budget {
         let offered = per_user * users as f64;
-        let s = step(ctx, &engine, &rate_milli, per_user, offered, step_s, bound_us).await;
+        let cpu0 = super::procfs::CpuSample::now(server_pid);
+        let mut s = step(ctx, &engine, &rate_milli, per_user, offered, step_s, bound_us).await;
+        s.cpu = super::procfs::CpuSample::now(server_pid).since(&cpu0);
         ctx.progress(&format!(
             "ramp: {:.0} msg/s offered -> {:.0} acked/s, ack p99 {} ms: {}",
             s.offered,
@@ -100,10 +105,10 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let verdict = engine.finish().await;
     let best = steps.iter().filter(|s| s.held).max_by(|x, y| x.offered.total_cmp(&y.offered));
     let mut human = format!("ramp: {users} users, p99 ack bound {} ms, {step_s} s steps\n", a.p99_bound_ms);
-    human.push_str("  offered/s   acked/s  delivered/s  ack p50  ack p99  dlv p99  backlog  result\n");
+    human.push_str("  offered/s   acked/s  delivered/s  ack p50  ack p99  dlv p99  backlog  cpu srv/cli/other  result\n");
     for s in &steps {
         human.push_str(&format!(
-            "  {:>9.0}  {:>8.0}  {:>11.0}  {:>7}  {:>7}  {:>7}  {:>7}  {}\n",
+            "  {:>9.0}  {:>8.0}  {:>11.0}  {:>7}  {:>7}  {:>7}  {:>7}  {:>17}  {}\n",
             s.offered,
             s.acked,
             s.delivered,
@@ -111,6 +116,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
             stats::ms(s.ack_p99_us),
             stats::ms(s.delivery_p99_us),
             s.backlog,
+            format!("{:.2}/{:.2}/{:.2}", s.cpu.0.unwrap_or(f64::NAN), s.cpu.1.unwrap_or(f64::NAN), s.cpu.2.unwrap_or(f64::NAN)),
             if s.held { "held".to_owned() } else { format!("failed: {}", s.why) }
         ));
     }
@@ -134,6 +140,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
             "ack_p50_ms": s.ack_p50_us as f64 / 1000.0, "ack_p99_ms": s.ack_p99_us as f64 / 1000.0,
             "delivery_p99_ms": s.delivery_p99_us as f64 / 1000.0, "backlog": s.backlog,
             "skipped_ticks": s.skipped, "errors": s.errors, "held": s.held, "why": s.why,
+            "cpu": super::procfs::cpu_report(s.cpu).1,
         })).collect::<Vec<_>>(),
         "highest_sustained": best.map(|b| json!({"offered_per_s": b.offered, "acked_per_s": b.acked, "ack_p99_ms": b.ack_p99_us as f64 / 1000.0})),
         "ack_latency": stats::summary(&stats.ack.lock().total),
@@ -182,5 +189,5 @@ async fn step(ctx: &super::Ctx, engine: &Engine, rate_milli: &AtomicU64, per_use
     if skipped > 0 {
         why.push(format!("{skipped} sends skipped (too many in flight or client behind)"));
     }
-    Step { offered, acked, delivered, ack_p50_us, ack_p99_us, delivery_p99_us, backlog, skipped, errors, held: why.is_empty(), why: why.join("; ") }
+    Step { offered, acked, delivered, ack_p50_us, ack_p99_us, delivery_p99_us, backlog, skipped, errors, held: why.is_empty(), why: why.join("; "), cpu: (None, None, None) }
 }
