@@ -11,7 +11,6 @@ use actix_web::{web, App, HttpServer};
 use dashmap::DashMap;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::actors::messages::GoawayAll;
 use crate::actors::presence::{PresenceFlusher, PresenceHub};
 use crate::actors::registry::{Deliverer, Online, Registry};
 use crate::config::Config;
@@ -29,6 +28,8 @@ pub struct Shared {
     pub registry: Addr<Registry>,
     /// Online devices, read directly.
     pub online: Online,
+    /// Every open socket's session (authenticated or not), for `goaway` at shutdown.
+    pub sessions: DashMap<u64, actix::Recipient<crate::actors::messages::Kick>>,
     pub presence: Arc<PresenceHub>,
     /// Open sockets (any state).
     pub sockets: AtomicUsize,
@@ -104,6 +105,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         state: state.clone(),
         registry: registry.clone(),
         online,
+        sessions: DashMap::new(),
         presence,
         sockets: AtomicUsize::new(0),
         next_session: AtomicU64::new(1),
@@ -138,7 +140,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     shared.draining.store(true, Ordering::Relaxed);
     let deadline = Duration::from_millis(cfg.server.shutdown_timeout_ms);
     let window = deadline.as_millis() as u64 / 2;
-    let _ = registry.send(GoawayAll { window_ms: window }).await;
+    goaway_all(&shared, window);
     let t0 = Instant::now();
     while shared.sockets.load(Ordering::Relaxed) > 0 && t0.elapsed() < deadline {
         actix_rt::time::sleep(Duration::from_millis(20)).await;
@@ -198,4 +200,23 @@ fn start_retention(cfg: &Config, pipeline: &Pipeline) {
             tracing::info!(deleted = total, mode = %r.mode, "retention pass");
         }
     });
+}
+
+/// Sends every open socket (authenticated or not) `goaway` with a reconnect delay drawn from
+/// `0..window_ms`, then closes it with 1001: the clients' reconnect storm is spread over the
+/// window. Returns how many sockets were told.
+fn goaway_all(shared: &Shared, window_ms: u64) -> usize {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    let mut n = 0;
+    for e in shared.sessions.iter() {
+        let delay = if window_ms == 0 { 0 } else { rng.gen_range(0..window_ms) };
+        e.value().do_send(crate::actors::messages::Kick {
+            code: crate::protocol::close::GOING_AWAY,
+            reason: "server shutting down",
+            goaway_ms: Some(delay),
+        });
+        n += 1;
+    }
+    n
 }

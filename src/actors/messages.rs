@@ -59,10 +59,3 @@ pub struct Disconnect {
     pub user: String,
     pub session: u64,
 }
-
-/// Server → Registry: send `goaway` to every session, spread over `window_ms`, then close them.
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct GoawayAll {
-    pub window_ms: u64,
-}

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use dashmap::DashMap;
-use rand::Rng;
 
 use super::messages::*;
 use super::presence::PresenceHub;
@@ -73,22 +72,6 @@ impl Handler<Disconnect> for Registry {
             self.online.remove_if(&m.user, |_, v| v.is_empty());
             self.presence.set_offline(&m.user, &self.online);
         }
-    }
-}
-
-impl Handler<GoawayAll> for Registry {
-    type Result = usize;
-    fn handle(&mut self, m: GoawayAll, _: &mut Context<Self>) -> usize {
-        let mut rng = rand::thread_rng();
-        let mut n = 0;
-        for e in self.online.iter() {
-            for c in e.value() {
-                let delay = if m.window_ms == 0 { 0 } else { rng.gen_range(0..m.window_ms) };
-                c.kick.do_send(Kick { code: crate::protocol::close::GOING_AWAY, reason: "server shutting down", goaway_ms: Some(delay) });
-                n += 1;
-            }
-        }
-        n
     }
 }
 

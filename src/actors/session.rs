@@ -21,7 +21,7 @@
 //! session's state from storage (its durable cursor) and resyncs the device on the same socket;
 //! more than `restart_intensity` restarts within `restart_period_ms` closes with 1011.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -143,6 +143,22 @@ pub async fn writer(mut ws: actix_ws::Session, wire: Wire) {
     }
 }
 
+/// A write waiting for its outcome.
+struct PendingWrite {
+    rid: Option<String>,
+    id: Option<String>,
+    /// Answer `result` on success (group requests).
+    reply_done: bool,
+    /// When the request was submitted (ack latency).
+    t0: Instant,
+}
+
+/// A reply that is ready but may have to wait for earlier ones.
+enum Ready {
+    Outcome(Result<Outcome, PipelineError>, PendingWrite),
+    Frame(ServerFrame),
+}
+
 /// The authenticated identity of a session.
 #[derive(Clone)]
 struct Authed {
@@ -174,6 +190,12 @@ pub struct Session {
     cursor_sent: u64,
     /// Writes submitted and not yet answered.
     inflight: usize,
+    /// Replies are sent in request order (the commit thread answers in order, but actix polls
+    /// spawned futures in no particular order): the next number to give a reply, the next one to
+    /// send, and the replies that arrived early.
+    next_write: u64,
+    next_reply: u64,
+    early: BTreeMap<u64, Ready>,
     /// Requests waiting for `inflight` to drop to 0 (reads) or for the requests before them.
     deferred: VecDeque<Request>,
     /// A fragmented message being reassembled: (is text, bytes so far).
@@ -205,6 +227,9 @@ impl Session {
             waiting_room: false,
             cursor_sent: 0,
             inflight: 0,
+            next_write: 0,
+            next_reply: 0,
+            early: BTreeMap::new(),
             deferred: VecDeque::new(),
             frag: None,
             restarts: VecDeque::new(),
@@ -261,7 +286,35 @@ impl Session {
     }
 
     fn error(&mut self, code: ErrorCode, msg: impl Into<String>, rid: Option<String>, id: Option<String>, ctx: &mut Context<Self>) {
-        self.send(&ServerFrame::error(code, msg, rid, id), ctx);
+        self.reply(ServerFrame::error(code, msg, rid, id), ctx);
+    }
+
+    /// Sends a reply after the replies to earlier requests of this socket.
+    fn reply(&mut self, f: ServerFrame, ctx: &mut Context<Self>) {
+        if self.inflight == 0 {
+            self.send(&f, ctx);
+        } else {
+            let k = self.next_write;
+            self.next_write += 1;
+            self.inflight += 1;
+            self.early.insert(k, Ready::Frame(f));
+            self.flush_replies(ctx);
+        }
+    }
+
+    /// Sends the replies whose turn has come, then runs deferred requests.
+    fn flush_replies(&mut self, ctx: &mut Context<Self>) {
+        while let Some(r) = self.early.remove(&self.next_reply) {
+            self.next_reply += 1;
+            self.inflight -= 1;
+            match r {
+                Ready::Frame(f) => {
+                    self.send(&f, ctx);
+                }
+                Ready::Outcome(res, w) => self.finish_write(res, w, ctx),
+            }
+        }
+        self.drain_deferred(ctx);
     }
 
     /// Whether a frame of `n` bytes fits in the outbound queue now.
@@ -560,7 +613,7 @@ impl Session {
         match self.shared.state.dedup(&me.user, &id) {
             Ok(Some(a)) => {
                 metrics::counter!("parley_duplicate_sends_total").increment(1);
-                self.send(&ServerFrame::Ack { rid, id, conv: a.conv, seq: a.seq, ts: a.ts }, ctx);
+                self.reply(ServerFrame::Ack { rid, id, conv: a.conv, seq: a.seq, ts: a.ts }, ctx);
                 return;
             }
             Ok(None) => {}
@@ -581,44 +634,50 @@ impl Session {
         self.write(cmd, rid, Some(id), ctx);
     }
 
-    /// Submits a write; answers when it is durable and applied.
+    /// Submits a write; answers (in request order) when it is durable and applied.
     fn write(&mut self, cmd: Command, rid: Option<String>, id: Option<String>, ctx: &mut Context<Self>) {
         // Group requests answer `result` on success; `received` and `read` stay silent.
         let reply_done = matches!(cmd, Command::GroupAdd { .. } | Command::GroupRemove { .. } | Command::GroupLeave { .. });
-        let t0 = Instant::now();
+        let w = PendingWrite { rid, id, reply_done, t0: Instant::now() };
         let rx = match self.shared.pipeline.submit(cmd) {
             Ok(rx) => rx,
-            Err(e) => return self.pipeline_error(e, rid, id, ctx),
+            Err(e) => return self.pipeline_error(e, w.rid, w.id, ctx),
         };
+        let k = self.next_write;
+        self.next_write += 1;
         self.inflight += 1;
         ctx.spawn(rx.into_actor(self).map(move |res, act, ctx| {
-            act.inflight -= 1;
-            match res.unwrap_or(Err(PipelineError::Unavailable)) {
-                Ok(Outcome::Sent { conv, seq, ts, duplicate }) => {
-                    if duplicate {
-                        metrics::counter!("parley_duplicate_sends_total").increment(1);
-                    } else {
-                        metrics::counter!("parley_messages_acked_total").increment(1);
-                        metrics::histogram!("parley_ack_latency_seconds").record(t0.elapsed().as_secs_f64());
-                    }
-                    let id = id.unwrap_or_default();
-                    act.send(&ServerFrame::Ack { rid, id, conv, seq, ts }, ctx);
-                }
-                Ok(Outcome::GroupCreated { group }) => {
-                    act.send(&ServerFrame::Result { rid, group: Some(group), name: None, members: None, admins: None }, ctx);
-                }
-                Ok(Outcome::Done) => {
-                    if reply_done {
-                        act.send(&ServerFrame::Result { rid, group: None, name: None, members: None, admins: None }, ctx);
-                    }
-                }
-                Ok(Outcome::Refused(r)) => act.refused(r, rid, id, ctx),
-                // Sessions never submit purges.
-                Ok(Outcome::Purged { .. }) => {}
-                Err(e) => act.pipeline_error(e, rid, id, ctx),
-            }
-            act.drain_deferred(ctx);
+            act.early.insert(k, Ready::Outcome(res.unwrap_or(Err(PipelineError::Unavailable)), w));
+            act.flush_replies(ctx);
         }));
+    }
+
+    fn finish_write(&mut self, res: Result<Outcome, PipelineError>, w: PendingWrite, ctx: &mut Context<Self>) {
+        let PendingWrite { rid, id, reply_done, t0 } = w;
+        match res {
+            Ok(Outcome::Sent { conv, seq, ts, duplicate }) => {
+                if duplicate {
+                    metrics::counter!("parley_duplicate_sends_total").increment(1);
+                } else {
+                    metrics::counter!("parley_messages_acked_total").increment(1);
+                    metrics::histogram!("parley_ack_latency_seconds").record(t0.elapsed().as_secs_f64());
+                }
+                let id = id.unwrap_or_default();
+                self.send(&ServerFrame::Ack { rid, id, conv, seq, ts }, ctx);
+            }
+            Ok(Outcome::GroupCreated { group }) => {
+                self.send(&ServerFrame::Result { rid, group: Some(group), name: None, members: None, admins: None }, ctx);
+            }
+            Ok(Outcome::Done) => {
+                if reply_done {
+                    self.send(&ServerFrame::Result { rid, group: None, name: None, members: None, admins: None }, ctx);
+                }
+            }
+            Ok(Outcome::Refused(r)) => self.refused(r, rid, id, ctx),
+            // Sessions never submit purges.
+            Ok(Outcome::Purged { .. }) => {}
+            Err(e) => self.pipeline_error(e, rid, id, ctx),
+        }
     }
 
     fn refused(&mut self, r: Refusal, rid: Option<String>, id: Option<String>, ctx: &mut Context<Self>) {
@@ -847,6 +906,7 @@ impl Actor for Session {
     fn started(&mut self, ctx: &mut Self::Context) {
         metrics::gauge!("parley_sockets_open").increment(1.0);
         self.shared.sockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.sessions.insert(self.id, ctx.address().recipient());
         let hello = self.shared.cfg.hello_timeout();
         ctx.run_later(hello, |act, ctx| {
             if act.auth.is_none() {
@@ -873,6 +933,7 @@ impl Actor for Session {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         metrics::gauge!("parley_sockets_open").decrement(1.0);
         self.shared.sockets.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.sessions.remove(&self.id);
         if !self.watching.is_empty() {
             self.shared.presence.unwatch(self.id, &self.watching);
         }
