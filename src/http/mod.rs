@@ -3,6 +3,9 @@
 
 pub mod auth;
 pub mod metrics;
+/// The web client (`web/`); named apart from actix's `web` module, which this file uses.
+#[path = "web.rs"]
+pub mod web_client;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,7 +53,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/healthz", web::get().to(healthz))
         .route("/v1/ws", web::get().to(ws))
         .route("/metrics", web::get().to(metrics::render))
-        .route("/", web::get().to(index))
+        .configure(web_client::routes)
         .default_service(web::to(|| async { error(ErrorCode::NotFound, "no such path") }));
 }
 
@@ -95,14 +98,6 @@ async fn healthz(s: web::Data<Arc<Shared>>) -> HttpResponse {
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     }
-}
-
-/// `GET /`: a placeholder page until the web client lands.
-async fn index() -> HttpResponse {
-    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(
-        "<!doctype html><meta charset=utf-8><title>parley</title><h1>parley</h1>\
-         <p>A messaging server. Clients connect to <code>/v1/ws</code>; see docs/protocol.md.</p>",
-    )
 }
 
 /// `GET /v1/ws`: the WebSocket upgrade; starts a [`Session`] and its writer task.
