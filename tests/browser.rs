@@ -636,6 +636,7 @@ async fn web_client_in_headless_chromium() {
     let (Some(at), Some(ms)) = (at, ms) else { panic!("bob's page got no goaway: {ws}") };
     let first = ws["opens"].as_array().and_then(|o| o.first()).and_then(Value::as_f64).expect("bob reconnected");
     assert!(first >= at + ms, "bob's client waited the goaway's retry_after_ms ({ms} ms) before reconnecting: {ws}");
+    step(t0, &format!("bob reconnected {:.0} ms after a goaway with retry_after_ms {ms}", first - at));
     wait_tick(&bob, "bob", &b.hebrew[2], "sent").await;
     alice.goto(&url).await.expect("alice reopens the client");
     wait_online(&alice, "alice (reopened)").await;
