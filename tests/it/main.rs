@@ -8,6 +8,8 @@
 //! - [`binary`]: the postcard encoding end to end.
 //! - [`crash`]: concurrent traffic, repeated `kill -9`, a torn log tail; nothing acked is lost.
 //! - [`config`]: a bad setting stops start-up with an error naming the key.
+//! - [`overload`]: rate limits, slow consumers, heartbeats, admission, supervision, storage faults.
+//! - [`ops`]: `parley admin`, backup and restore, retention, metrics, logs.
 
 mod common;
 
@@ -16,4 +18,6 @@ mod config;
 mod crash;
 mod cursors;
 mod delivery;
+mod ops;
+mod overload;
 mod restart;
