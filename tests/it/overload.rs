@@ -1151,10 +1151,12 @@ async fn storage_faults_answer_unavailable_then_the_server_recovers_by_itself() 
                 seen_503.get_or_insert(t0.elapsed());
             }
             (200, true) => break,
-            (200, false) => panic!("healthz is 200 before any 503 was seen while storage fails ({:?})", t0.elapsed()),
+            // The commit thread answers the failed batch just before it marks storage unhealthy:
+            // a health check in that instant still says ok. The 503 must come (within ~1.5 s).
+            (200, false) => {}
             (st, _) => panic!("healthz {st}: {body}"),
         }
-        assert!(t0.elapsed() < T, "storage did not recover within {T:?}");
+        assert!(t0.elapsed() < T, "within {T:?}: healthz never said 503 while storage failed, or storage did not recover (503 seen at {seen_503:?})");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     println!("storage fault: healthz 503 seen at {:?}, 200 again after {:?}", seen_503, t0.elapsed());
