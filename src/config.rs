@@ -162,6 +162,10 @@ pub struct SessionConfig {
     pub outbound_queue_frames: usize,
     /// Outbound queue, bytes.
     pub outbound_queue_bytes: usize,
+    /// Slow-consumer timeout, ms.
+    pub slow_consumer_timeout_ms: u64,
+    /// Close-frame wait after a 4008, ms.
+    pub slow_close_wait_ms: u64,
     /// Ping interval, ms.
     pub ping_interval_ms: u64,
     /// Pong timeout, ms.
@@ -273,6 +277,9 @@ impl Config {
         }
         if !(self.limits.send_burst >= 1.0) {
             return bad("limits.send_burst", "must be at least 1");
+        }
+        if self.session.slow_consumer_timeout_ms == 0 {
+            return bad("session.slow_consumer_timeout_ms", "must be at least 1");
         }
         if self.session.outbound_queue_bytes < self.session.max_frame_bytes {
             return bad("session.outbound_queue_bytes", "must be at least session.max_frame_bytes");

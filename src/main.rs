@@ -79,7 +79,10 @@ fn main() -> anyhow::Result<()> {
             init_tracing(&cfg);
             let addr = cfg.listen_addr()?;
             let listener = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-            actix_rt::System::new().block_on(parley::server::run(cfg, listener, shutdown_signal()))
+            actix_rt::System::new().block_on(async move {
+                let shutdown = shutdown_signal().context("cannot install signal handlers")?;
+                parley::server::run(cfg, listener, shutdown).await
+            })
         }
         Cmd::Load(args) => std::process::exit(parley::load::run(args)),
         Cmd::Admin { data, config, cmd } => {
@@ -105,15 +108,16 @@ fn init_tracing(cfg: &Config) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use actix_rt::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = actix_rt::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled, so a signal that arrives right after start-up is not fatal.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }

@@ -75,6 +75,34 @@ pub struct OutQueue {
     done: Option<oneshot::Receiver<()>>,
 }
 
+/// A duplicate of the connection's socket descriptor (taken in `on_connect`), so a writer can
+/// force the TCP connection down after an urgent close even when the peer never reads again:
+/// otherwise actix keeps trying to write its buffered bytes, and the connection and its buffers
+/// stay. Owning a duplicate (not the number) means it can never hit a reused descriptor.
+pub struct ConnFd(pub std::os::fd::OwnedFd);
+
+impl ConnFd {
+    /// Aborts the connection: `SO_LINGER` 0 (the last close sends RST and frees the buffers at
+    /// once, instead of an orphan socket waiting on a peer that never reads), then
+    /// `shutdown(SHUT_RDWR)` so actix's next read or write fails and it drops the connection.
+    pub fn abort(&self) {
+        use std::os::fd::AsRawFd;
+        let fd = self.0.as_raw_fd();
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: setsockopt/shutdown on a descriptor we own, with a correctly sized option value.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
+    }
+}
+
 /// The writer task's end of the queue.
 pub struct Wire {
     rx: mpsc::Receiver<Outbound>,
@@ -84,10 +112,15 @@ pub struct Wire {
     /// Dropped when the writer ends, which tells the session it may stop: stopping earlier drops
     /// the request payload and the connection goes before the close frame is written.
     _done: oneshot::Sender<()>,
+    /// The socket, to force it down after an urgent close.
+    conn: Option<Arc<ConnFd>>,
+    /// How long an urgent close waits to queue its close frame before aborting the connection.
+    close_wait: Duration,
 }
 
-/// A new outbound queue of `frames` frames.
-pub fn outbound(frames: usize) -> (OutQueue, Wire) {
+/// A new outbound queue of `frames` frames, for the connection `conn`; an urgent close waits up
+/// to `close_wait` for its close frame before aborting the connection.
+pub fn outbound(frames: usize, conn: Option<Arc<ConnFd>>, close_wait: Duration) -> (OutQueue, Wire) {
     let (tx, rx) = mpsc::channel(frames);
     let (utx, urx) = oneshot::channel();
     let (dtx, drx) = oneshot::channel();
@@ -95,7 +128,7 @@ pub fn outbound(frames: usize) -> (OutQueue, Wire) {
     let room = Arc::new(Notify::new());
     (
         OutQueue { tx, bytes: bytes.clone(), room: room.clone(), urgent: Some(utx), done: Some(drx) },
-        Wire { rx, bytes, room, urgent: urx, _done: dtx },
+        Wire { rx, bytes, room, urgent: urx, _done: dtx, conn, close_wait },
     )
 }
 
@@ -106,14 +139,31 @@ pub async fn writer(mut ws: actix_ws::Session, wire: Wire) {
         let r = CloseReason { code: CloseCode::from(code), description: Some(reason) };
         let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(r))).await;
     }
-    let Wire { mut rx, bytes, room, mut urgent, _done } = wire;
+    let Wire { mut rx, bytes, room, mut urgent, _done, conn, close_wait } = wire;
+    // An urgent close (slow consumer): the close frame goes after what is already on its way, so
+    // a reader that resumes within `close_wait` learns why; a peer that never reads again gets
+    // its connection aborted, so the connection and its buffers are released.
+    let urgent_close = |ws: actix_ws::Session, c: Result<(u16, String), oneshot::error::RecvError>| {
+        let conn = conn.clone();
+        async move {
+            let queued = match c {
+                Ok((code, reason)) => {
+                    let r = CloseReason { code: CloseCode::from(code), description: Some(reason) };
+                    tokio::time::timeout(close_wait, ws.close(Some(r))).await.is_ok()
+                }
+                Err(_) => false,
+            };
+            if !queued {
+                if let Some(fd) = conn {
+                    fd.abort();
+                }
+            }
+        }
+    };
     loop {
         let item = tokio::select! {
             biased;
-            c = &mut urgent => {
-                if let Ok((code, reason)) = c { close(ws, code, reason).await; }
-                return;
-            }
+            c = &mut urgent => return urgent_close(ws, c).await,
             m = rx.recv() => m,
         };
         room.notify_one();
@@ -127,7 +177,7 @@ pub async fn writer(mut ws: actix_ws::Session, wire: Wire) {
                 let n = e.len();
                 let r = tokio::select! {
                     biased;
-                    c = &mut urgent => { if let Ok((code, reason)) = c { close(ws, code, reason).await; } return; }
+                    c = &mut urgent => return urgent_close(ws, c).await,
                     r = async { match e { Encoded::Text(s) => ws.text(s).await, Encoded::Binary(b) => ws.binary(b).await } } => r,
                 };
                 bytes.fetch_sub(n, Ordering::Relaxed);
@@ -186,6 +236,13 @@ pub struct Session {
     sync_head: Option<u64>,
     /// A wait for room in the outbound queue is pending; the pump resumes when it ends.
     waiting_room: bool,
+    /// Since when the queue has been full with no frame taken by the writer (slow consumer
+    /// detection), and the timer that checks it.
+    stalled_since: Option<Instant>,
+    stall_check: Option<SpawnHandle>,
+    /// Replies and control frames waiting for room, in order (drained before stored events).
+    overflow: VecDeque<Encoded>,
+    overflow_bytes: usize,
     /// Highest `up_to` submitted by this device (skips redundant `received`).
     cursor_sent: u64,
     /// Writes submitted and not yet answered.
@@ -225,6 +282,10 @@ impl Session {
             target: 0,
             sync_head: None,
             waiting_room: false,
+            stalled_since: None,
+            stall_check: None,
+            overflow: VecDeque::new(),
+            overflow_bytes: 0,
             cursor_sent: 0,
             inflight: 0,
             next_write: 0,
@@ -246,12 +307,29 @@ impl Session {
         encode_server(f, self.enc.unwrap_or(Encoding::Json))
     }
 
-    /// Queues a reply or control frame. A full queue means a slow consumer: close 4008.
+    /// Queues a reply or control frame. When the queue has no room it waits, in order, in a small
+    /// overflow that the pump drains first; a reader that lets the overflow grow past the queue's
+    /// own caps is a slow consumer (4008).
     fn send(&mut self, f: &ServerFrame, ctx: &mut Context<Self>) -> bool {
+        if self.closing {
+            return false;
+        }
         let e = self.encode(f);
-        self.push(Outbound::Frame(e), ctx)
+        if self.overflow.is_empty() && self.has_room(e.len()) {
+            return self.push(Outbound::Frame(e), ctx);
+        }
+        self.overflow_bytes += e.len();
+        self.overflow.push_back(e);
+        let cfg = &self.shared.cfg.session;
+        if self.overflow.len() > cfg.outbound_queue_frames || self.overflow_bytes > cfg.outbound_queue_bytes {
+            self.slow_consumer(ctx);
+            return false;
+        }
+        self.wait_room(ctx);
+        true
     }
 
+    /// Puts a frame on the queue; the caller checked that there is room.
     fn push(&mut self, o: Outbound, ctx: &mut Context<Self>) -> bool {
         if self.closing {
             return false;
@@ -260,29 +338,27 @@ impl Session {
             Outbound::Frame(e) => e.len(),
             _ => 0,
         };
-        if n > 0 && !self.has_room(n) {
-            metrics::counter!("parley_slow_consumer_closes_total").increment(1);
-            tracing::info!(session = self.id, "outbound queue over its byte cap: closing slow consumer");
-            self.close_now(close::SLOW_CONSUMER, "slow consumer", ctx);
-            return false;
-        }
         match self.out.tx.try_send(o) {
             Ok(()) => {
                 self.out.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 true
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("parley_slow_consumer_closes_total").increment(1);
-                tracing::info!(session = self.id, "outbound queue full: closing slow consumer");
-                self.close_now(close::SLOW_CONSUMER, "slow consumer", ctx);
-                false
-            }
+            // Only pings and pongs get here without a room check; dropping them is harmless.
+            Err(mpsc::error::TrySendError::Full(_)) => false,
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.closing = true;
                 ctx.stop();
                 false
             }
         }
+    }
+
+    /// Closes with 4008: the reader did not keep up. Nothing is lost: the device resyncs from its
+    /// durable cursor when it reconnects.
+    fn slow_consumer(&mut self, ctx: &mut Context<Self>) {
+        metrics::counter!("parley_slow_consumer_closes_total").increment(1);
+        tracing::info!(session = self.id, "slow consumer: closing with 4008");
+        self.close_now(close::SLOW_CONSUMER, "slow consumer", ctx);
     }
 
     fn error(&mut self, code: ErrorCode, msg: impl Into<String>, rid: Option<String>, id: Option<String>, ctx: &mut Context<Self>) {
@@ -317,10 +393,11 @@ impl Session {
         self.drain_deferred(ctx);
     }
 
-    /// Whether a frame of `n` bytes fits in the outbound queue now.
+    /// Whether a frame of `n` bytes fits in the outbound queue now (an empty queue takes a frame
+    /// of any size, so one large reply never counts as a slow reader).
     fn has_room(&self, n: usize) -> bool {
-        self.out.tx.capacity() > 0
-            && self.out.bytes.load(std::sync::atomic::Ordering::Relaxed) + n <= self.shared.cfg.session.outbound_queue_bytes
+        let queued = self.out.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        self.out.tx.capacity() > 0 && (queued == 0 || queued + n <= self.shared.cfg.session.outbound_queue_bytes)
     }
 
     /// Closes after what is queued.
@@ -829,6 +906,16 @@ impl Session {
         if self.waiting_room || self.closing {
             return;
         }
+        while let Some(e) = self.overflow.front() {
+            if !self.has_room(e.len()) {
+                return self.wait_room(ctx);
+            }
+            let Some(e) = self.overflow.pop_front() else { break };
+            self.overflow_bytes -= e.len();
+            if !self.push(Outbound::Frame(e), ctx) {
+                return;
+            }
+        }
         let Some(me) = self.auth.clone() else { return };
         let page = self.shared.cfg.session.sync_page_events;
         loop {
@@ -849,18 +936,19 @@ impl Session {
             if room == 0 {
                 return self.wait_room(ctx);
             }
-            let events = match self.shared.state.events(&me.user, self.last_sent, self.target, page.min(room)) {
-                Ok(e) => e,
+            let page = match self.shared.state.events_page(&me.user, self.last_sent, self.target, page.min(room)) {
+                Ok(p) => p,
                 Err(e) => {
                     tracing::error!(session = self.id, error = %e, "cannot read events");
                     return self.close(close::INTERNAL, "internal error", ctx);
                 }
             };
-            if events.is_empty() {
+            if page.scanned_to <= self.last_sent {
                 // Cannot happen: events are pushed only after they are applied.
                 return;
             }
-            for (ev, payload) in events {
+            let scanned_to = page.scanned_to;
+            for (ev, payload) in page.events {
                 let f = self.encode(&ServerFrame::Event { ev, payload });
                 if !self.has_room(f.len()) {
                     // The rest of the page is read again once there is room.
@@ -871,21 +959,44 @@ impl Session {
                 }
                 self.last_sent = ev;
             }
+            // Events of messages deleted by retention were skipped: move past them too.
+            self.last_sent = self.last_sent.max(scanned_to);
         }
     }
 
-    /// Resumes the pump once the writer has taken a frame off the queue.
+    /// Resumes the pump once the writer has taken a frame off the queue. If the writer takes
+    /// nothing for `slow_consumer_timeout_ms`, the reader is a slow consumer: close 4008.
     fn wait_room(&mut self, ctx: &mut Context<Self>) {
+        if self.waiting_room || self.closing {
+            return;
+        }
         self.waiting_room = true;
+        self.stalled_since.get_or_insert_with(Instant::now);
+        if self.stall_check.is_none() {
+            self.schedule_stall_check(Duration::from_millis(self.shared.cfg.session.slow_consumer_timeout_ms), ctx);
+        }
         let room = self.out.room.clone();
         ctx.spawn(async move { room.notified().await }.into_actor(self).map(|_, act, ctx| {
             act.waiting_room = false;
+            act.stalled_since = None;
             act.pump(ctx);
         }));
     }
 
+    fn schedule_stall_check(&mut self, after: Duration, ctx: &mut Context<Self>) {
+        self.stall_check = Some(ctx.run_later(after, |act, ctx| {
+            act.stall_check = None;
+            let timeout = Duration::from_millis(act.shared.cfg.session.slow_consumer_timeout_ms);
+            match act.stalled_since {
+                Some(t) if act.waiting_room && t.elapsed() >= timeout => act.slow_consumer(ctx),
+                Some(t) if act.waiting_room => act.schedule_stall_check(timeout - t.elapsed(), ctx),
+                _ => {}
+            }
+        }));
+    }
+
     fn live(&self) -> bool {
-        self.sync_head.is_none() && !self.waiting_room && self.last_sent >= self.target
+        self.sync_head.is_none() && !self.waiting_room && self.overflow.is_empty() && self.last_sent >= self.target
     }
 }
 
@@ -905,8 +1016,7 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         metrics::gauge!("parley_sockets_open").increment(1.0);
-        self.shared.sockets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.shared.sessions.insert(self.id, ctx.address().recipient());
+
         let hello = self.shared.cfg.hello_timeout();
         ctx.run_later(hello, |act, ctx| {
             if act.auth.is_none() {
@@ -1048,12 +1158,15 @@ impl Handler<Deliver> for Session {
             return;
         }
         if self.live() && m.ev == self.last_sent + 1 {
-            let f = ServerFrame::Event { ev: m.ev, payload: EventPayload::clone(&m.payload) };
-            if self.send(&f, ctx) {
-                self.last_sent = m.ev;
-                self.target = self.target.max(m.ev);
+            let f = self.encode(&ServerFrame::Event { ev: m.ev, payload: EventPayload::clone(&m.payload) });
+            if self.has_room(f.len()) {
+                if self.push(Outbound::Frame(f), ctx) {
+                    self.last_sent = m.ev;
+                    self.target = self.target.max(m.ev);
+                }
+                return;
             }
-            return;
+            // No room: the event is in storage; the pump sends it once the writer catches up.
         }
         self.target = self.target.max(m.ev);
         self.pump(ctx);

@@ -14,7 +14,7 @@ use actix::prelude::*;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use crate::actors::session::{outbound, writer, Session};
+use crate::actors::session::{outbound, writer, ConnFd, Session};
 use crate::protocol::ErrorCode;
 use crate::server::Shared;
 use crate::storage::PipelineError;
@@ -42,6 +42,17 @@ pub(crate) fn pipeline_error(e: PipelineError) -> HttpResponse {
     match e {
         PipelineError::Overloaded => error(ErrorCode::Overloaded, "the server is overloaded; retry later"),
         PipelineError::Unavailable => error(ErrorCode::Unavailable, "storage cannot commit now; retry later"),
+    }
+}
+
+/// `HttpServer::on_connect` hook: keeps a duplicate of each TCP connection's descriptor in the
+/// connection data, for [`ConnFd::shutdown`].
+pub fn on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
+    use std::os::fd::AsFd;
+    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        if let Ok(fd) = tcp.as_fd().try_clone_to_owned() {
+            ext.insert(Arc::new(ConnFd(fd)));
+        }
     }
 }
 
@@ -140,13 +151,22 @@ async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> 
     }
     let (resp, ws, stream) = actix_ws::handle(&req, body)?;
     let stream = stream.max_frame_size(s.cfg.session.max_frame_bytes);
-    let (out, wire) = outbound(s.cfg.session.outbound_queue_frames);
+    let conn = req.conn_data::<Arc<ConnFd>>().cloned();
+    let close_wait = std::time::Duration::from_millis(s.cfg.session.slow_close_wait_ms);
+    let (out, wire) = outbound(s.cfg.session.outbound_queue_frames, conn, close_wait);
     actix_rt::spawn(writer(ws, wire));
     let id = s.next_session.fetch_add(1, Ordering::Relaxed);
     let shared: Arc<Shared> = s.get_ref().clone();
-    Session::create(move |ctx| {
+    let addr = Session::create(move |ctx| {
         ctx.add_stream(stream);
         Session::new(id, shared, out)
     });
+    // Counted and reachable for shutdown before the 101 goes out (the session's `stopped` undoes
+    // both). A shutdown that began meanwhile may have missed it: tell it now.
+    s.sockets.fetch_add(1, Ordering::Relaxed);
+    s.sessions.insert(id, addr.clone().recipient());
+    if s.draining.load(Ordering::Relaxed) {
+        addr.do_send(crate::actors::messages::Kick { code: crate::protocol::close::GOING_AWAY, reason: "server shutting down", goaway_ms: Some(0) });
+    }
     Ok(resp)
 }

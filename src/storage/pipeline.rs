@@ -90,6 +90,8 @@ impl Pipeline {
             bytes_since_checkpoint: 0,
             checkpoint: ck_tx,
         };
+        metrics::gauge!("parley_log_bytes").set(w.wal.size_bytes() as f64);
+        metrics::gauge!("parley_log_segments").set(w.wal.segment_count() as f64);
         let handle = std::thread::Builder::new()
             .name("parley-commit".into())
             .spawn(move || w.run())
@@ -256,6 +258,8 @@ impl Worker {
             Err(e) => {
                 tracing::error!(error = %e, commands = n, "commit failed; answering unavailable and recovering");
                 metrics::counter!("parley_commit_failures_total").increment(1);
+                // Unhealthy before anyone hears `unavailable`.
+                self.healthy.store(false, Ordering::Relaxed);
                 for reply in replies {
                     let _ = reply.send(Err(PipelineError::Unavailable));
                 }

@@ -62,6 +62,15 @@ pub enum Outcome {
     Refused(Refusal),
 }
 
+/// A page of a user's event stream.
+#[derive(Debug, Clone, Default)]
+pub struct EventsPage {
+    /// (ev, payload) in ev order.
+    pub events: Vec<(u64, EventPayload)>,
+    /// The highest ev read (returned or skipped); `after` when nothing was read.
+    pub scanned_to: u64,
+}
+
 /// One page of history.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HistoryPage {
@@ -311,21 +320,27 @@ impl State {
 
     /// Events of `user` with `after < ev <= upto`, at most `limit`, in ev order.
     pub fn events(&self, user: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, EventPayload)>, StorageError> {
-        let mut out = Vec::new();
+        Ok(self.events_page(user, after, upto, limit)?.events)
+    }
+
+    /// Like [`events`](Self::events), reading at most `limit` stored events, and saying how far
+    /// it read: events whose message retention deleted are skipped (every device had them, or
+    /// they expired), so `scanned_to` can be past the last event returned.
+    pub fn events_page(&self, user: &str, after: u64, upto: u64, limit: usize) -> Result<EventsPage, StorageError> {
+        let mut page = EventsPage { events: Vec::new(), scanned_to: after };
         if upto <= after {
-            return Ok(out);
+            return Ok(page);
         }
         let tree = self.trees.get(TreeId::UserEvEvent);
         for kv in tree.range(keys::num(user, after + 1)..=keys::num(user, upto)).take(limit) {
             let (k, v) = kv?;
             let ev = keys::num_suffix(&k).ok_or_else(|| StorageError::Decode("event key".into()))?;
-            let rec: EventRecord = decode(&v)?;
-            // A message that retention deleted is skipped (every device had it, or it expired).
-            if let Some(p) = self.view(rec)? {
-                out.push((ev, p));
+            page.scanned_to = ev;
+            if let Some(p) = self.view(decode(&v)?)? {
+                page.events.push((ev, p));
             }
         }
-        Ok(out)
+        Ok(page)
     }
 
     fn view(&self, rec: EventRecord) -> Result<Option<EventPayload>, StorageError> {

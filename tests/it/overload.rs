@@ -590,7 +590,6 @@ async fn slow_consumer_is_closed_4008_others_flow_and_it_resyncs_everything() {
 /// The slow device, when it reads again, gets the close frame 4008 after the frames that were
 /// already on their way (PROTOCOL.md §5: "close 4008 (slow consumer)"), so it can tell why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: the 4008 close frame of a slow consumer is lost: its socket is full, the writer's close times out after 1 s, and the connection ends without a close frame (the client sees 1006)"]
 async fn a_slow_consumer_that_reads_again_gets_the_close_frame_4008() {
     slow_consumer(true).await
 }
@@ -735,7 +734,6 @@ async fn slow_consumer(close_frame: bool) {
 /// long messages: up to 200 × 64 KiB, over the default 4 MiB) is sent whole or shortened with
 /// `more: true`; the socket is not closed as a slow consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: a single reply frame larger than session.outbound_queue_bytes (e.g. a history page of 80 messages of 60 KB with the default 4 MiB) closes an idle socket with 4008 'slow consumer'"]
 async fn a_history_page_larger_than_the_outbound_byte_cap_does_not_close_the_socket() {
     const N: u64 = 80;
     let dir = TestDir::new();
@@ -798,7 +796,6 @@ async fn read_fast(
 /// their burst of 100 at once: every member, reading continuously, must get all 1,100 messages
 /// (and the senders their 100 acks) without being closed with 4008.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: a burst of live events larger than outbound_queue_frames closes sockets that read as fast as they can with 4008: the session queues every Deliver of a commit batch before its writer task runs"]
 async fn members_reading_as_fast_as_they_can_survive_a_group_burst_within_the_default_limits() {
     const USERS: usize = 12;
     const BURST: usize = 100;
@@ -1202,7 +1199,6 @@ async fn storage_faults_answer_unavailable_then_the_server_recovers_by_itself() 
 /// start) is a graceful shutdown too: exit 0, not death by the signal. Tried 20 times, since
 /// the window is short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: the SIGTERM handler is installed only when main first polls the shutdown future, after printing 'parley listening'; a SIGTERM in between kills the process (exit by signal 15, no goaway, no final checkpoint)"]
 async fn sigterm_right_after_the_listening_line_is_graceful() {
     use tokio::io::AsyncBufReadExt;
     let dir = TestDir::new();
@@ -1372,7 +1368,6 @@ pub(crate) fn server_side_tcp(server_port: u16, client_port: u16) -> Option<(Str
 /// connection and megabytes of send buffer forever, uncounted by `admission.max_sockets`
 /// (the session, and so the socket count, is gone) and unreachable by the heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: after a 4008 close the connection of a peer that never reads stays ESTABLISHED indefinitely (seen: 40 s, ~2.8 MB in the server's send queue), no longer counted in healthz sockets / max_sockets"]
 async fn a_slow_consumers_connection_is_released_even_if_it_never_reads_again() {
     let dir = TestDir::new();
     let srv = Server::start_with(&dir, &[("PARLEY__SESSION__OUTBOUND_QUEUE_FRAMES", "16")]).await;
