@@ -32,6 +32,14 @@ pub struct Kick {
     pub goaway_ms: Option<u64>,
 }
 
+/// Session → the user's other Sessions: the user sent a message in `conv` from another device,
+/// so typing there ends on every device (PROTOCOL.md §4.6).
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct StopTyping {
+    pub conv: String,
+}
+
 /// One online device, as the registry holds it.
 #[derive(Clone)]
 pub struct DeviceConn {
@@ -42,6 +50,7 @@ pub struct DeviceConn {
     pub deliver: Recipient<Deliver>,
     pub relay: Recipient<Relay>,
     pub kick: Recipient<Kick>,
+    pub stop_typing: Recipient<StopTyping>,
 }
 
 /// Session → Registry: this device is online; answered once lookups see it.

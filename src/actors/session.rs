@@ -707,6 +707,11 @@ impl Session {
             ctx.cancel_future(h);
             self.relay_typing(&conv, TypingState::Paused);
         }
+        if let Some(conns) = self.shared.online.get(&me.user) {
+            for c in conns.iter().filter(|c| c.session != self.id) {
+                c.stop_typing.do_send(StopTyping { conv: conv.clone() });
+            }
+        }
         let cmd = Command::Send { from: me.user.clone(), device: me.device.clone(), id: id.clone(), conv, body };
         self.write(cmd, rid, Some(id), ctx);
     }
@@ -858,6 +863,7 @@ impl Session {
             deliver: ctx.address().recipient(),
             relay: ctx.address().recipient(),
             kick: ctx.address().recipient(),
+            stop_typing: ctx.address().recipient(),
         };
         // Register first, then read the head: every event applied after the read is pushed to us,
         // every event before it is in storage. Nothing else runs on this actor meanwhile.
@@ -1196,6 +1202,16 @@ impl Handler<Kick> for Session {
                 self.close(m.code, m.reason, ctx);
             }
             None => self.close(m.code, m.reason, ctx),
+        }
+    }
+}
+
+impl Handler<StopTyping> for Session {
+    type Result = ();
+    fn handle(&mut self, m: StopTyping, ctx: &mut Self::Context) {
+        if let Some(h) = self.composing.remove(&m.conv) {
+            ctx.cancel_future(h);
+            self.relay_typing(&m.conv, TypingState::Paused);
         }
     }
 }

@@ -115,6 +115,9 @@ pub struct ConvMeta {
     pub last_ts: u64,
     /// Highest seq deleted by retention (0: none); messages `purged_to+1 ..= last_seq` remain.
     pub purged_to: u64,
+    /// Log order of the latest message (or of the group's creation): entry index × 2^24 +
+    /// position in the entry. Orders the conversation list exactly as the server accepted.
+    pub last_order: u64,
 }
 
 /// `sender_id_ack` value: the original ack of `(from, id)`.
@@ -140,6 +143,8 @@ pub struct UserConvRecord {
     pub visible_to: Option<u64>,
     /// Highest seq that reached *every* device of this user (for the `delivered` retention).
     pub all_devices_seq: u64,
+    /// The conversation's `last_order` when this user left it (orders its conversation list).
+    pub left_order: u64,
 }
 
 /// `groups` value.

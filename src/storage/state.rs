@@ -141,11 +141,14 @@ impl State {
         let mut a = Applier {
             tx: Tx::new(&self.trees),
             ts: entry.ts,
+            index,
+            position: 0,
             effects: Effects::default(),
             receipts: BTreeMap::new(),
         };
         let mut outcomes = Vec::with_capacity(entry.commands.len());
-        for c in &entry.commands {
+        for (i, c) in entry.commands.iter().enumerate() {
+            a.position = i as u64;
             outcomes.push(a.command(c)?);
         }
         a.flush_receipts()?;
@@ -435,14 +438,13 @@ impl State {
             let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
             let last_seq = uc.visible_to.map_or(meta.last_seq, |t| t.min(meta.last_seq));
             let last = if last_seq >= uc.visible_from.max(1) { self.message_opt(&conv, last_seq)? } else { None };
-            items.push(ConversationItem { conv, last_seq, read_seq: uc.read_seq, unread: uc.unread, last });
+            // A member that left sorts by what it saw last; a group without messages by its creation.
+            let order = if uc.visible_to.is_some() { uc.left_order } else { meta.last_order };
+            items.push((order, ConversationItem { conv, last_seq, read_seq: uc.read_seq, unread: uc.unread, last }));
         }
-        items.sort_by(|a, b| {
-            let ta = a.last.as_ref().map_or(0, |m| m.ts);
-            let tb = b.last.as_ref().map_or(0, |m| m.ts);
-            tb.cmp(&ta).then_with(|| a.conv.cmp(&b.conv))
-        });
-        Ok(items)
+        // Newest first by acceptance order (the log's), not by ms: several messages share a ms.
+        items.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.conv.cmp(&b.1.conv)));
+        Ok(items.into_iter().map(|(_, i)| i).collect())
     }
 
     /// Counts of stored records, for `admin stats` and metrics: (users, conversations, messages).
@@ -589,12 +591,20 @@ impl<'a> Tx<'a> {
 struct Applier<'a> {
     tx: Tx<'a>,
     ts: u64,
+    /// Log index of the entry, and the position of the command being applied in it.
+    index: u64,
+    position: u64,
     effects: Effects,
     /// Receipts of this entry, coalesced: (recipient, conv, by, status) → up_to.
     receipts: BTreeMap<(String, String, String, u8), u64>,
 }
 
 impl Applier<'_> {
+    /// A number that grows with every command in log order (entry index, then position).
+    fn order(&self) -> u64 {
+        self.index.saturating_mul(1 << 24).saturating_add(self.position)
+    }
+
     fn command(&mut self, c: &Command) -> Result<Outcome, StorageError> {
         match c {
             Command::Register { user, password_hash } => {
@@ -698,6 +708,7 @@ impl Applier<'_> {
         let mut meta = self.meta(conv)?;
         meta.last_seq += 1;
         meta.last_ts = self.ts;
+        meta.last_order = self.order();
         let seq = meta.last_seq;
         self.tx.put(TreeId::ConvMeta, conv.as_bytes().to_vec(), &meta)?;
         let rec = MessageRecord { id: id.to_owned(), from: from.to_owned(), body: body.to_owned(), ts: self.ts };
@@ -760,16 +771,14 @@ impl Applier<'_> {
         let Some(parsed) = Conv::parse(conv) else {
             return Ok(Outcome::Refused(Refusal::BadRequest(format!("bad conversation {conv}"))));
         };
-        let member = match &parsed {
-            Conv::Dm { .. } => parsed.dm_has(user),
-            Conv::Group(gid) => self
-                .tx
-                .get::<GroupRecord>(TreeId::Groups, gid.as_bytes())?
-                .is_some_and(|g| g.members.iter().any(|m| m.user == user)),
-        };
-        let uc = if member { self.user_conv(user, conv)? } else { None };
-        let Some(mut uc) = uc else {
-            return Ok(Outcome::Refused(Refusal::NotMember));
+        // Anyone who is or was in the conversation may mark what it could see as read (a
+        // removed member still lists the group); a dm of one's own with no message yet has
+        // nothing to mark.
+        let Some(mut uc) = self.user_conv(user, conv)? else {
+            return Ok(match parsed {
+                Conv::Dm { .. } if parsed.dm_has(user) => Outcome::Done,
+                _ => Outcome::Refused(Refusal::NotMember),
+            });
         };
         let meta = self.meta(conv)?;
         let hi = uc.visible_to.map_or(meta.last_seq, |t| t.min(meta.last_seq));
@@ -1007,6 +1016,8 @@ impl Applier<'_> {
         for u in &users {
             self.put_user_conv(u, &conv, &UserConvRecord { visible_from: 1, ..Default::default() })?;
         }
+        let meta = ConvMeta { last_order: self.order(), ..Default::default() };
+        self.tx.put(TreeId::ConvMeta, conv.as_bytes().to_vec(), &meta)?;
         self.group_event(group, 0, users.clone(), by, &users)?;
         Ok(Outcome::GroupCreated { group: conv })
     }
@@ -1093,9 +1104,11 @@ impl Applier<'_> {
         self.tx.put(TreeId::Groups, group.as_bytes().to_vec(), &g)?;
         let conv = format!("g:{group}");
         let last = self.meta(&conv)?.last_seq;
+        let left_order = self.meta(&conv)?.last_order;
         for u in gone {
             if let Some(mut uc) = self.user_conv(u, &conv)? {
                 uc.visible_to = Some(last);
+                uc.left_order = left_order;
                 self.put_user_conv(u, &conv, &uc)?;
             }
         }
