@@ -26,8 +26,14 @@ pub fn source_ip(i: usize, sources: usize) -> Option<IpAddr> {
     if sources <= 1 {
         return None;
     }
+    source_ip_from(i, sources, 0)
+}
+
+/// The same over the `sources` addresses that start `first` addresses after 127.0.1.1 (a
+/// storm's reconnections use fresh addresses: the old ports sit in TIME_WAIT).
+pub fn source_ip_from(i: usize, sources: usize, first: usize) -> Option<IpAddr> {
     let base = u32::from(Ipv4Addr::new(127, 0, 1, 1));
-    Some(IpAddr::V4(Ipv4Addr::from(base + (i % sources) as u32)))
+    Some(IpAddr::V4(Ipv4Addr::from(base + (first + i % sources.max(1)) as u32)))
 }
 
 /// How a connection attempt series ended.
@@ -168,5 +174,6 @@ mod tests {
         assert_eq!(source_ip(0, 3), Some("127.0.1.1".parse().unwrap()));
         assert_eq!(source_ip(4, 3), Some("127.0.1.2".parse().unwrap()));
         assert_eq!(source_ip(255, 300), Some("127.0.2.0".parse().unwrap()));
+        assert_eq!(source_ip_from(3, 2, 2), Some("127.0.1.4".parse().unwrap()));
     }
 }

@@ -57,11 +57,31 @@ pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::R
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     if let Some(ip) = source {
+        // Let connect() pick the port by the whole 4-tuple: bind() with port 0 alone searches
+        // for a port free on that address, which gets slow (and blocks a runtime thread) once
+        // most ports are in use or in TIME_WAIT.
+        no_port_on_bind(&sock);
         sock.bind(SocketAddr::new(ip, 0))?;
     }
     let s = sock.connect(addr).await?;
     s.set_nodelay(true)?;
     Ok(s)
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (Linux 4.2+); best effort.
+fn no_port_on_bind(sock: &tokio::net::TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a pointer to a c_int of the given length.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// A response: status and body.

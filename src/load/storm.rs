@@ -50,14 +50,15 @@ fn client_target(c: &http::Client) -> http::Target {
 pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let a = &ctx.args;
     let n = a.users.unwrap_or(1000).max(1);
-    // The dropped connections sit in TIME_WAIT on this side: room for twice as many ports.
-    let sources = a.sources.unwrap_or((2 * n).div_ceil(fleet::PER_SOURCE)).max(1);
+    // The dropped connections sit in TIME_WAIT on this side: the reconnections come from the
+    // next `sources` addresses.
+    let sources = a.sources.unwrap_or(n.div_ceil(fleet::PER_SOURCE)).max(1);
     let limit = procfs::raise_nofile(n as u64 + 256);
     if limit < n as u64 + 64 {
         bail!("this process may open {limit} files, too few for {n} sockets (raise `ulimit -n`)");
     }
     let timeout = Duration::from_secs_f64(a.timeout.max(1.0));
-    ctx.progress(&format!("storm: {n} clients from {sources} source address(es), reconnect timeout {timeout:?}"));
+    ctx.progress(&format!("storm: {n} clients from {sources} source address(es) (then {sources} others), reconnect timeout {timeout:?}"));
     let accounts = super::accounts::setup(&ctx.target, super::accounts::names(&ctx.prefix, n), &ctx.password, a.setup_concurrency, a.quiet).await?;
 
     // 1. Everyone connects (a few at a time).
@@ -69,7 +70,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
         let deadline = Instant::now() + Duration::from_secs(600);
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire().await;
-            fleet::connect(&target, fleet::source_ip(i, sources), &token, enc, deadline).await.map(|c| Held::new(c.ws))
+            fleet::connect(&target, fleet::source_ip_from(i, sources, 0), &token, enc, deadline).await.map(|c| Held::new(c.ws))
         }));
     }
     let mut held = Vec::new();
@@ -98,7 +99,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     for (i, acc) in accounts.iter().enumerate() {
         let (target, token, enc, back, times) = (ctx.target.clone(), acc.token.clone(), ctx.enc, back.clone(), times.clone());
         tasks.push(tokio::spawn(async move {
-            let r = fleet::connect(&target, fleet::source_ip(i + n, sources), &token, enc, deadline).await;
+            let r = fleet::connect(&target, fleet::source_ip_from(i, sources, sources), &token, enc, deadline).await;
             if r.is_ok() {
                 back.fetch_add(1, Ordering::Relaxed);
                 let _ = times.lock().record((t0.elapsed().as_micros() as u64).max(1));
