@@ -1,6 +1,6 @@
 //! Codec costs: encoding and decoding typical frames in JSON (text frames) and postcard (binary
 //! frames), and their size in bytes. Bodies are real dialog turns of the median (30 bytes) and
-//! p99 (259 bytes) sizes of `data/dialogs.jsonl`.
+//! p99 (259 bytes) sizes of `assets/dialogs.jsonl`.
 //!
 //! `cargo bench --bench codec` (sizes are printed first, then criterion's timings).
 

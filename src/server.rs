@@ -60,6 +60,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     // health checks and clients see "starting" rather than a hung connection.
     let boot = HttpServer::new(|| App::new().default_service(web::to(crate::http::starting)))
         .workers(1)
+        .tcp_nodelay(true)
         .disable_signals()
         .listen(listener.try_clone()?)?
         .run();
@@ -125,6 +126,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(crate::http::routes))
         .on_connect(crate::http::on_connect)
         .workers(workers)
+        // Frames are small and latency-bound: do not let Nagle hold them for the peer's delayed ACK.
+        .tcp_nodelay(true)
         .disable_signals()
         .shutdown_timeout(2)
         .listen(listener)?

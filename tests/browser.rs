@@ -224,7 +224,7 @@ struct Bodies {
 
 fn bodies() -> Bodies {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let path = [root.join("data/dialogs.jsonl"), root.join("../shared/data/dialogs.jsonl")]
+    let path = [root.join("assets/dialogs.jsonl"), root.join("../shared/data/dialogs.jsonl")]
         .into_iter()
         .find(|p| p.is_file())
         .expect("the dialog corpus (../shared/data/dialogs.jsonl)");

@@ -1,4 +1,4 @@
-//! The dialogs the load generator replays (`data/dialogs.jsonl`, one JSON object per line with
+//! The dialogs the load generator replays (`assets/dialogs.jsonl`, one JSON object per line with
 //! a `turns` array), and the per-speaker scripts cut from them.
 //!
 //! Turn `i` of a dialog is said by speaker `i mod 2`. A pair of users walks the dialogs from its
@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 /// Where the dialogs are looked for when `--dialogs` is not given: relative to the current
 /// directory, then the copy in the source tree this binary was built from.
-pub const DEFAULT_PATH: &str = "data/dialogs.jsonl";
+pub const DEFAULT_PATH: &str = "assets/dialogs.jsonl";
 
 /// All the dialogs of a file, each a list of non-empty turns.
 pub struct Dialogs {

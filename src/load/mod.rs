@@ -1,6 +1,6 @@
 //! The load generator, `parley load <chat|offline|idle|storm|ramp> --url http://HOST:PORT`
 //! (issue 5): simulated users that register, connect and replay real dialogs
-//! (`data/dialogs.jsonl`) against a running server, with HDR latency histograms and an
+//! (`assets/dialogs.jsonl`) against a running server, with HDR latency histograms and an
 //! end-to-end check that every acked message is delivered exactly once and in order.
 //!
 //! # Layout
@@ -86,7 +86,7 @@ pub struct LoadArgs {
     /// idle: seconds to hold the sockets open once all are up (default 5).
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Dialogs to replay, JSON lines with a "turns" array (default data/dialogs.jsonl).
+    /// Dialogs to replay, JSON lines with a "turns" array (default assets/dialogs.jsonl).
     #[arg(long)]
     pub dialogs: Option<PathBuf>,
     /// Print the result as one JSON object on stdout (the human summary goes to stderr).

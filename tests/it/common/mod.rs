@@ -58,12 +58,12 @@ pub fn now_ms() -> u64 {
 // ---------------------------------------------------------------------------------- bodies
 
 /// Real chat turns (many languages and scripts) used as message bodies: the project's copy of
-/// the corpus (`data/dialogs.jsonl`) when it exists, else the shared one, else a built-in list.
+/// the corpus (`assets/dialogs.jsonl`) when it exists, else the shared one, else a built-in list.
 pub fn turns() -> &'static [String] {
     static TURNS: OnceLock<Vec<String>> = OnceLock::new();
     TURNS.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for p in [root.join("data/dialogs.jsonl"), root.join("../shared/data/dialogs.jsonl")] {
+        for p in [root.join("assets/dialogs.jsonl"), root.join("../shared/data/dialogs.jsonl")] {
             let Ok(text) = std::fs::read_to_string(&p) else { continue };
             let mut out = Vec::new();
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
