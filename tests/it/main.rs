@@ -18,6 +18,8 @@ mod config;
 mod crash;
 mod cursors;
 mod delivery;
+mod features;
+mod groups;
 mod ops;
 mod overload;
 mod restart;

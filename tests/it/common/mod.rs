@@ -317,6 +317,16 @@ impl Server {
     pub async fn connect(&self, token: &str, cursor: Option<u64>) -> Synced {
         Client::connect(self.addr, token, cursor, Encoding::Json).await
     }
+
+    /// Registers each of `users` and connects its `web` device (JSON), in order.
+    pub async fn clients<const N: usize>(&self, users: [&str; N]) -> [Client; N] {
+        let mut v = Vec::new();
+        for u in users {
+            let token = self.user(u).await;
+            v.push(self.connect(&token, None).await.client);
+        }
+        v.try_into().ok().expect("one client per user")
+    }
 }
 
 // ---------------------------------------------------------------------------------- HTTP
@@ -709,4 +719,39 @@ impl Client {
 /// `(conv, seq) -> (id, body)` of a list of messages, for comparisons.
 pub fn by_seq(ms: &[MessageView]) -> BTreeMap<(String, u64), (String, String)> {
     ms.iter().map(|m| ((m.conv.clone(), m.seq), (m.id.clone(), m.body.clone()))).collect()
+}
+
+// ---------------------------------------------------------------------------------- requests
+
+impl Client {
+    /// A request that must fail: returns the `error` echoing `rid` as (code, message).
+    pub async fn request_err(&mut self, rid: &str, frame: ClientFrame) -> (parley::protocol::ErrorCode, String) {
+        let what = format!("{frame:?}");
+        match self.request(rid, frame).await {
+            ServerFrame::Error { code, message, .. } => (code, message),
+            f => panic!("{what} should have failed, got {f:?}"),
+        }
+    }
+
+    /// `group_create`; returns the new group's conversation id (`g:<id>`).
+    pub async fn create_group(&mut self, name: &str, members: &[&str]) -> String {
+        let frame = ClientFrame::GroupCreate { name: name.to_owned(), members: members.iter().map(|m| m.to_string()).collect() };
+        match self.request("group_create", frame).await {
+            ServerFrame::Result { group: Some(g), .. } => g,
+            f => panic!("group_create {name:?} {members:?}: {f:?}"),
+        }
+    }
+
+    /// `group_info`: (name, members sorted, admins sorted).
+    pub async fn group_info(&mut self, group: &str) -> (String, Vec<String>, Vec<String>) {
+        match self.request("group_info", ClientFrame::GroupInfo { group: group.to_owned() }).await {
+            ServerFrame::Result { group: Some(g), name: Some(n), members: Some(mut m), admins: Some(mut a), .. } => {
+                assert_eq!(g, group, "group_info answers about another group");
+                m.sort();
+                a.sort();
+                (n, m, a)
+            }
+            f => panic!("group_info {group}: {f:?}"),
+        }
+    }
 }
