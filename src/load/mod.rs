@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`chat`]: the engine (pairs of users, closed or open loop) and the `chat` scenario.
 //! - [`ramp`]: steps the offered rate up until p99 ack latency passes a bound.
+//! - [`fanout`]: a 1,024-member group with 10% online beside a 1:1 pair (issue 3).
 //! - [`offline`]: a backlog sent to an offline user, then its resync.
 //! - [`idle`]: many authenticated idle sockets; server memory per socket from /proc.
 //! - [`storm`]: every socket drops and reconnects at once; time until all are back.
@@ -21,6 +22,7 @@
 pub mod accounts;
 pub mod chat;
 pub mod dialogs;
+pub mod fanout;
 pub mod fleet;
 pub mod http;
 pub mod idle;
@@ -54,6 +56,8 @@ pub enum Scenario {
     Storm,
     /// Step the offered rate up until p99 ack latency passes a bound.
     Ramp,
+    /// A group of --users members (default 1,024), --online-percent connected, beside a 1:1 pair.
+    Fanout,
 }
 
 /// The wire encoding of the simulated clients.
@@ -138,6 +142,9 @@ pub struct LoadArgs {
     /// Allow a --url that is not a loopback address.
     #[arg(long)]
     pub allow_remote: bool,
+    /// Fanout: percent of the group's members connected and reading.
+    #[arg(long, default_value_t = 10.0)]
+    pub online_percent: f64,
 }
 
 impl LoadArgs {
@@ -247,5 +254,6 @@ async fn run_async(args: LoadArgs) -> anyhow::Result<Outcome> {
         Scenario::Idle => idle::run(&ctx).await,
         Scenario::Storm => storm::run(&ctx).await,
         Scenario::Ramp => ramp::run(&ctx).await,
+        Scenario::Fanout => fanout::run(&ctx).await,
     }
 }

@@ -79,6 +79,14 @@ pub async fn connect(target: &Target, source: Option<IpAddr>, small: bool) -> Re
 }
 
 /// A request as a WebSocket message in `enc`.
+/// A request with a `rid`, encoded for the socket.
+pub fn encode_rid(rid: &str, frame: ClientFrame, enc: Encoding) -> Message {
+    match encode_request(&Request { rid: Some(rid.to_owned()), frame }, enc) {
+        Encoded::Text(s) => Message::text(s),
+        Encoded::Binary(b) => Message::binary(b),
+    }
+}
+
 pub fn encode(frame: ClientFrame, enc: Encoding) -> Message {
     match encode_request(&Request { rid: None, frame }, enc) {
         Encoded::Text(s) => Message::text(s),
