@@ -75,19 +75,24 @@ pub struct OutQueue {
     done: Option<oneshot::Receiver<()>>,
 }
 
-/// A duplicate of the connection's socket descriptor (taken in `on_connect`), so a writer can
-/// force the TCP connection down after an urgent close even when the peer never reads again:
-/// otherwise actix keeps trying to write its buffered bytes, and the connection and its buffers
-/// stay. Owning a duplicate (not the number) means it can never hit a reused descriptor.
-pub struct ConnFd(pub std::os::fd::OwnedFd);
+/// The connection's socket descriptor (from `on_connect`), so a writer can force the TCP
+/// connection down after an urgent close even when the peer never reads again: otherwise actix
+/// keeps trying to write its buffered bytes, and the connection and its buffers stay.
+///
+/// Only the number is kept (a duplicate would double the descriptors per connection). It is used
+/// only while provably still this connection's: the writer runs on the same single-threaded
+/// worker as the connection's dispatcher, and aborts only when its close frame is still pending
+/// on the full channel to that dispatcher's response body, i.e. the dispatcher, which owns the
+/// descriptor, is alive; nothing else runs on the thread between that check and the abort.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnFd(pub std::os::fd::RawFd);
 
 impl ConnFd {
     /// Aborts the connection: `SO_LINGER` 0 (the last close sends RST and frees the buffers at
     /// once, instead of an orphan socket waiting on a peer that never reads), then
     /// `shutdown(SHUT_RDWR)` so actix's next read or write fails and it drops the connection.
     pub fn abort(&self) {
-        use std::os::fd::AsRawFd;
-        let fd = self.0.as_raw_fd();
+        let fd = self.0;
         let linger = libc::linger { l_onoff: 1, l_linger: 0 };
         // SAFETY: setsockopt/shutdown on a descriptor we own, with a correctly sized option value.
         unsafe {
@@ -113,14 +118,14 @@ pub struct Wire {
     /// the request payload and the connection goes before the close frame is written.
     _done: oneshot::Sender<()>,
     /// The socket, to force it down after an urgent close.
-    conn: Option<Arc<ConnFd>>,
+    conn: Option<ConnFd>,
     /// How long an urgent close waits to queue its close frame before aborting the connection.
     close_wait: Duration,
 }
 
 /// A new outbound queue of `frames` frames, for the connection `conn`; an urgent close waits up
 /// to `close_wait` for its close frame before aborting the connection.
-pub fn outbound(frames: usize, conn: Option<Arc<ConnFd>>, close_wait: Duration) -> (OutQueue, Wire) {
+pub fn outbound(frames: usize, conn: Option<ConnFd>, close_wait: Duration) -> (OutQueue, Wire) {
     let (tx, rx) = mpsc::channel(frames);
     let (utx, urx) = oneshot::channel();
     let (dtx, drx) = oneshot::channel();
@@ -144,15 +149,14 @@ pub async fn writer(mut ws: actix_ws::Session, wire: Wire) {
     // a reader that resumes within `close_wait` learns why; a peer that never reads again gets
     // its connection aborted, so the connection and its buffers are released.
     let urgent_close = |ws: actix_ws::Session, c: Result<(u16, String), oneshot::error::RecvError>| {
-        let conn = conn.clone();
         async move {
-            let queued = match c {
-                Ok((code, reason)) => {
-                    let r = CloseReason { code: CloseCode::from(code), description: Some(reason) };
-                    tokio::time::timeout(close_wait, ws.close(Some(r))).await.is_ok()
-                }
-                Err(_) => false,
-            };
+            // The session went away without asking for an urgent close: nothing to force (and
+            // the connection may be gone already, its descriptor number reused).
+            let Ok((code, reason)) = c else { return };
+            let r = CloseReason { code: CloseCode::from(code), description: Some(reason) };
+            // Timing out means the close frame is still pending on the full channel to the
+            // dispatcher's response body: the dispatcher, and so the descriptor, are alive now.
+            let queued = tokio::time::timeout(close_wait, ws.close(Some(r))).await.is_ok();
             if !queued {
                 if let Some(fd) = conn {
                     fd.abort();

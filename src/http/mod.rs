@@ -45,14 +45,12 @@ pub(crate) fn pipeline_error(e: PipelineError) -> HttpResponse {
     }
 }
 
-/// `HttpServer::on_connect` hook: keeps a duplicate of each TCP connection's descriptor in the
-/// connection data, for [`ConnFd::shutdown`].
+/// `HttpServer::on_connect` hook: keeps each TCP connection's descriptor in the connection
+/// data, for [`ConnFd::abort`].
 pub fn on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
-    use std::os::fd::AsFd;
+    use std::os::fd::AsRawFd;
     if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        if let Ok(fd) = tcp.as_fd().try_clone_to_owned() {
-            ext.insert(Arc::new(ConnFd(fd)));
-        }
+        ext.insert(ConnFd(tcp.as_raw_fd()));
     }
 }
 
@@ -151,7 +149,7 @@ async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> 
     }
     let (resp, ws, stream) = actix_ws::handle(&req, body)?;
     let stream = stream.max_frame_size(s.cfg.session.max_frame_bytes);
-    let conn = req.conn_data::<Arc<ConnFd>>().cloned();
+    let conn = req.conn_data::<ConnFd>().copied();
     let close_wait = std::time::Duration::from_millis(s.cfg.session.slow_close_wait_ms);
     let (out, wire) = outbound(s.cfg.session.outbound_queue_frames, conn, close_wait);
     actix_rt::spawn(writer(ws, wire));
