@@ -227,6 +227,8 @@ pub struct Session {
     shared: Arc<Shared>,
     /// The outbound queue to the writer task.
     out: OutQueue,
+    /// The frame-size guard on this socket's incoming bytes (cap raised after `hello`).
+    limit: Arc<crate::http::guard::FrameLimit>,
     /// Malformed frames in the current minute: (window start, count).
     bad_frames: (Instant, u32),
     /// Chosen by the first frame's kind.
@@ -274,11 +276,12 @@ pub struct Session {
 
 impl Session {
     /// A session for a new socket; `out` leads to its writer task.
-    pub fn new(id: u64, shared: Arc<Shared>, out: OutQueue) -> Self {
+    pub fn new(id: u64, shared: Arc<Shared>, out: OutQueue, limit: Arc<crate::http::guard::FrameLimit>) -> Self {
         Session {
             id,
             shared,
             out,
+            limit,
             bad_frames: (Instant::now(), 0),
             enc: None,
             auth: None,
@@ -860,6 +863,7 @@ impl Session {
         };
         let me = Authed { user: rec.user, device: rec.device };
         self.auth = Some(me.clone());
+        self.limit.cap.store(self.shared.cfg.session.max_frame_bytes, std::sync::atomic::Ordering::Relaxed);
         let conn = DeviceConn {
             session: self.id,
             device: me.device.clone(),
@@ -1077,6 +1081,9 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
         }
         self.last_heard = Instant::now();
         let msg = match msg {
+            Ok(_) | Err(_) if self.limit.tripped.load(std::sync::atomic::Ordering::Relaxed) => {
+                return self.close_now(close::TOO_BIG, "frame too big", ctx);
+            }
             Ok(m) => m,
             Err(e) => {
                 let (code, why) = match &e {

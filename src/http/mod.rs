@@ -2,6 +2,7 @@
 //! Every error is a JSON body `{"error": CODE, "message": TEXT}` with its status.
 
 pub mod auth;
+pub mod guard;
 pub mod metrics;
 /// The web client (`web/`); named apart from actix's `web` module, which this file uses.
 #[path = "web.rs"]
@@ -147,6 +148,16 @@ async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> 
     if !s.upgrade_limiter.allow("") {
         return Ok(overloaded(&s, "too many new connections"));
     }
+    // Frame headers are checked as the bytes arrive (see `guard`): actix-http would otherwise
+    // buffer a frame up to its declared length before looking at its size.
+    let limit = Arc::new(guard::FrameLimit {
+        cap: std::sync::atomic::AtomicUsize::new(s.cfg.session.unauth_max_frame_bytes),
+        tripped: std::sync::atomic::AtomicBool::new(false),
+    });
+    let guarded = guard::FrameGuard::new(body.into_inner(), limit.clone());
+    let stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, actix_web::error::PayloadError>>>> = Box::pin(guarded);
+    let mut raw = actix_web::dev::Payload::Stream { payload: stream };
+    let body = <web::Payload as actix_web::FromRequest>::from_request(&req, &mut raw).await?;
     let (resp, ws, stream) = actix_ws::handle(&req, body)?;
     let stream = stream.max_frame_size(s.cfg.session.max_frame_bytes);
     let conn = req.conn_data::<ConnFd>().copied();
@@ -157,7 +168,7 @@ async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> 
     let shared: Arc<Shared> = s.get_ref().clone();
     let addr = Session::create(move |ctx| {
         ctx.add_stream(stream);
-        Session::new(id, shared, out)
+        Session::new(id, shared, out, limit)
     });
     // Counted and reachable for shutdown before the 101 goes out (the session's `stopped` undoes
     // both). A shutdown that began meanwhile may have missed it: tell it now.

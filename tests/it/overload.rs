@@ -1401,3 +1401,53 @@ async fn a_slow_consumers_connection_is_released_even_if_it_never_reads_again() 
     println!("slow consumer: the server released the stuck connection {:?} after closing it", t0.elapsed());
     drop(bob);
 }
+
+/// A frame header that declares a huge payload is refused as soon as the header arrives (close
+/// 1009), before and after `hello`: the server must not buffer what follows it (actix-http's own
+/// parser would buffer up to the declared length before checking the size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_header_claiming_a_terabyte_closes_1009_without_buffering() {
+    let dir = TestDir::new();
+    let srv = Server::start(&dir).await;
+    let a = srv.user("alice").await;
+    let pid = server_pid(&dir);
+    for authed in [false, true] {
+        let before = rss_kib(pid);
+        let mut tcp = TcpStream::connect(srv.addr).await.expect("connect");
+        let req = format!(
+            "GET /v1/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            srv.addr
+        );
+        tcp.write_all(req.as_bytes()).await.expect("upgrade");
+        let mut head = vec![0u8; 4096];
+        let n = tcp.read(&mut head).await.expect("101");
+        assert!(head[..n].starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head[..n]));
+        if authed {
+            let hello = json!({"type": "hello", "token": a}).to_string();
+            let mut f = vec![0x81, 0x80 | 126];
+            f.extend((hello.len() as u16).to_be_bytes());
+            f.extend([0, 0, 0, 0]);
+            f.extend(hello.as_bytes());
+            tcp.write_all(&f).await.expect("hello");
+        }
+        let mut frame = vec![0x81, 0x80 | 127];
+        frame.extend((1u64 << 40).to_be_bytes());
+        frame.extend([1, 2, 3, 4]);
+        tcp.write_all(&frame).await.expect("header");
+        // Keep sending for a while (64 MiB at most); the server must neither grow nor wait.
+        let junk = vec![b'x'; 64 * 1024];
+        for _ in 0..1024 {
+            if tcp.write_all(&junk).await.is_err() {
+                break;
+            }
+        }
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(T, tcp.read_to_end(&mut buf)).await;
+        // The close frame (0x88) with 1009 is among what the server sent last.
+        let close_at = buf.windows(2).rposition(|w| w[0] == 0x88);
+        let code = close_at.and_then(|i| buf.get(i + 2..i + 4)).map(|c| u16::from_be_bytes([c[0], c[1]]));
+        assert_eq!(code, Some(close::TOO_BIG), "authed={authed}: close code");
+        let after = rss_kib(pid);
+        assert!(after < before + 32 * 1024, "authed={authed}: server RSS grew from {before} to {after} KiB");
+    }
+}
