@@ -63,6 +63,12 @@ pub enum UserCmd {
 
 /// Runs an admin command on `data`.
 pub fn run(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
+    // Every command but restore and `user add` (which may provision a new directory) works on an
+    // existing data directory: a typo must not look like an empty, healthy database.
+    let creates = matches!(cmd, AdminCmd::Restore { .. } | AdminCmd::User { cmd: UserCmd::Add { .. } });
+    if !creates && !data.join("state").is_dir() {
+        bail!("{} is not a parley data directory (no state/ in it)", data.display());
+    }
     match cmd {
         AdminCmd::Verify => {
             let r = storage::verify(data, cfg.storage.cache_bytes)?;
@@ -97,7 +103,10 @@ pub fn run(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
                     println!("groups: {groups}");
                     println!("messages: {messages}");
                     println!("applied index: {}", state.applied());
-                    println!("log: {} bytes in {} segments (entries {:?}..={})", wal.size_bytes(), wal.segment_count(), wal.first_index(), wal.last_index());
+                    match wal.first_index() {
+                        Some(first) => println!("log: {} bytes in {} segments, entries {first} to {}", wal.size_bytes(), wal.segment_count(), wal.last_index()),
+                        None => println!("log: {} bytes in {} segments, no entries", wal.size_bytes(), wal.segment_count()),
+                    }
                     println!("state (sled): {} bytes", state.size_on_disk());
                     Ok(())
                 }

@@ -224,6 +224,9 @@ impl Config {
         if self.server.listen.parse::<SocketAddr>().is_err() {
             return bad("server.listen", format!("`{}` is not an address like 127.0.0.1:8080", self.server.listen));
         }
+        if self.server.workers > 512 {
+            return bad("server.workers", "must be at most 512 (0 = one per CPU core)");
+        }
         if self.storage.segment_bytes < 4096 {
             return bad("storage.segment_bytes", "must be at least 4096");
         }

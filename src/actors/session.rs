@@ -484,7 +484,8 @@ impl Session {
                     tracing::info!(session = self.id, "flood of bad frames: closing with 4003");
                     return self.close(close::VIOLATION, "too many malformed frames", ctx);
                 }
-                self.send(&ServerFrame::error(e.code, e.message, e.rid, e.id), ctx);
+                // After the replies to earlier requests, like any reply.
+                self.reply(ServerFrame::error(e.code, e.message, e.rid, e.id), ctx);
             }
         }
     }
@@ -683,17 +684,9 @@ impl Session {
         if !valid_client_id(&id) {
             return self.error(ErrorCode::BadRequest, "id must be 1-64 chars", rid, None, ctx);
         }
-        if body.is_empty() {
-            return self.error(ErrorCode::BadRequest, "body must not be empty", rid, echo, ctx);
-        }
-        if body.len() > MAX_BODY_BYTES {
-            return self.error(ErrorCode::TooLarge, "body is over 65536 bytes", rid, echo, ctx);
-        }
-        let Some(conv) = Conv::from_target(&me.user, &to) else {
-            return self.error(ErrorCode::BadRequest, "to must be a user id or g:<id>", rid, echo, ctx);
-        };
-        // Fast path for resends: answer from the dedup record without touching the log (and
-        // without spending the rate limit).
+        // A resend of an accepted (from, id) gets the original ack whatever its `to` and `body`
+        // (PROTOCOL.md §4.2), answered from the dedup record without touching the log or the
+        // rate limit.
         match self.shared.state.dedup(&me.user, &id) {
             Ok(Some(a)) => {
                 metrics::counter!("parley_duplicate_sends_total").increment(1);
@@ -703,6 +696,15 @@ impl Session {
             Ok(None) => {}
             Err(e) => return self.internal(e, rid, ctx),
         }
+        if body.is_empty() {
+            return self.error(ErrorCode::BadRequest, "body must not be empty", rid, echo, ctx);
+        }
+        if body.len() > MAX_BODY_BYTES {
+            return self.error(ErrorCode::TooLarge, "body is over 65536 bytes", rid, echo, ctx);
+        }
+        let Some(conv) = Conv::from_target(&me.user, &to) else {
+            return self.error(ErrorCode::BadRequest, "to must be a user id or g:<id>", rid, echo, ctx);
+        };
         if !self.shared.send_limiter.allow(&me.user) {
             metrics::counter!("parley_rate_limited_total", "what" => "send").increment(1);
             return self.error(ErrorCode::RateLimited, "too many messages; slow down", rid, echo, ctx);

@@ -22,12 +22,21 @@ pub enum TypingState {
 /// every reply echoes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
-    /// Echoed in every reply to this request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Echoed in every reply to this request. A `rid` that is not a string is ignored (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient_rid")]
     pub rid: Option<String>,
     /// The frame itself.
     #[serde(flatten)]
     pub frame: ClientFrame,
+}
+
+/// Reads `rid` as a string when it is one, and as absent otherwise (a number, an object...), so
+/// a malformed `rid` never costs the client its request.
+fn lenient_rid<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
 }
 
 /// A client frame, tagged by `"type"` in JSON.

@@ -277,6 +277,15 @@ mod tests {
     }
 
     #[test]
+    fn a_rid_that_is_not_a_string_is_ignored() {
+        let r = decode_request_json(r#"{"type":"history","rid":7,"conv":"dm:a:b"}"#).unwrap();
+        assert_eq!(r.rid, None);
+        assert!(matches!(r.frame, ClientFrame::History { .. }));
+        let r = decode_request_json(r#"{"type":"conversations","rid":{"x":1}}"#).unwrap();
+        assert_eq!(r.rid, None);
+    }
+
+    #[test]
     fn malformed_json_is_bad_frame_with_echoes() {
         for bad in ["not json", "{", "[1,2,3]", "42", r#"{"type":"no_such_type"}"#, r#"{"no_type":true}"#, &"[".repeat(100_000)] {
             let e = decode_request_json(bad).unwrap_err();
