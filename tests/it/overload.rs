@@ -24,7 +24,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::common::{dialog, http, turns, within, Client, Incoming, Server, TestDir, PASSWORD, T};
+use crate::common::{dialog, http, read_incoming, turns, within, Client, Incoming, Server, TestDir, PASSWORD, T};
 
 // ---------------------------------------------------------------------------------- helpers
 
@@ -79,22 +79,7 @@ impl Raw {
     /// The next frame or the close within `d` (`None` on timeout). Reading answers pings.
     pub(crate) async fn next_within(&mut self, d: Duration) -> Option<Incoming> {
         let deadline = tokio::time::Instant::now() + d;
-        loop {
-            let m = match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return None,
-                Ok(None) | Ok(Some(Err(_))) => return Some(Incoming::Closed(None)),
-                Ok(Some(Ok(m))) => m,
-            };
-            match m {
-                Message::Text(t) => {
-                    let f = decode_server_json(t.as_str()).unwrap_or_else(|e| panic!("undecodable frame {t}: {e:?}"));
-                    return Some(Incoming::Frame(f));
-                }
-                Message::Binary(_) => panic!("a binary frame on a JSON socket"),
-                Message::Close(c) => return Some(Incoming::Closed(c.map(|c| u16::from(c.code)))),
-                _ => continue,
-            }
-        }
+        read_incoming(&mut self.ws, deadline, parley::protocol::Encoding::Json).await.map(|(i, _)| i)
     }
 
     /// The next frame; panics on a close or after [`T`].

@@ -524,29 +524,11 @@ impl Client {
 
     /// The next frame or the close from the socket itself, within `d`.
     async fn read_within(&mut self, d: Duration) -> Option<Incoming> {
-        let deadline = tokio::time::Instant::now() + d;
-        loop {
-            let m = match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return None,
-                Ok(None) | Ok(Some(Err(_))) => return Some(Incoming::Closed(None)),
-                Ok(Some(Ok(m))) => m,
-            };
-            match m {
-                Message::Text(t) => {
-                    assert_eq!(self.enc, Encoding::Json, "a text frame on a binary socket: {t}");
-                    let f = decode_server_json(t.as_str()).unwrap_or_else(|e| panic!("undecodable frame {t}: {e:?}"));
-                    self.last_raw = Some(t.to_string());
-                    return Some(Incoming::Frame(f));
-                }
-                Message::Binary(b) => {
-                    assert_eq!(self.enc, Encoding::Postcard, "a binary frame on a JSON socket");
-                    let f = decode_server_postcard(&b).unwrap_or_else(|e| panic!("undecodable binary frame: {e:?}"));
-                    return Some(Incoming::Frame(f));
-                }
-                Message::Close(c) => return Some(Incoming::Closed(c.map(|c| u16::from(c.code)))),
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-            }
+        let (incoming, raw) = read_incoming(&mut self.ws, tokio::time::Instant::now() + d, self.enc).await?;
+        if raw.is_some() {
+            self.last_raw = raw;
         }
+        Some(incoming)
     }
 
     /// The next frame or the close, within [`T`].
@@ -752,6 +734,41 @@ impl Client {
                 (n, m, a)
             }
             f => panic!("group_info {group}: {f:?}"),
+        }
+    }
+}
+
+/// The next frame or the close from a WebSocket, until `deadline` (`None` on timeout): a frame in
+/// the wrong encoding for `enc` fails the test; pings and pongs are passed over (tungstenite
+/// answers pings while reading). Also returns a text frame's raw JSON. Shared by the harness's
+/// [`Client`] and the raw sockets of the overload tests.
+pub(crate) async fn read_incoming<S>(
+    ws: &mut WebSocketStream<S>,
+    deadline: tokio::time::Instant,
+    enc: Encoding,
+) -> Option<(Incoming, Option<String>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let m = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return None,
+            Ok(None) | Ok(Some(Err(_))) => return Some((Incoming::Closed(None), None)),
+            Ok(Some(Ok(m))) => m,
+        };
+        match m {
+            Message::Text(t) => {
+                assert_eq!(enc, Encoding::Json, "a text frame on a binary socket: {t}");
+                let f = decode_server_json(t.as_str()).unwrap_or_else(|e| panic!("undecodable frame {t}: {e:?}"));
+                return Some((Incoming::Frame(f), Some(t.to_string())));
+            }
+            Message::Binary(b) => {
+                assert_eq!(enc, Encoding::Postcard, "a binary frame on a JSON socket");
+                let f = decode_server_postcard(&b).unwrap_or_else(|e| panic!("undecodable binary frame: {e:?}"));
+                return Some((Incoming::Frame(f), None));
+            }
+            Message::Close(c) => return Some((Incoming::Closed(c.map(|c| u16::from(c.code))), None)),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         }
     }
 }
