@@ -13,8 +13,7 @@ use clap::Subcommand;
 
 use crate::config::Config;
 use crate::protocol::ids::valid_user_id;
-use crate::storage::records::{decode, Command, UserRecord};
-use crate::storage::trees::TreeId;
+use crate::storage::records::Command;
 use crate::storage::{self, Outcome, Refusal};
 
 /// The admin subcommands.
@@ -96,8 +95,8 @@ pub fn run(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
             let (state, mut wal) = (opened.state, opened.wal);
             match cmd {
                 AdminCmd::Stats => {
-                    let (users, convs, messages) = state.counts();
-                    let groups = state.db().open_tree("groups")?.len();
+                    let (users, convs, messages) = state.counts()?;
+                    let groups = state.group_count()?;
                     println!("users: {users}");
                     println!("conversations: {convs}");
                     println!("groups: {groups}");
@@ -128,11 +127,8 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
     };
     match cmd {
         UserCmd::List => {
-            let tree = state.db().open_tree(crate::storage::trees::TREES[TreeId::Users as usize])?;
-            for kv in tree.iter() {
-                let (k, v) = kv?;
-                let u: UserRecord = decode(&v)?;
-                println!("{}\tcreated_ms={}{}", String::from_utf8_lossy(&k), u.created, if u.deleted { "\tdeleted" } else { "" });
+            for (name, u) in state.users()? {
+                println!("{name}\tcreated_ms={}{}", u.created, if u.deleted { "\tdeleted" } else { "" });
             }
             Ok(())
         }

@@ -132,6 +132,8 @@ pub struct StorageConfig {
     pub checkpoint_interval_ms: u64,
     /// Checkpoint after this much log growth, bytes.
     pub checkpoint_log_bytes: u64,
+    /// How often the materializer writes applied state from memory to sled, ms.
+    pub materialize_interval_ms: u64,
     /// sled cache, bytes.
     pub cache_bytes: u64,
 }
@@ -241,6 +243,9 @@ impl Config {
         }
         if self.storage.checkpoint_interval_ms == 0 {
             return bad("storage.checkpoint_interval_ms", "must be at least 1");
+        }
+        if !(1..=10_000).contains(&self.storage.materialize_interval_ms) {
+            return bad("storage.materialize_interval_ms", "must be from 1 to 10000 (10 s)");
         }
         if self.auth.argon2_memory_kib < 8 * self.auth.argon2_parallelism.max(1) {
             return bad("auth.argon2_memory_kib", "must be at least 8 × argon2_parallelism");

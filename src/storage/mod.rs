@@ -7,6 +7,7 @@ pub mod keys;
 pub mod pipeline;
 pub mod records;
 pub mod state;
+pub mod store;
 pub mod trees;
 pub mod wal;
 

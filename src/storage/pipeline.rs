@@ -77,6 +77,15 @@ impl Pipeline {
             .name("parley-checkpoint".into())
             .spawn(move || checkpoint_loop(ck_state, ck_rx, ck_purge, interval))
             .ok();
+        // The materializer: writes applied state from memory to sled off the ack path. It stops
+        // when the commit thread drops `_materializer` (the channel disconnects).
+        let (mat_tx, mat_rx) = crossbeam_channel::bounded::<()>(1);
+        let mat_state = state.clone();
+        let every = Duration::from_millis(cfg.materialize_interval_ms);
+        std::thread::Builder::new()
+            .name("parley-materialize".into())
+            .spawn(move || materialize_loop(mat_state, mat_rx, every))
+            .ok();
         let mut w = Worker {
             state: state.clone(),
             wal,
@@ -89,6 +98,7 @@ impl Pipeline {
             last_ts: 0,
             bytes_since_checkpoint: 0,
             checkpoint: ck_tx,
+            _materializer: mat_tx,
         };
         metrics::gauge!("parley_log_bytes").set(w.wal.size_bytes() as f64);
         metrics::gauge!("parley_log_segments").set(w.wal.segment_count() as f64);
@@ -155,6 +165,8 @@ struct Worker {
     bytes_since_checkpoint: u64,
     /// Wakes the checkpoint thread early when the log has grown.
     checkpoint: Sender<()>,
+    /// Held only so that dropping the worker stops the materializer thread.
+    _materializer: Sender<()>,
 }
 
 impl Worker {
@@ -347,6 +359,26 @@ impl Worker {
         }
         metrics::gauge!("parley_log_bytes").set(self.wal.size_bytes() as f64);
         metrics::gauge!("parley_log_segments").set(self.wal.segment_count() as f64);
+    }
+}
+
+/// Materializes every `every` until the channel disconnects (see [`State::materialize`]).
+fn materialize_loop(state: Arc<State>, stop: Receiver<()>, every: Duration) {
+    loop {
+        match stop.recv_timeout(every) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let t0 = Instant::now();
+        let keys = state.dirty_keys();
+        match state.materialize() {
+            Ok(_) if keys > 0 => {
+                metrics::histogram!("parley_materialize_duration_seconds").record(t0.elapsed().as_secs_f64());
+                metrics::histogram!("parley_materialize_keys").record(keys as f64);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "materializing the state into sled failed; retrying"),
+        }
     }
 }
 

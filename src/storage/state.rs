@@ -1,25 +1,29 @@
-//! The state machine: `apply(entry)` to sled trees, and the read queries (sync, history,
-//! conversations, groups, auth).
+//! The state machine: `apply(entry)` to the tables of [`Store`], and the read queries (sync,
+//! history, conversations, groups, auth).
 //!
-//! **Invariant:** apply is deterministic. It reads only the entry and the trees: no clock, no
+//! **Invariant:** apply is deterministic. It reads only the entry and the tables: no clock, no
 //! randomness, no configuration (limits that apply enforces travel inside the command). The
-//! effects of one entry and the new applied index are written in one sled transaction, so after a
-//! crash sled holds the state after some whole entry, and recovery re-applies the rest of the log.
+//! writes of one entry reach the store's in-memory overlay at once, together with the new applied
+//! index; the materializer writes many entries to sled as one atomic batch with the index they
+//! cover, so after a crash sled holds the state after some whole entry, and recovery re-applies
+//! the rest of the log.
 //!
 //! **Invariant:** `seq` per conversation and `ev` per user are assigned here, 1, 2, 3, ... with
 //! no gaps.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use sled::IVec;
+
 use super::keys;
 use super::records::*;
-use super::trees::{TreeId, Trees, APPLIED_KEY, TREES};
+use super::store::{self, be_u64, full_key, Layer, Store, STATE_TREE};
+use super::trees::TreeId;
 use super::StorageError;
 use crate::protocol::ids::Conv;
 use crate::protocol::{
@@ -102,13 +106,27 @@ pub struct Effects {
     pub revoked: Vec<(String, TokenHash)>,
 }
 
-/// The sled-backed state machine.
+/// The state machine: apply into the in-memory overlay of [`Store`], materialized into sled off
+/// the ack path.
 pub struct State {
     db: sled::Db,
-    trees: Trees,
+    store: Store,
     dir: PathBuf,
-    /// Index of the last applied entry; mirrors `meta/applied` (written in the same transaction).
-    applied: AtomicU64,
+    /// Set by tests that simulate a crash: drop without writing the overlay to sled.
+    crash_on_drop: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for State {
+    /// A clean close writes what is still in memory to sled (a crash does not, and start-up
+    /// replays it from the log).
+    fn drop(&mut self) {
+        if self.crash_on_drop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = self.store.materialize().and_then(|_| self.db.flush().map_err(StorageError::from)) {
+            tracing::warn!(error = %e, "closing the state: could not write it to sled; the log will be replayed at start");
+        }
+    }
 }
 
 const DELIVERED: u8 = 0;
@@ -119,17 +137,35 @@ impl State {
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<State, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
-        let trees = Trees::open(&db)?;
-        let applied = match trees.get(TreeId::Meta).get(APPLIED_KEY)? {
-            Some(v) => be_u64(&v)?,
-            None => 0,
-        };
-        Ok(State { db, trees, dir: dir.to_owned(), applied: AtomicU64::new(applied) })
+        let store = Store::open(&db, dir)?;
+        Ok(State { db, store, dir: dir.to_owned(), crash_on_drop: Default::default() })
     }
 
     /// Index of the last applied log entry (0: none).
     pub fn applied(&self) -> u64 {
-        self.applied.load(Ordering::Acquire)
+        self.store.applied()
+    }
+
+    /// Index of the last entry whose writes are all in sled (≤ [`applied`](Self::applied)).
+    pub fn materialized(&self) -> u64 {
+        self.store.materialized()
+    }
+
+    /// Writes what apply left in memory to sled, as one atomic batch (see [`Store`]). Returns
+    /// the materialized index. Called by the materializer thread, and before checkpoints.
+    pub fn materialize(&self) -> Result<u64, StorageError> {
+        self.store.materialize()
+    }
+
+    /// Drops the state as a crash would: what is not materialized yet is lost (tests).
+    #[cfg(test)]
+    pub(crate) fn crash(self) {
+        self.crash_on_drop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Keys applied but not yet in sled.
+    pub fn dirty_keys(&self) -> usize {
+        self.store.dirty_keys()
     }
 
     /// Applies log entry `index` (which must be `applied() + 1`). Returns one outcome per command.
@@ -139,7 +175,7 @@ impl State {
             return Err(StorageError::Sequence { applied, got: index });
         }
         let mut a = Applier {
-            tx: Tx::new(&self.trees),
+            tx: Tx::new(&self.store),
             ts: entry.ts,
             index,
             position: 0,
@@ -152,20 +188,23 @@ impl State {
             outcomes.push(a.command(c)?);
         }
         a.flush_receipts()?;
-        a.tx.put_u64(TreeId::Meta, APPLIED_KEY.to_vec(), index);
-        a.tx.commit()?;
-        self.applied.store(index, Ordering::Release);
-        Ok((outcomes, a.effects))
+        let Applier { tx, effects, .. } = a;
+        self.store.merge(index, tx.writes);
+        if self.store.dirty_keys() > store::MAX_DIRTY_KEYS {
+            // The materializer is behind: catch up here rather than grow without bound.
+            self.store.materialize()?;
+        }
+        Ok((outcomes, effects))
     }
 
     /// Makes everything applied so far durable in sled's own files: `flush()`, then fsync of every
     /// file and directory of sled (its flush uses `sync_file_range`, which is not enough).
     /// Returns the applied index that is now durable; log entries up to it may be deleted.
     pub fn checkpoint(&self) -> Result<u64, StorageError> {
-        let applied = self.applied();
+        let upto = self.store.materialize()?;
         self.db.flush()?;
-        fsync_tree(&self.dir)?;
-        Ok(applied)
+        store::fsync_tree(&self.dir)?;
+        Ok(upto)
     }
 
     /// Writes a consistent copy of the state into `dir` (`dir/state`, a fresh sled database with
@@ -174,14 +213,14 @@ impl State {
     /// thread between batches, or an admin command holding the data directory lock). Returns the
     /// applied index of the copy.
     pub fn backup_to(&self, dir: &Path) -> Result<u64, StorageError> {
-        let applied = self.applied();
+        let applied = self.store.materialize()?;
         let target = dir.join("state");
         if target.exists() || dir.join("wal").exists() {
             return Err(StorageError::io(dir, std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the backup directory is not empty")));
         }
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
         let db = sled::Config::new().path(&target).open()?;
-        for name in TREES.iter().chain(std::iter::once(&"presence_last_seen")) {
+        for name in [STATE_TREE, "presence_last_seen"] {
             let (src, dst) = (self.db.open_tree(name)?, db.open_tree(name)?);
             let mut batch = sled::Batch::default();
             let mut n = 0;
@@ -197,7 +236,7 @@ impl State {
         }
         db.flush()?;
         drop(db);
-        fsync_tree(&target)?;
+        store::fsync_tree(&target)?;
         super::wal::create_empty_at(&dir.join("wal"), applied + 1)?;
         let manifest = serde_json::json!({
             "applied_index": applied,
@@ -206,16 +245,16 @@ impl State {
         });
         let mpath = dir.join("BACKUP.json");
         std::fs::write(&mpath, manifest.to_string()).map_err(|e| StorageError::io(&mpath, e))?;
-        fsync_tree(dir)?;
+        store::fsync_tree(dir)?;
         Ok(applied)
     }
 
     /// Every key and value of every log-derived tree, in tree and key order (for verify and tests).
     pub fn dump(&self) -> Result<Vec<Vec<(Vec<u8>, Vec<u8>)>>, StorageError> {
-        self.trees
-            .all
+        self.store.materialize()?;
+        TreeId::ALL
             .iter()
-            .map(|t| t.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StorageError::from)).collect())
+            .map(|&t| Ok(self.store.table(t)?.into_iter().map(|(k, v)| (k, v.to_vec())).collect()))
             .collect()
     }
 
@@ -225,29 +264,25 @@ impl State {
     /// every dedup record pointing at a stored seq.
     pub fn check_invariants(&self) -> Result<Vec<String>, StorageError> {
         let mut problems = Vec::new();
-        for kv in self.trees.get(TreeId::ConvMeta).iter() {
-            let (k, v) = kv?;
+        for (k, v) in self.store.table(TreeId::ConvMeta)? {
             let conv = String::from_utf8_lossy(&k).into_owned();
             let meta: ConvMeta = decode(&v)?;
             let seqs: Vec<u64> = self
-                .trees
-                .get(TreeId::ConvSeqMessage)
-                .scan_prefix(keys::prefix(&conv))
-                .keys()
-                .map(|k| k.map(|k| keys::num_suffix(&k).unwrap_or(0)))
-                .collect::<Result<_, _>>()?;
+                .store
+                .scan_prefix(TreeId::ConvSeqMessage, &keys::prefix(&conv), usize::MAX, None)?
+                .into_iter()
+                .map(|(k, _)| keys::num_suffix(&k).unwrap_or(0))
+                .collect();
             let want: Vec<u64> = (meta.purged_to + 1..=meta.last_seq).collect();
             if seqs != want {
                 problems.push(format!("{conv}: stored seqs are not {}..={}", meta.purged_to + 1, meta.last_seq));
             }
         }
-        for kv in self.trees.get(TreeId::UserHead).iter() {
-            let (k, v) = kv?;
+        for (k, v) in self.store.table(TreeId::UserHead)? {
             let user = String::from_utf8_lossy(&k).into_owned();
             let head = be_u64(&v)?;
             let mut expect = 1;
-            for kv in self.trees.get(TreeId::UserEvEvent).scan_prefix(keys::prefix(&user)) {
-                let (k, v) = kv?;
+            for (k, v) in self.store.scan_prefix(TreeId::UserEvEvent, &keys::prefix(&user), usize::MAX, None)? {
                 let ev = keys::num_suffix(&k).unwrap_or(0);
                 if ev != expect {
                     problems.push(format!("{user}: event {expect} missing (found {ev})"));
@@ -255,7 +290,7 @@ impl State {
                 }
                 expect += 1;
                 if let EventRecord::Message { conv, seq, .. } = decode(&v)? {
-                    let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
+                    let meta: ConvMeta = get(&self.store, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
                     if seq > meta.last_seq || (seq > meta.purged_to && self.message_opt(&conv, seq)?.is_none()) {
                         problems.push(format!("{user}: event {ev} points at missing message {conv}#{seq}"));
                     }
@@ -265,18 +300,16 @@ impl State {
                 problems.push(format!("{user}: head is {head} but events end at {}", expect - 1));
             }
         }
-        for kv in self.trees.get(TreeId::DeviceCursor).iter() {
-            let (k, v) = kv?;
+        for (k, v) in self.store.table(TreeId::DeviceCursor)? {
             let key = String::from_utf8_lossy(&k).into_owned();
             let user = key.split('\0').next().unwrap_or_default().to_owned();
             if be_u64(&v)? > self.head(&user)? {
                 problems.push(format!("{}: cursor past the head", key.replace('\0', "/")));
             }
         }
-        for kv in self.trees.get(TreeId::SenderIdAck).iter() {
-            let (_, v) = kv?;
+        for (_, v) in self.store.table(TreeId::SenderIdAck)? {
             let a: AckRecord = decode(&v)?;
-            let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, a.conv.as_bytes())?.unwrap_or_default();
+            let meta: ConvMeta = get(&self.store, TreeId::ConvMeta, a.conv.as_bytes())?.unwrap_or_default();
             if a.seq > meta.last_seq {
                 problems.push(format!("dedup record points past the end of {}", a.conv));
             }
@@ -298,27 +331,27 @@ impl State {
 
     /// A user's record.
     pub fn user(&self, user: &str) -> Result<Option<UserRecord>, StorageError> {
-        get(&self.trees, TreeId::Users, user.as_bytes())
+        get(&self.store, TreeId::Users, user.as_bytes())
     }
 
     /// A token's record.
     pub fn token(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StorageError> {
-        get(&self.trees, TreeId::Tokens, hash)
+        get(&self.store, TreeId::Tokens, hash)
     }
 
     /// A user's latest ev (0: none).
     pub fn head(&self, user: &str) -> Result<u64, StorageError> {
-        get_u64(&self.trees, TreeId::UserHead, user.as_bytes())
+        get_u64(&self.store, TreeId::UserHead, user.as_bytes())
     }
 
     /// A device's stored cursor (0: none).
     pub fn cursor(&self, user: &str, device: &str) -> Result<u64, StorageError> {
-        get_u64(&self.trees, TreeId::DeviceCursor, &keys::pair(user, device))
+        get_u64(&self.store, TreeId::DeviceCursor, &keys::pair(user, device))
     }
 
     /// The original ack of `(from, id)`, if that message was accepted.
     pub fn dedup(&self, from: &str, id: &str) -> Result<Option<AckRecord>, StorageError> {
-        get(&self.trees, TreeId::SenderIdAck, &keys::pair(from, id))
+        get(&self.store, TreeId::SenderIdAck, &keys::pair(from, id))
     }
 
     /// Events of `user` with `after < ev <= upto`, at most `limit`, in ev order.
@@ -334,9 +367,9 @@ impl State {
         if upto <= after {
             return Ok(page);
         }
-        let tree = self.trees.get(TreeId::UserEvEvent);
-        for kv in tree.range(keys::num(user, after + 1)..=keys::num(user, upto)).take(limit) {
-            let (k, v) = kv?;
+        let lo = keys::num(user, after + 1);
+        let hi = keys::num(user, upto);
+        for (k, v) in self.store.range(TreeId::UserEvEvent, &lo, std::ops::Bound::Included(&hi), limit, None)? {
             let ev = keys::num_suffix(&k).ok_or_else(|| StorageError::Decode("event key".into()))?;
             page.scanned_to = ev;
             if let Some(p) = self.view(decode(&v)?)? {
@@ -370,7 +403,7 @@ impl State {
 
     /// A message, or None when retention deleted it.
     fn message_opt(&self, conv: &str, seq: u64) -> Result<Option<MessageView>, StorageError> {
-        let m: Option<MessageRecord> = get(&self.trees, TreeId::ConvSeqMessage, &keys::num(conv, seq))?;
+        let m: Option<MessageRecord> = get(&self.store, TreeId::ConvSeqMessage, &keys::num(conv, seq))?;
         Ok(m.map(|m| message_view(conv, seq, m)))
     }
 
@@ -384,7 +417,7 @@ impl State {
 
     /// A group's record.
     pub fn group(&self, id: &str) -> Result<Option<GroupRecord>, StorageError> {
-        get(&self.trees, TreeId::Groups, id.as_bytes())
+        get(&self.store, TreeId::Groups, id.as_bytes())
     }
 
     /// A page of `conv` for `user`: messages with seq < `before` (newest when None), at most
@@ -399,13 +432,13 @@ impl State {
         limit: u64,
     ) -> Result<Result<HistoryPage, Refusal>, StorageError> {
         let name = conv.to_string();
-        let uc: Option<UserConvRecord> = get(&self.trees, TreeId::UserConvState, &keys::pair(user, &name))?;
+        let uc: Option<UserConvRecord> = get(&self.store, TreeId::UserConvState, &keys::pair(user, &name))?;
         let uc = match (uc, conv) {
             (Some(uc), _) => uc,
             (None, Conv::Dm { .. }) if conv.dm_has(user) => return Ok(Ok(HistoryPage::default())),
             _ => return Ok(Err(Refusal::NotMember)),
         };
-        let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, name.as_bytes())?.unwrap_or_default();
+        let meta: ConvMeta = get(&self.store, TreeId::ConvMeta, name.as_bytes())?.unwrap_or_default();
         let visible_from = uc.visible_from.max(1);
         let lo = visible_from.max(meta.purged_to + 1);
         let deleted_upto = (meta.purged_to >= visible_from).then_some(meta.purged_to);
@@ -419,8 +452,8 @@ impl State {
         }
         let start = lo.max(top.saturating_sub(limit - 1));
         let mut msgs = Vec::with_capacity((top - start + 1) as usize);
-        for kv in self.trees.get(TreeId::ConvSeqMessage).range(keys::num(&name, start)..=keys::num(&name, top)) {
-            let (k, v) = kv?;
+        let (first, last) = (keys::num(&name, start), keys::num(&name, top));
+        for (k, v) in self.store.range(TreeId::ConvSeqMessage, &first, std::ops::Bound::Included(&last), usize::MAX, None)? {
             let seq = keys::num_suffix(&k).ok_or_else(|| StorageError::Decode("message key".into()))?;
             msgs.push(message_view(&name, seq, decode(&v)?));
         }
@@ -431,11 +464,10 @@ impl State {
     /// Every conversation of `user`, newest first.
     pub fn conversations(&self, user: &str) -> Result<Vec<ConversationItem>, StorageError> {
         let mut items = Vec::new();
-        for kv in self.trees.get(TreeId::UserConvState).scan_prefix(keys::prefix(user)) {
-            let (k, v) = kv?;
+        for (k, v) in self.store.scan_prefix(TreeId::UserConvState, &keys::prefix(user), usize::MAX, None)? {
             let conv = keys::pair_suffix(&k).ok_or_else(|| StorageError::Decode("user_conv key".into()))?.to_owned();
             let uc: UserConvRecord = decode(&v)?;
-            let meta: ConvMeta = get(&self.trees, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
+            let meta: ConvMeta = get(&self.store, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
             let last_seq = uc.visible_to.map_or(meta.last_seq, |t| t.min(meta.last_seq));
             let last = if last_seq >= uc.visible_from.max(1) { self.message_opt(&conv, last_seq)? } else { None };
             // A member that left sorts by what it saw last; a group without messages by its creation.
@@ -448,12 +480,18 @@ impl State {
     }
 
     /// Counts of stored records, for `admin stats` and metrics: (users, conversations, messages).
-    pub fn counts(&self) -> (usize, usize, usize) {
-        (
-            self.trees.get(TreeId::Users).len(),
-            self.trees.get(TreeId::ConvMeta).len(),
-            self.trees.get(TreeId::ConvSeqMessage).len(),
-        )
+    pub fn counts(&self) -> Result<(usize, usize, usize), StorageError> {
+        Ok((self.store.table(TreeId::Users)?.len(), self.store.table(TreeId::ConvMeta)?.len(), self.store.table(TreeId::ConvSeqMessage)?.len()))
+    }
+
+    /// Every user with its record, in id order (reads the whole table; for admin commands).
+    pub fn users(&self) -> Result<Vec<(String, UserRecord)>, StorageError> {
+        self.store.table(TreeId::Users)?.into_iter().map(|(k, v)| Ok((String::from_utf8_lossy(&k).into_owned(), decode(&v)?))).collect()
+    }
+
+    /// How many groups exist (reads the whole table; for admin commands).
+    pub fn group_count(&self) -> Result<usize, StorageError> {
+        Ok(self.store.table(TreeId::Groups)?.len())
     }
 }
 
@@ -470,54 +508,34 @@ fn group_action(a: u8) -> GroupAction {
     }
 }
 
-fn be_u64(v: &[u8]) -> Result<u64, StorageError> {
-    let b: [u8; 8] = v.try_into().map_err(|_| StorageError::Decode("u64 value".into()))?;
-    Ok(u64::from_be_bytes(b))
+fn get<T: DeserializeOwned>(store: &Store, t: TreeId, k: &[u8]) -> Result<Option<T>, StorageError> {
+    store.get(t, k)?.map(|v| decode(&v)).transpose()
 }
 
-fn get<T: DeserializeOwned>(trees: &Trees, t: TreeId, k: &[u8]) -> Result<Option<T>, StorageError> {
-    trees.get(t).get(k)?.map(|v| decode(&v)).transpose()
-}
-
-fn get_u64(trees: &Trees, t: TreeId, k: &[u8]) -> Result<u64, StorageError> {
-    trees.get(t).get(k)?.map_or(Ok(0), |v| be_u64(&v))
-}
-
-/// fsyncs every file and directory below `dir` (and `dir` itself).
-fn fsync_tree(dir: &Path) -> Result<(), StorageError> {
-    let rd = std::fs::read_dir(dir).map_err(|e| StorageError::io(dir, e))?;
-    for ent in rd {
-        let ent = ent.map_err(|e| StorageError::io(dir, e))?;
-        let p = ent.path();
-        let ft = ent.file_type().map_err(|e| StorageError::io(&p, e))?;
-        if ft.is_dir() {
-            fsync_tree(&p)?;
-        } else if ft.is_file() {
-            std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(|e| StorageError::io(&p, e))?;
-        }
-    }
-    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| StorageError::io(dir, e))
+fn get_u64(store: &Store, t: TreeId, k: &[u8]) -> Result<u64, StorageError> {
+    store.get(t, k)?.map_or(Ok(0), |v| be_u64(&v))
 }
 
 // ---------------------------------------------------------------------- apply
 
-/// The write set of one entry: reads see earlier writes of the same entry; `commit` writes all of
-/// it, with the applied index, in one sled transaction.
+/// The write set of one entry: reads see earlier writes of the same entry, then the store;
+/// [`State::apply`] merges all of it into the store's overlay at once.
 struct Tx<'a> {
-    trees: &'a Trees,
-    writes: Vec<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    store: &'a Store,
+    writes: Layer,
 }
 
 impl<'a> Tx<'a> {
-    fn new(trees: &'a Trees) -> Self {
-        Tx { trees, writes: vec![BTreeMap::new(); TREES.len()] }
+    fn new(store: &'a Store) -> Self {
+        Tx { store, writes: Layer::new() }
     }
 
-    fn raw(&self, t: TreeId, k: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        if let Some(v) = self.writes[t as usize].get(k) {
+    fn raw(&self, t: TreeId, k: &[u8]) -> Result<Option<IVec>, StorageError> {
+        let fk = full_key(t, k);
+        if let Some(v) = self.writes.get(&fk) {
             return Ok(v.clone());
         }
-        Ok(self.trees.get(t).get(k)?.map(|v| v.to_vec()))
+        self.store.get_full(&fk)
     }
 
     fn get<T: DeserializeOwned>(&self, t: TreeId, k: &[u8]) -> Result<Option<T>, StorageError> {
@@ -532,59 +550,28 @@ impl<'a> Tx<'a> {
         Ok(self.raw(t, k)?.is_some())
     }
 
-    /// Every key of tree `t` starting with `prefix`, as it reads now (earlier writes of this
-    /// entry included; a `None` value is a deletion), in key order.
-    fn scan_prefix(&self, t: TreeId, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StorageError> {
-        let mut out: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        for kv in self.trees.get(t).scan_prefix(prefix) {
-            let (k, v) = kv?;
-            out.insert(k.to_vec(), Some(v.to_vec()));
-        }
-        for (k, v) in self.writes[t as usize].range(prefix.to_vec()..) {
-            if !k.starts_with(prefix) {
-                break;
-            }
-            out.insert(k.clone(), v.clone());
-        }
-        Ok(out.into_iter().filter(|(_, v)| v.is_some()).collect())
+    /// Every live key of table `t` starting with `prefix`, as it reads now (earlier writes of
+    /// this entry included), in key order; keys without the table byte.
+    fn scan_prefix(&self, t: TreeId, prefix: &[u8]) -> Result<Vec<(Vec<u8>, IVec)>, StorageError> {
+        self.store.scan_prefix(t, prefix, usize::MAX, Some(&self.writes))
+    }
+
+    /// Keys of table `t` from `from` on (inclusive), in key order.
+    fn keys_from(&self, t: TreeId, from: &[u8]) -> Result<Vec<Vec<u8>>, StorageError> {
+        Ok(self.store.range(t, from, std::ops::Bound::Unbounded, usize::MAX, Some(&self.writes))?.into_iter().map(|(k, _)| k).collect())
     }
 
     fn put<T: Serialize>(&mut self, t: TreeId, k: Vec<u8>, v: &T) -> Result<(), StorageError> {
-        self.writes[t as usize].insert(k, Some(encode(v)?));
+        self.writes.insert(full_key(t, &k), Some(IVec::from(encode(v)?)));
         Ok(())
     }
 
     fn put_u64(&mut self, t: TreeId, k: Vec<u8>, n: u64) {
-        self.writes[t as usize].insert(k, Some(n.to_be_bytes().to_vec()));
+        self.writes.insert(full_key(t, &k), Some(IVec::from(&n.to_be_bytes()[..])));
     }
 
     fn del(&mut self, t: TreeId, k: Vec<u8>) {
-        self.writes[t as usize].insert(k, None);
-    }
-
-    fn commit(self) -> Result<(), StorageError> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-        let writes = &self.writes;
-        let r = self.trees.all.as_slice().transaction(|tx| {
-            for (i, w) in writes.iter().enumerate() {
-                for (k, v) in w {
-                    match v {
-                        Some(v) => {
-                            tx[i].insert(k.as_slice(), v.as_slice())?;
-                        }
-                        None => {
-                            tx[i].remove(k.as_slice())?;
-                        }
-                    }
-                }
-            }
-            Ok::<(), ConflictableTransactionError<()>>(())
-        });
-        match r {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-            Err(TransactionError::Abort(())) => Err(StorageError::Decode("transaction aborted".into())),
-        }
+        self.writes.insert(full_key(t, &k), None);
     }
 }
 
@@ -835,7 +822,7 @@ impl Applier<'_> {
     /// reached every device, which the `delivered` retention needs.
     fn advance_min_cursor(&mut self, user: &str) -> Result<(), StorageError> {
         let devices = self.tx.scan_prefix(TreeId::DeviceCursor, &keys::prefix(user))?;
-        let new = devices.iter().filter_map(|(_, v)| v.as_deref().map(be_u64)).collect::<Result<Vec<_>, _>>()?.into_iter().min().unwrap_or(0);
+        let new = devices.iter().map(|(_, v)| be_u64(v)).collect::<Result<Vec<_>, _>>()?.into_iter().min().unwrap_or(0);
         let old = self.tx.get_u64(TreeId::UserMinCursor, user.as_bytes())?;
         if new <= old {
             return Ok(());
@@ -862,7 +849,6 @@ impl Applier<'_> {
     /// Deletes every token of `user` (their sockets close with 4001).
     fn revoke_all(&mut self, user: &str) -> Result<(), StorageError> {
         for (k, v) in self.tx.scan_prefix(TreeId::Tokens, &[])? {
-            let Some(v) = v else { continue };
             let t: TokenRecord = decode(&v)?;
             if t.user == user {
                 if let Ok(hash) = <TokenHash>::try_from(k.as_slice()) {
@@ -899,16 +885,7 @@ impl Applier<'_> {
     /// key order from `from`. Bounded work per entry, so purging never holds up live traffic.
     fn purge(&mut self, policy: PurgePolicy, max: u32, from: &str) -> Result<Outcome, StorageError> {
         let mut deleted = 0u32;
-        let convs: Vec<Vec<u8>> = self
-            .tx
-            .trees
-            .get(TreeId::ConvMeta)
-            .range(from.as_bytes().to_vec()..)
-            .keys()
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .map(|k| k.to_vec())
-            .collect();
+        let convs = self.tx.keys_from(TreeId::ConvMeta, from.as_bytes())?;
         for key in convs {
             let conv = String::from_utf8_lossy(&key).into_owned();
             if deleted >= max {

@@ -1,6 +1,9 @@
-//! Every sled tree, declared in one table (STYLE habit 10): name, key layout, value layout.
+//! Every table of the state, declared in one place (STYLE habit 10): name, key layout, value
+//! layout. All tables live in one sled tree, `state` ([`STATE_TREE`](super::store::STATE_TREE)):
+//! a stored key is the table's byte (its [`TreeId`] as `u8`) followed by the key below, so one
+//! atomic `apply_batch` can write every table (see [`store`](super::store)).
 //!
-//! | tree | key | value |
+//! | table | key | value |
 //! | --- | --- | --- |
 //! | `meta` | `b"applied"` | u64 BE: index of the last applied log entry |
 //! | `users` | user | [`UserRecord`](super::records::UserRecord) |
@@ -15,9 +18,9 @@
 //! | `groups` | group id | [`GroupRecord`](super::records::GroupRecord) |
 //! | `user_min_cursor` | user | u64 BE: the lowest cursor over the user's devices (every device has reached it) |
 //!
-//! Outside the log (not in this table's transaction): `presence_last_seen` (user → u64 BE ms).
+//! Outside the log, in a sled tree of its own: `presence_last_seen` (user → u64 BE ms).
 
-/// Index of each tree in [`TREES`] and in `Trees::all`.
+/// Each table; its value is the key prefix byte in the `state` tree and its index in [`TREES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(usize)]
 pub enum TreeId {
@@ -35,7 +38,26 @@ pub enum TreeId {
     UserMinCursor,
 }
 
-/// The trees' names, in [`TreeId`] order.
+impl TreeId {
+    /// Every table, in order.
+    pub const ALL: [TreeId; 12] = [
+        TreeId::Meta,
+        TreeId::Users,
+        TreeId::Tokens,
+        TreeId::UserHead,
+        TreeId::UserEvEvent,
+        TreeId::ConvMeta,
+        TreeId::ConvSeqMessage,
+        TreeId::SenderIdAck,
+        TreeId::DeviceCursor,
+        TreeId::UserConvState,
+        TreeId::Groups,
+        TreeId::UserMinCursor,
+    ];
+}
+
+/// The tables' names, in [`TreeId`] order (also the sled tree names of the layout before the
+/// single tree, which [`Store::open`](super::store::Store::open) migrates).
 pub const TREES: [&str; 12] = [
     "meta",
     "users",
@@ -53,23 +75,3 @@ pub const TREES: [&str; 12] = [
 
 /// `meta` key of the applied index.
 pub const APPLIED_KEY: &[u8] = b"applied";
-
-/// The open trees.
-#[derive(Clone)]
-pub struct Trees {
-    /// In [`TreeId`] order.
-    pub all: Vec<sled::Tree>,
-}
-
-impl Trees {
-    /// Opens (creating) every tree of [`TREES`].
-    pub fn open(db: &sled::Db) -> sled::Result<Trees> {
-        let all = TREES.iter().map(|n| db.open_tree(n)).collect::<sled::Result<Vec<_>>>()?;
-        Ok(Trees { all })
-    }
-
-    /// One tree.
-    pub fn get(&self, id: TreeId) -> &sled::Tree {
-        &self.all[id as usize]
-    }
-}
