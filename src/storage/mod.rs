@@ -3,6 +3,7 @@
 //! The write path reads top to bottom (STYLE habit 11): append batch → fsync → apply → answer.
 //! Nothing else acknowledges.
 
+pub mod hot;
 pub mod keys;
 pub mod pipeline;
 pub mod records;

@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use sled::IVec;
 
+use super::hot::{self, Hot};
 use super::keys;
 use super::records::*;
 use super::store::{self, be_u64, full_key, Layer, Store, STATE_TREE};
@@ -112,6 +113,8 @@ pub struct State {
     db: sled::Db,
     store: Store,
     dir: PathBuf,
+    /// Apply's hot state; locked by apply only (on the commit thread, so never contended).
+    hot: parking_lot::Mutex<Hot>,
     /// Set by tests that simulate a crash: drop without writing the overlay to sled.
     crash_on_drop: std::sync::atomic::AtomicBool,
 }
@@ -138,7 +141,7 @@ impl State {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
         let store = Store::open(&db, dir)?;
-        Ok(State { db, store, dir: dir.to_owned(), crash_on_drop: Default::default() })
+        Ok(State { db, store, dir: dir.to_owned(), hot: Default::default(), crash_on_drop: Default::default() })
     }
 
     /// Index of the last applied log entry (0: none).
@@ -174,8 +177,10 @@ impl State {
         if index != applied + 1 {
             return Err(StorageError::Sequence { applied, got: index });
         }
+        let mut hot = self.hot.lock();
+        hot.trim();
         let mut a = Applier {
-            tx: Tx::new(&self.store),
+            tx: Tx { store: &self.store, writes: Layer::new(), hot: &mut hot },
             ts: entry.ts,
             index,
             position: 0,
@@ -183,11 +188,16 @@ impl State {
             receipts: BTreeMap::new(),
         };
         let mut outcomes = Vec::with_capacity(entry.commands.len());
-        for (i, c) in entry.commands.iter().enumerate() {
+        let applied = entry.commands.iter().enumerate().try_for_each(|(i, c)| {
             a.position = i as u64;
             outcomes.push(a.command(c)?);
+            Ok(())
+        });
+        if let Err(e) = applied.and_then(|()| a.flush_receipts()) {
+            // Nothing of the entry reached the store; what the cache saw of it must go too.
+            a.tx.hot.clear();
+            return Err(e);
         }
-        a.flush_receipts()?;
         let Applier { tx, effects, .. } = a;
         self.store.merge(index, tx.writes);
         if self.store.dirty_keys() > store::MAX_DIRTY_KEYS {
@@ -523,31 +533,89 @@ fn get_u64(store: &Store, t: TreeId, k: &[u8]) -> Result<u64, StorageError> {
 struct Tx<'a> {
     store: &'a Store,
     writes: Layer,
+    /// Apply's cache; every write of this entry goes through to it (dropped if apply fails).
+    hot: &'a mut Hot,
 }
 
 impl<'a> Tx<'a> {
-    fn new(store: &'a Store) -> Self {
-        Tx { store, writes: Layer::new() }
-    }
-
-    fn raw(&self, t: TreeId, k: &[u8]) -> Result<Option<IVec>, StorageError> {
+    fn raw(&mut self, t: TreeId, k: &[u8]) -> Result<Option<IVec>, StorageError> {
         let fk = full_key(t, k);
         if let Some(v) = self.writes.get(&fk) {
             return Ok(v.clone());
         }
-        self.store.get_full(&fk)
+        if !hot::cached(t) {
+            return self.store.get_full(&fk);
+        }
+        if let Some(v) = self.hot.values.get(&fk) {
+            return Ok(v.clone());
+        }
+        let v = self.store.get_full(&fk)?;
+        self.hot.values.insert(fk, v.clone());
+        Ok(v)
     }
 
-    fn get<T: DeserializeOwned>(&self, t: TreeId, k: &[u8]) -> Result<Option<T>, StorageError> {
+    fn get<T: DeserializeOwned>(&mut self, t: TreeId, k: &[u8]) -> Result<Option<T>, StorageError> {
         self.raw(t, k)?.map(|v| decode(&v)).transpose()
     }
 
-    fn get_u64(&self, t: TreeId, k: &[u8]) -> Result<u64, StorageError> {
+    fn get_u64(&mut self, t: TreeId, k: &[u8]) -> Result<u64, StorageError> {
         self.raw(t, k)?.map_or(Ok(0), |v| be_u64(&v))
     }
 
-    fn exists(&self, t: TreeId, k: &[u8]) -> Result<bool, StorageError> {
+    fn exists(&mut self, t: TreeId, k: &[u8]) -> Result<bool, StorageError> {
         Ok(self.raw(t, k)?.is_some())
+    }
+
+    /// False when `user` certainly never sent a message with this `id` (no dedup record to
+    /// read); true when it may have.
+    fn maybe_sent(&mut self, user: &str, id: &str) -> Result<bool, StorageError> {
+        if !self.hot.sent.contains_key(user) {
+            let ids = self.scan_prefix(TreeId::SenderIdAck, &keys::prefix(user))?;
+            let set = (ids.len() <= hot::MAX_IDS_PER_USER)
+                .then(|| ids.iter().filter_map(|(k, _)| keys::pair_suffix(k)).map(hot::id_hash).collect::<std::collections::HashSet<u64>>());
+            self.hot.sent_ids += set.as_ref().map_or(0, |s| s.len());
+            self.hot.sent.insert(user.to_owned(), set);
+        }
+        Ok(match self.hot.sent.get(user) {
+            Some(Some(set)) => set.contains(&hot::id_hash(id)),
+            _ => true,
+        })
+    }
+
+    /// Remembers that `user` sent `id` (its dedup record is written in this entry).
+    fn note_sent(&mut self, user: &str, id: &str) {
+        if let Some(Some(set)) = self.hot.sent.get_mut(user) {
+            if set.insert(hot::id_hash(id)) {
+                self.hot.sent_ids += 1;
+            }
+        }
+    }
+
+    /// Every device cursor of `user`.
+    fn device_cursors(&mut self, user: &str) -> Result<Vec<u64>, StorageError> {
+        if !self.hot.devices.contains_key(user) {
+            let all = self.scan_prefix(TreeId::DeviceCursor, &keys::prefix(user))?;
+            self.hot.devices.insert(user.to_owned(), all.into_iter().collect());
+        }
+        self.hot.devices.get(user).map_or(Ok(Vec::new()), |d| d.values().map(|v| be_u64(v)).collect())
+    }
+
+    /// Records a write in this entry's write set and in the cache.
+    fn write(&mut self, t: TreeId, k: Vec<u8>, v: Option<IVec>) {
+        let fk = full_key(t, &k);
+        if t == TreeId::DeviceCursor {
+            let user = k.split(|&b| b == keys::SEP).next().map(|u| String::from_utf8_lossy(u).into_owned()).unwrap_or_default();
+            if let Some(d) = self.hot.devices.get_mut(&user) {
+                match &v {
+                    Some(v) => d.insert(k, v.clone()),
+                    None => d.remove(&k),
+                };
+            }
+        }
+        if hot::cached(t) {
+            self.hot.values.insert(fk.clone(), v.clone());
+        }
+        self.writes.insert(fk, v);
     }
 
     /// Every live key of table `t` starting with `prefix`, as it reads now (earlier writes of
@@ -562,16 +630,16 @@ impl<'a> Tx<'a> {
     }
 
     fn put<T: Serialize>(&mut self, t: TreeId, k: Vec<u8>, v: &T) -> Result<(), StorageError> {
-        self.writes.insert(full_key(t, &k), Some(IVec::from(encode(v)?)));
+        self.write(t, k, Some(IVec::from(encode(v)?)));
         Ok(())
     }
 
     fn put_u64(&mut self, t: TreeId, k: Vec<u8>, n: u64) {
-        self.writes.insert(full_key(t, &k), Some(IVec::from(&n.to_be_bytes()[..])));
+        self.write(t, k, Some(IVec::from(&n.to_be_bytes()[..])));
     }
 
     fn del(&mut self, t: TreeId, k: Vec<u8>) {
-        self.writes.insert(full_key(t, &k), None);
+        self.write(t, k, None);
     }
 }
 
@@ -656,7 +724,7 @@ impl Applier<'_> {
         Ok(())
     }
 
-    fn user_conv(&self, user: &str, conv: &str) -> Result<Option<UserConvRecord>, StorageError> {
+    fn user_conv(&mut self, user: &str, conv: &str) -> Result<Option<UserConvRecord>, StorageError> {
         self.tx.get(TreeId::UserConvState, &keys::pair(user, conv))
     }
 
@@ -664,13 +732,15 @@ impl Applier<'_> {
         self.tx.put(TreeId::UserConvState, keys::pair(user, conv), uc)
     }
 
-    fn meta(&self, conv: &str) -> Result<ConvMeta, StorageError> {
+    fn meta(&mut self, conv: &str) -> Result<ConvMeta, StorageError> {
         Ok(self.tx.get(TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default())
     }
 
     fn send(&mut self, from: &str, id: &str, conv: &str, body: &str) -> Result<Outcome, StorageError> {
-        if let Some(a) = self.tx.get::<AckRecord>(TreeId::SenderIdAck, &keys::pair(from, id))? {
-            return Ok(Outcome::Sent { conv: a.conv, seq: a.seq, ts: a.ts, duplicate: true });
+        if self.tx.maybe_sent(from, id)? {
+            if let Some(a) = self.tx.get::<AckRecord>(TreeId::SenderIdAck, &keys::pair(from, id))? {
+                return Ok(Outcome::Sent { conv: a.conv, seq: a.seq, ts: a.ts, duplicate: true });
+            }
         }
         let Some(parsed) = Conv::parse(conv) else {
             return Ok(Outcome::Refused(Refusal::BadRequest(format!("bad conversation {conv}"))));
@@ -702,6 +772,7 @@ impl Applier<'_> {
         self.tx.put(TreeId::ConvSeqMessage, keys::num(conv, seq), &rec)?;
         let ack = AckRecord { conv: conv.to_owned(), seq, ts: self.ts };
         self.tx.put(TreeId::SenderIdAck, keys::pair(from, id), &ack)?;
+        self.tx.note_sent(from, id);
         let payload = Arc::new(EventPayload::Message(message_view(conv, seq, rec)));
         let ev_rec = EventRecord::Message { conv: conv.to_owned(), seq, from: from.to_owned() };
         for m in &members {
@@ -821,8 +892,7 @@ impl Applier<'_> {
     /// Recomputes the lowest cursor over `user`'s devices; message events it newly passes have
     /// reached every device, which the `delivered` retention needs.
     fn advance_min_cursor(&mut self, user: &str) -> Result<(), StorageError> {
-        let devices = self.tx.scan_prefix(TreeId::DeviceCursor, &keys::prefix(user))?;
-        let new = devices.iter().map(|(_, v)| be_u64(v)).collect::<Result<Vec<_>, _>>()?.into_iter().min().unwrap_or(0);
+        let new = self.tx.device_cursors(user)?.into_iter().min().unwrap_or(0);
         let old = self.tx.get_u64(TreeId::UserMinCursor, user.as_bytes())?;
         if new <= old {
             return Ok(());
@@ -924,7 +994,7 @@ impl Applier<'_> {
     }
 
     /// The highest seq of `conv` that reached every device of every current member.
-    fn delivered_everywhere(&self, conv: &str) -> Result<u64, StorageError> {
+    fn delivered_everywhere(&mut self, conv: &str) -> Result<u64, StorageError> {
         let members: Vec<String> = match Conv::parse(conv) {
             Some(Conv::Dm { a, b }) => vec![a, b],
             Some(Conv::Group(g)) => match self.tx.get::<GroupRecord>(TreeId::Groups, g.as_bytes())? {
@@ -956,7 +1026,7 @@ impl Applier<'_> {
     }
 
     /// Dedups `users` (keeping order) and checks each exists.
-    fn existing_users(&self, users: &[String]) -> Result<Result<Vec<String>, Refusal>, StorageError> {
+    fn existing_users(&mut self, users: &[String]) -> Result<Result<Vec<String>, Refusal>, StorageError> {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
         for u in users {
@@ -1000,7 +1070,7 @@ impl Applier<'_> {
     }
 
     /// The group, when `by` is an admin of it.
-    fn admin_group(&self, group: &str, by: &str) -> Result<Result<GroupRecord, Refusal>, StorageError> {
+    fn admin_group(&mut self, group: &str, by: &str) -> Result<Result<GroupRecord, Refusal>, StorageError> {
         let Some(g) = self.tx.get::<GroupRecord>(TreeId::Groups, group.as_bytes())? else {
             return Ok(Err(Refusal::NotMember));
         };
