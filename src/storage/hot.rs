@@ -10,15 +10,15 @@
 //!
 //! Three caches:
 //! - `values`: raw values of the small per-user and per-conversation tables (users, heads,
-//!   conversation meta, per-user conversation state, groups, cursors) and of recent events;
+//!   conversation meta, per-user conversation state, groups, cursors);
 //! - `devices`: every device cursor of a user, for the lowest-cursor computation of `received`;
 //! - `sent`: hashes of every client message id a user ever sent, so a new `send` knows that its
 //!   id is not a resend without reading the dedup table (a hit still reads the dedup record).
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
+use fxhash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
 use sled::IVec;
 
 use super::trees::TreeId;
@@ -44,13 +44,12 @@ pub fn cached(t: TreeId) -> bool {
             | TreeId::Groups
             | TreeId::DeviceCursor
             | TreeId::UserMinCursor
-            | TreeId::UserEvEvent
     )
 }
 
 /// The hash of a client message id in a [`Hot::sent`] set (in memory only, never stored).
 pub fn id_hash(id: &str) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = FxHasher::default();
     id.hash(&mut h);
     h.finish()
 }
@@ -77,13 +76,13 @@ impl Hot {
     /// Keeps memory bounded: drops a cache that grew past its bound. Called between entries.
     pub fn trim(&mut self) {
         if self.values.len() > MAX_VALUES {
-            self.values = HashMap::new();
+            self.values = HashMap::default();
         }
         if self.devices.len() > MAX_VALUES / 4 {
-            self.devices = HashMap::new();
+            self.devices = HashMap::default();
         }
         if self.sent_ids > MAX_IDS {
-            self.sent = HashMap::new();
+            self.sent = HashMap::default();
             self.sent_ids = 0;
         }
     }

@@ -572,7 +572,7 @@ impl<'a> Tx<'a> {
         if !self.hot.sent.contains_key(user) {
             let ids = self.scan_prefix(TreeId::SenderIdAck, &keys::prefix(user))?;
             let set = (ids.len() <= hot::MAX_IDS_PER_USER)
-                .then(|| ids.iter().filter_map(|(k, _)| keys::pair_suffix(k)).map(hot::id_hash).collect::<std::collections::HashSet<u64>>());
+                .then(|| ids.iter().filter_map(|(k, _)| keys::pair_suffix(k)).map(hot::id_hash).collect::<fxhash::FxHashSet<u64>>());
             self.hot.sent_ids += set.as_ref().map_or(0, |s| s.len());
             self.hot.sent.insert(user.to_owned(), set);
         }
