@@ -64,6 +64,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         .disable_signals()
         .listen(listener.try_clone()?)?
         .run();
+    tracing::info!(data = %cfg.server.data_dir.display(), "recovering storage; a stand-in server answers 503 until it is done");
     let boot_handle = boot.handle();
     let boot_task = actix_rt::spawn(boot);
     let data = cfg.server.data_dir.clone();
@@ -72,6 +73,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         let data = data.clone();
         actix_web::rt::task::spawn_blocking(move || storage::open(&data, cfg.storage.segment_bytes, cfg.storage.cache_bytes)).await??
     };
+    crate::data_dir::mark(&data).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", data.join(crate::data_dir::MARKER).display()))?;
     tracing::info!(
         applied_before = stats.applied_before,
         replayed = stats.replayed,

@@ -304,6 +304,59 @@ async fn admin_manages_users_offline_counts_verifies_and_refuses_while_a_server_
     assert!(r.err.contains("corrupt") && r.err.contains(name) && r.err.contains(&mid.start.to_string()), "verify does not name the bad record ({name} at byte {}): {r}", mid.start);
 }
 
+/// The papercuts of issue 15: `--data` after the subcommand, dates in ISO 8601 (raw ms under
+/// `--json`), deleted users counted apart, a deleted user's id refused with a reason, a second
+/// delete refused, and a backup refusal said once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_says_what_happened_to_deleted_users_and_takes_data_anywhere() {
+    let dir = TestDir::new();
+    let data = dir.data();
+    let d = data.to_str().expect("utf-8 path");
+    // `--data` after the subcommand, and before it (the harness's way).
+    for user in ["frank", "grace"] {
+        let r = admin(&dir, &data, &["user", "add", user, "--password", PASSWORD, "--data", d], None).await;
+        assert!(r.ok(), "{r}");
+    }
+    assert!(data.join(parley::data_dir::MARKER).is_file(), "no marker in a directory admin made");
+    let r = admin(&dir, &data, &["user", "delete", "frank", "--data", d], None).await;
+    assert!(r.ok(), "{r}");
+    let r = admin(&dir, &data, &["user", "delete", "frank"], None).await;
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.err.contains("user frank was already deleted"), "{r}");
+    let r = admin(&dir, &data, &["user", "add", "frank", "--password", PASSWORD], None).await;
+    assert!(!r.ok() && r.err.contains("belonged to a deleted user") && r.err.contains("never given out again"), "{r}");
+
+    let r = admin(&dir, &data, &["user", "list", "--data", d], None).await;
+    assert!(r.ok(), "{r}");
+    let lines: Vec<Vec<&str>> = r.out.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 2, "{r}");
+    assert_eq!((lines[0][0], lines[0].get(2).copied()), ("frank", Some("deleted")), "{r}");
+    let created = lines[1][1].strip_prefix("created=").unwrap_or_else(|| panic!("no created=: {r}"));
+    // 2026-11-29T10:32:11.346Z
+    let shape: String = created.chars().map(|c| if c.is_ascii_digit() { '9' } else { c }).collect();
+    assert_eq!(shape, "9999-99-99T99:99:99.999Z", "not ISO 8601 UTC: {created}");
+    let r = admin(&dir, &data, &["user", "list", "--json"], None).await;
+    let v: Value = serde_json::from_str(&r.out).unwrap_or_else(|e| panic!("--json: {e}: {r}"));
+    let grace = &v.as_array().expect("an array")[1];
+    assert_eq!((grace["user"].as_str(), grace["deleted"].as_bool()), (Some("grace"), Some(false)), "{v}");
+    let ms = grace["created_ms"].as_u64().expect("created_ms");
+    assert!(ms.abs_diff(crate::common::now_ms()) < 3_600_000, "created_ms {ms} is not ms since the epoch");
+    assert_eq!(parley::admin::iso8601_utc(ms), created);
+
+    let r = admin(&dir, &data, &["stats", "--data", d], None).await;
+    for want in ["users: 1", "deleted users: 1"] {
+        assert!(r.out.lines().any(|l| l == want), "stats lacks `{want}`: {r}");
+    }
+
+    // A second backup into the same directory is refused, and says so once.
+    let b = dir.path().join("backup");
+    let r = admin(&dir, &data, &["backup", b.to_str().expect("utf-8")], None).await;
+    assert!(r.ok(), "{r}");
+    let r = admin(&dir, &data, &["backup", b.to_str().expect("utf-8")], None).await;
+    assert!(!r.ok() && r.err.matches("not empty").count() == 1, "said once: {r}");
+    assert_eq!(r.err.trim().lines().count(), 1, "{r}");
+}
+
 // ---------------------------------------------------------------------------------- 12. backup
 
 /// Sends `me` → `to` in windows of 4 until `stop`; returns every ack with when it arrived.
