@@ -125,7 +125,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     let _ = boot_task.await;
     let data = web::Data::new(shared.clone());
     let workers = if cfg.server.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { cfg.server.workers };
-    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(crate::http::routes))
+    let server = HttpServer::new(move || App::new().app_data(data.clone()).wrap(crate::http::json_errors()).configure(crate::http::routes))
         .on_connect(crate::http::on_connect)
         .workers(workers)
         // Frames are small and latency-bound: do not let Nagle hold them for the peer's delayed ACK.
