@@ -83,6 +83,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         "storage recovered"
     );
     metrics::gauge!("parley_recovery_seconds").set(stats.millis as f64 / 1000.0);
+    metrics::gauge!("parley_log_bytes").set(wal.size_bytes() as f64);
+    metrics::gauge!("parley_log_segments").set(wal.segment_count() as f64);
     let state = Arc::new(state);
     let presence_tree = sled_presence_tree(&state)?;
     let presence = PresenceHub::new(presence_tree);

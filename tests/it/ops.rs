@@ -731,6 +731,43 @@ async fn metrics_have_the_documented_names_and_move_with_traffic() {
     drop((third, alice, bob));
 }
 
+/// A fresh server exports every metric family of the README's table, at zero, with its known
+/// label values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_server_exports_every_documented_metric_family() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).expect("README.md");
+    let table = readme.split("### Metrics").nth(1).expect("a Metrics section");
+    let mut families = Vec::new();
+    for row in table.lines().skip_while(|l| !l.starts_with('|')).take_while(|l| l.starts_with('|')) {
+        let first = row.split('|').nth(1).unwrap_or_default();
+        for name in first.split('`').filter(|w| w.starts_with("parley_")) {
+            families.push(name.split('{').next().expect("name").to_owned());
+        }
+    }
+    assert_eq!(families.len(), 23, "the README's table: {families:?}");
+    let dir = TestDir::new();
+    let srv = Server::start(&dir).await;
+    let m = metrics(srv.addr).await;
+    let missing: Vec<&String> = families.iter().filter(|f| !m.contains(&format!("# TYPE {f} "))).collect();
+    assert!(missing.is_empty(), "a fresh server lacks {missing:?}:\n{m}");
+    for f in &families {
+        let histogram = m.contains(&format!("# TYPE {f} histogram"));
+        let sample = if histogram { format!("{f}_count") } else { f.clone() };
+        assert!(metric(&m, &sample, &[]).is_some(), "{f} has no sample:\n{m}");
+    }
+    for (name, label) in [
+        ("parley_logins_total", "result=\"ok\""),
+        ("parley_logins_total", "result=\"failed\""),
+        ("parley_rate_limited_total", "what=\"send\""),
+        ("parley_rate_limited_total", "what=\"login\""),
+        ("parley_actor_restarts_total", "actor=\"registry\""),
+        ("parley_actor_restarts_total", "actor=\"presence\""),
+        ("parley_admission_rejections_total", "why=\"too many open connections\""),
+    ] {
+        assert_eq!(metric(&m, name, &[label]), Some(0.0), "{name}{{{label}}} at zero:\n{m}");
+    }
+}
+
 // ---------------------------------------------------------------------------------- 15. logs
 
 /// Starts the binary with `env` and no `--log-format`, waits for its listening line, stops it
