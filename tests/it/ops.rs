@@ -607,7 +607,8 @@ async fn forever_retention_keeps_everything() {
     let (ms, more, deleted) = page(&mut bob, "dm:alice:bob").await;
     assert_eq!((ms.len(), more, deleted), (4, false, None));
     let m = metrics(srv.addr).await;
-    assert_eq!(metric(&m, "parley_retention_deleted_total", &[]), None);
+    // Exported from the start (issue 15), and still at zero: nothing was deleted.
+    assert_eq!(metric(&m, "parley_retention_deleted_total", &[]), Some(0.0));
 }
 
 // ---------------------------------------------------------------------------------- 14. metrics
