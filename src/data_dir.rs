@@ -3,7 +3,8 @@
 //! parley takes a directory that is missing (it is created), empty, or one that parley made: it
 //! holds the marker file [`MARKER`], or (directories from before the marker, backups restored
 //! with `parley admin restore`) `LOCK`, `state/` or `wal/`. Anything else, a file or a directory
-//! of someone else's files, is refused, so parley never writes its files beside a user's.
+//! of someone else's files, is refused, so parley never writes its files beside a user's. (A
+//! mount point's `lost+found` does not count.)
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,10 @@ const MARKER_TEXT: &str = "This directory holds a parley server's data (write-ah
 
 /// Entries that only parley puts into a data directory.
 const OURS: &[&str] = &[MARKER, "LOCK", "state", "wal"];
+
+/// Entries that do not make a directory someone else's: a fresh file system's `lost+found` (a
+/// data directory is often a mount point).
+const IGNORED: &[&str] = &["lost+found"];
 
 /// A path that cannot be used as a data directory.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +67,9 @@ pub fn check(path: &Path) -> Result<(), DataDirError> {
         if OURS.contains(&name.as_str()) {
             return Ok(());
         }
-        names.push(name);
+        if !IGNORED.contains(&name.as_str()) {
+            names.push(name);
+        }
     }
     if names.is_empty() {
         return Ok(());
@@ -97,6 +104,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         assert!(check(&t.path().join("new")).is_ok(), "missing");
         assert!(check(t.path()).is_ok(), "empty");
+        std::fs::create_dir(t.path().join("lost+found")).unwrap();
+        assert!(check(t.path()).is_ok(), "a fresh mount point");
         for ours in ["LOCK", "state", "wal", MARKER] {
             let d = t.path().join(format!("d-{ours}"));
             std::fs::create_dir_all(d.join(ours)).unwrap();
