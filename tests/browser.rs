@@ -585,6 +585,8 @@ async fn web_client_in_headless_chromium(chromium: PathBuf, chromedriver: PathBu
         send(&alice, t).await;
     }
     wait_message(&bob, "bob", "alice", &b.more[54]).await;
+    // Its own line: typing these key by key through WebDriver is most of this part's time.
+    step(t0, "55 more messages typed by alice and shown to bob");
     let pair = |from: &str, body: &str| (from.to_owned(), body.to_owned());
     let mut expected = vec![
         pair("alice", a1),
