@@ -266,6 +266,7 @@ async fn admin_manages_users_offline_counts_verifies_and_refuses_while_a_server_
     assert_eq!(st, 401, "login of a deleted user: {body}");
     let (st, body) = http(srv.addr, "POST", "/v1/register", Some(&json!({"user": "carol", "password": PASSWORD})), None).await;
     assert_eq!((st, body["error"].as_str()), (409, Some("user_exists")), "registering a deleted id: {body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("deleted user")), "the refusal says why: {body}");
     // She left the group.
     let mut alice = srv.connect(&a, None).await.client;
     match alice.request("gi", ClientFrame::GroupInfo { group: group.clone() }).await {
@@ -325,6 +326,8 @@ async fn admin_says_what_happened_to_deleted_users_and_takes_data_anywhere() {
     assert!(r.err.contains("user frank was already deleted"), "{r}");
     let r = admin(&dir, &data, &["user", "add", "frank", "--password", PASSWORD], None).await;
     assert!(!r.ok() && r.err.contains("belonged to a deleted user") && r.err.contains("never given out again"), "{r}");
+    let r = admin(&dir, &data, &["user", "reset-password", "frank", "--password", PASSWORD], None).await;
+    assert!(r.code == Some(1) && r.err.contains("user frank was deleted"), "{r}");
 
     let r = admin(&dir, &data, &["user", "list", "--data", d], None).await;
     assert!(r.ok(), "{r}");

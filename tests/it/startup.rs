@@ -95,6 +95,12 @@ async fn a_second_server_on_one_directory_is_refused_and_start_up_says_what_it_d
     let e = serve(&dir.data(), "127.0.0.1:0", &[], &[]).await;
     refused(&e, "is in use by another parley process");
     assert!(!e.stderr.contains("/v1/admin/backup"), "serve's refusal carries admin's hint: {}", e.stderr);
+    // ... which `parley admin` does carry: a backup while the server runs is an HTTP request.
+    let admin = tokio::process::Command::new(env!("CARGO_BIN_EXE_parley")).args(["admin", "stats", "--data"]).arg(dir.data()).stdin(Stdio::null()).kill_on_drop(true).output();
+    let admin = within(T, "parley admin to exit", admin).await.expect("run parley admin");
+    let err = String::from_utf8_lossy(&admin.stderr);
+    assert_eq!(admin.status.code(), Some(1), "{err}");
+    assert!(err.contains("is in use by another parley process") && err.contains("POST /v1/admin/backup"), "{err}");
 
     let log = srv.log();
     let messages: Vec<String> = log
