@@ -39,6 +39,9 @@ pub enum DataDirError {
         /// A few of its entries, for the message.
         found: String,
     },
+    /// A backup target that holds files already.
+    #[error("{} is not empty; a backup goes into a new or empty directory", .0.display())]
+    NotEmpty(PathBuf),
     /// The path could not be inspected.
     #[error("cannot use {} as the data directory: {source}", path.display())]
     Io {
@@ -81,6 +84,19 @@ pub fn check(path: &Path) -> Result<(), DataDirError> {
         found.push_str(&format!(" and {more} more"));
     }
     Err(DataDirError::Foreign { path: path.to_owned(), found })
+}
+
+/// Checks that `dir` can receive a backup, without changing anything: it is missing or an empty
+/// directory (a backup is never mixed with other files).
+pub fn check_backup_target(dir: &Path) -> Result<(), DataDirError> {
+    let io = |source| DataDirError::Io { path: dir.to_owned(), source };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(e)),
+        Ok(m) if !m.is_dir() => Err(DataDirError::NotADirectory(dir.to_owned())),
+        Ok(_) if std::fs::read_dir(dir).map_err(io)?.next().is_some() => Err(DataDirError::NotEmpty(dir.to_owned())),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Writes the marker file into `path` (an existing data directory) unless it is there already.
@@ -137,5 +153,7 @@ mod tests {
         std::fs::write(d.join("notes.txt"), "x").unwrap();
         let e = check(&d).unwrap_err().to_string();
         assert!(e.contains("not a parley data directory") && e.contains("notes.txt"), "{e}");
+        assert!(check_backup_target(&d).unwrap_err().to_string().contains("is not empty"));
+        assert!(check_backup_target(&f).is_err() && check_backup_target(&t.path().join("new")).is_ok());
     }
 }

@@ -207,6 +207,9 @@ async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::By
     let Ok(b) = serde_json::from_slice::<Body>(&body) else {
         return error(ErrorCode::BadRequest, "body must be {\"dir\": PATH}");
     };
+    if let Err(e) = crate::data_dir::check_backup_target(&b.dir) {
+        return error(ErrorCode::BadRequest, &format!("backup failed: {e}"));
+    }
     match s.pipeline.backup(b.dir.clone()).await {
         Ok(applied) => HttpResponse::Ok().json(serde_json::json!({ "dir": b.dir, "applied_index": applied })),
         Err(e) => error(ErrorCode::BadRequest, &format!("backup failed: {e}")),

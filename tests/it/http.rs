@@ -106,6 +106,12 @@ async fn the_authorization_scheme_is_case_insensitive() {
     let body = json!({ "dir": dir.path().join("backup") }).to_string();
     let r = http_full(srv.addr, "POST", "/v1/admin/backup", &[("Authorization", &format!("BEARER {TOKEN}"))], &body).await;
     assert_eq!(r.status, 200, "backup with `BEARER`: {}", r.text());
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).expect("mkdir");
+    std::fs::write(full.join("notes.txt"), "x").expect("write");
+    let r = http_full(srv.addr, "POST", "/v1/admin/backup", &[("Authorization", &format!("Bearer {TOKEN}"))], &json!({ "dir": full }).to_string()).await;
+    assert_eq!(r.status, 400, "a backup into a directory with files: {}", r.text());
+    assert!(r.json()["message"].as_str().is_some_and(|m| m.matches("not empty").count() == 1), "{}", r.text());
     let r = http_full(srv.addr, "POST", "/v1/admin/backup", &[("Authorization", &format!("Basic {TOKEN}"))], &body).await;
     assert_eq!((r.status, r.json()["error"].clone()), (401, Value::from("unauthorized")), "another scheme: {}", r.text());
 }

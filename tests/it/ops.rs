@@ -358,6 +358,13 @@ async fn admin_says_what_happened_to_deleted_users_and_takes_data_anywhere() {
     let r = admin(&dir, &data, &["backup", b.to_str().expect("utf-8")], None).await;
     assert!(!r.ok() && r.err.matches("not empty").count() == 1, "said once: {r}");
     assert_eq!(r.err.trim().lines().count(), 1, "{r}");
+    // ... and so is one holding someone's files (a backup is never mixed with them).
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).expect("mkdir");
+    std::fs::write(full.join("notes.txt"), "x").expect("write");
+    let r = admin(&dir, &data, &["backup", full.to_str().expect("utf-8")], None).await;
+    assert!(!r.ok() && r.err.contains("is not empty; a backup goes into a new or empty directory"), "{r}");
+    assert_eq!(std::fs::read_dir(&full).expect("read").count(), 1, "the refused backup wrote into {}", full.display());
 }
 
 // ---------------------------------------------------------------------------------- 12. backup
