@@ -48,8 +48,12 @@ pub enum UserCmd {
         #[arg(long)]
         password: Option<String>,
     },
-    /// List users.
-    List,
+    /// List users: id, creation time (ISO 8601, UTC), deleted ones marked.
+    List {
+        /// A JSON array instead, with the creation time in ms since the Unix epoch (`created_ms`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a user: tokens revoked, groups left; the id is never given out again.
     Delete { user: String },
     /// Set a new password (from --password or stdin) and revoke every token of the user.
@@ -61,7 +65,20 @@ pub enum UserCmd {
 }
 
 /// Runs an admin command on `data`.
+///
+/// # Errors
+/// Whatever stops the command, as a message for the operator: a data directory that is not
+/// parley's or is held by a running server, a refused change (unknown or deleted user), I/O.
 pub fn run(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
+    crate::data_dir::check(data)?;
+    run_on(cfg, data, cmd).map_err(|e| match e.downcast_ref::<storage::StorageError>() {
+        // The hint belongs here, not to `serve`: an admin command cannot share the directory.
+        Some(storage::StorageError::Locked { .. }) => anyhow::anyhow!("{e}; a running server takes backups through POST /v1/admin/backup"),
+        _ => e,
+    })
+}
+
+fn run_on(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
     // Every command but restore and `user add` (which may provision a new directory) works on an
     // existing data directory: a typo must not look like an empty, healthy database.
     let creates = matches!(cmd, AdminCmd::Restore { .. } | AdminCmd::User { cmd: UserCmd::Add { .. } });
@@ -92,12 +109,17 @@ pub fn run(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::Restore { dir, force } => restore(data, &dir, force),
         cmd => {
             let opened = storage::open(data, cfg.storage.segment_bytes, cfg.storage.cache_bytes)?;
+            crate::data_dir::mark(data).with_context(|| format!("writing {}", data.join(crate::data_dir::MARKER).display()))?;
             let (state, mut wal) = (opened.state, opened.wal);
             match cmd {
                 AdminCmd::Stats => {
-                    let (users, convs, messages) = state.counts()?;
+                    let (_, convs, messages) = state.counts()?;
+                    let all = state.users()?;
+                    let deleted = all.iter().filter(|(_, u)| u.deleted).count();
+                    let users = all.len() - deleted;
                     let groups = state.group_count()?;
                     println!("users: {users}");
+                    println!("deleted users: {deleted}");
                     println!("conversations: {convs}");
                     println!("groups: {groups}");
                     println!("messages: {messages}");
@@ -110,6 +132,7 @@ pub fn run(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
                     Ok(())
                 }
                 AdminCmd::Backup { dir } => {
+                    crate::data_dir::check_backup_target(&dir)?;
                     let applied = state.backup_to(&dir)?;
                     println!("backup of applied index {applied} written to {}", dir.display());
                     Ok(())
@@ -126,15 +149,24 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
         Ok(storage::commit_offline(state, wal, vec![c])?.into_iter().next().context("no outcome")?)
     };
     match cmd {
-        UserCmd::List => {
-            for (name, u) in state.users()? {
-                println!("{name}\tcreated_ms={}{}", u.created, if u.deleted { "\tdeleted" } else { "" });
+        UserCmd::List { json } => {
+            let users = state.users()?;
+            if json {
+                let v: Vec<_> = users.iter().map(|(id, u)| serde_json::json!({ "user": id, "created_ms": u.created, "deleted": u.deleted })).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for (id, u) in users {
+                    println!("{id}\tcreated={}{}", iso8601_utc(u.created), if u.deleted { "\tdeleted" } else { "" });
+                }
             }
             Ok(())
         }
         UserCmd::Add { user, password } => {
             if !valid_user_id(&user) {
                 bail!("user must be 1-32 chars of a-z 0-9 _ . -, starting with a letter or digit");
+            }
+            if state.user(&user)?.is_some_and(|u| u.deleted) {
+                bail!("the id {user} belonged to a deleted user, and ids are never given out again: pick another");
             }
             let password_hash = hash(cfg, &password_or_stdin(password)?)?;
             match commit(wal, Command::Register { user: user.clone(), password_hash })? {
@@ -143,11 +175,13 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
                 o => bail!("unexpected outcome {o:?}"),
             }
         }
+        UserCmd::Delete { user } if state.user(&user)?.is_some_and(|u| u.deleted) => bail!("user {user} was already deleted"),
         UserCmd::Delete { user } => match commit(wal, Command::DeleteUser { user: user.clone() })? {
             Outcome::Done => Ok(println!("user {user} deleted")),
             Outcome::Refused(_) => bail!("no user {user}"),
             o => bail!("unexpected outcome {o:?}"),
         },
+        UserCmd::ResetPassword { user, .. } if state.user(&user)?.is_some_and(|u| u.deleted) => bail!("user {user} was deleted"),
         UserCmd::ResetPassword { user, password } => {
             let password_hash = hash(cfg, &password_or_stdin(password)?)?;
             match commit(wal, Command::SetPassword { user: user.clone(), password_hash })? {
@@ -157,6 +191,29 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
             }
         }
     }
+}
+
+/// Every user record (deleted ones too), in id order.
+/// `ms` since the Unix epoch as ISO 8601 in UTC, to the millisecond: `2026-11-29T10:32:11.346Z`.
+pub fn iso8601_utc(ms: u64) -> String {
+    let (days, rem) = (ms / 86_400_000, ms % 86_400_000);
+    let (y, m, d) = civil_from_days(days as i64);
+    let (h, min, s, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
+    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
+}
+
+/// The proleptic Gregorian (year, month, day) of a day count since 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn password_or_stdin(p: Option<String>) -> anyhow::Result<String> {
@@ -204,6 +261,7 @@ fn restore(data: &Path, backup: &Path, force: bool) -> anyhow::Result<()> {
     if !problems.is_empty() {
         bail!("restored state has problems: {problems:?}");
     }
+    crate::data_dir::mark(data)?;
     println!("restored {} (applied index {}) into {}", backup.display(), opened.state.applied(), data.display());
     Ok(())
 }
@@ -222,4 +280,17 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     }
     std::fs::File::open(to)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::iso8601_utc;
+
+    #[test]
+    fn dates_are_iso_8601_in_utc() {
+        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(iso8601_utc(1_796_148_731_346), "2026-12-01T18:12:11.346Z");
+        assert_eq!(iso8601_utc(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
+    }
 }

@@ -18,8 +18,9 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A value could not be read (wrong type, unknown key, unreadable file).
-    #[error("configuration error: {0}")]
+    /// A value could not be read (wrong type, unknown key, unreadable file). The message names
+    /// the key as `section.key`, where it came from, and for an unknown key the nearest known one.
+    #[error("configuration error: {}", describe(.0))]
     Load(#[from] Box<figment::Error>),
     /// A value was read but is out of range.
     #[error("configuration error: key `{key}`: {reason}")]
@@ -211,7 +212,8 @@ impl Config {
             if !f.exists() {
                 return Err(ConfigError::Invalid { key: "--config", reason: format!("{} does not exist", f.display()) });
             }
-            fig = fig.merge(Toml::file(f));
+            // `file_exact`: the file named, not one of the same name in a parent directory.
+            fig = fig.merge(Toml::file_exact(f));
         }
         let c: Config = fig.merge(env).extract().map_err(Box::new)?;
         c.validate()?;
@@ -334,6 +336,39 @@ impl Config {
         Ok(())
     }
 
+    /// Every setting as `section.key`, from the embedded defaults (which list them all).
+    pub fn keys() -> &'static [String] {
+        static KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+        KEYS.get_or_init(|| {
+            type Sections = std::collections::BTreeMap<String, std::collections::BTreeMap<String, figment::value::Value>>;
+            let sections: Sections = Figment::from(Toml::string(DEFAULT_TOML)).extract().unwrap_or_default();
+            sections.iter().flat_map(|(s, keys)| keys.keys().map(move |k| format!("{s}.{k}"))).collect()
+        })
+    }
+
+    /// Warnings about `PARLEY_…` variables in `vars` that set nothing: a single underscore
+    /// (`PARLEY_SESSION_HELLO_TIMEOUT_MS`) or an unknown name. Each names the nearest setting's
+    /// variable. Variables of parley's tests and tools ([`NON_CONFIG_VARS`]) are not warned
+    /// about; `PARLEY__SECTION__KEY` variables are checked by [`Config::load`], which refuses an
+    /// unknown key.
+    pub fn env_warnings(vars: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+        let env_names: Vec<String> = Self::keys().iter().map(|k| env_name(k)).collect();
+        let mut out = Vec::new();
+        for (name, _) in vars {
+            if !name.starts_with("PARLEY_") || name.starts_with("PARLEY__") || NON_CONFIG_VARS.contains(&name.as_str()) {
+                continue;
+            }
+            let mut msg = format!("environment variable {name} is not a parley setting and is ignored");
+            // Compared with `__` read as `_`: a single-underscore spelling of a key is at distance 0.
+            let flat = name.to_ascii_uppercase().replace("__", "_");
+            if let Some(near) = env_names.iter().min_by_key(|n| edit_distance(&flat, &n.replace("__", "_"))) {
+                msg.push_str(&format!("; did you mean {near}?"));
+            }
+            out.push(msg);
+        }
+        out
+    }
+
     /// `server.listen` parsed (validated already).
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.server.listen.parse().map_err(|_| ConfigError::Invalid {
@@ -350,6 +385,80 @@ impl Config {
     /// `session.hello_timeout_ms` as a duration.
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_millis(self.session.hello_timeout_ms)
+    }
+}
+
+/// `PARLEY_…` variables that are not settings: they belong to parley's tests and tools, and
+/// [`Config::env_warnings`] leaves them alone.
+pub const NON_CONFIG_VARS: &[&str] = &[
+    // tests/browser.rs: where the browser and its driver are; whether to update docs/*.png.
+    "PARLEY_CHROMIUM",
+    "PARLEY_CHROMEDRIVER",
+    "PARLEY_UPDATE_SCREENSHOTS",
+    // tests/it: the children's log filter, the crash test's seed.
+    "PARLEY_IT_LOG",
+    "PARLEY_CRASH_SEED",
+    // .ci/run: the conformance suite's Python environment.
+    "PARLEY_CONFORMANCE_VENV",
+];
+
+/// The environment variable of a `section.key` setting: `PARLEY__SECTION__KEY`.
+pub fn env_name(key: &str) -> String {
+    format!("PARLEY__{}", key.to_ascii_uppercase().replace('.', "__"))
+}
+
+/// The candidate closest to `word` by edit distance (ties: the first), if any.
+fn nearest<'a>(word: &str, candidates: &'a [String]) -> Option<&'a str> {
+    candidates.iter().min_by_key(|c| edit_distance(word, c)).map(String::as_str)
+}
+
+/// Levenshtein distance, in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let up = row[j + 1];
+            row[j + 1] = (diag + usize::from(ca != *cb)).min(row[j] + 1).min(up + 1);
+            diag = up;
+        }
+    }
+    row[b.len()]
+}
+
+/// One line for a figment error: what is wrong, the key as `section.key` (no profile, no nested
+/// quoting), where the value came from (the file, or the environment variable), and for an
+/// unknown key the nearest known one.
+fn describe(e: &figment::Error) -> String {
+    use figment::error::Kind;
+    use figment::Source;
+    let mut path: Vec<String> = e.path.iter().map(|p| p.to_ascii_lowercase()).collect();
+    if path.len() > 1 && e.profile.as_ref().is_some_and(|p| p.as_str().as_str().eq_ignore_ascii_case(&path[0])) {
+        path.remove(0);
+    }
+    if let Kind::UnknownField(found, _) = &e.kind {
+        if path.last().map(String::as_str) != Some(found.to_ascii_lowercase().as_str()) {
+            path.push(found.to_ascii_lowercase());
+        }
+    }
+    let key = path.join(".");
+    let from = match e.metadata.as_ref() {
+        Some(m) => match &m.source {
+            Some(Source::File(f)) => format!(" in {}", f.display()),
+            _ if m.name.contains("environment") => format!(" (environment variable {})", env_name(&key)),
+            _ => String::new(),
+        },
+        None => String::new(),
+    };
+    match &e.kind {
+        Kind::UnknownField(..) => {
+            let near = nearest(&key, Config::keys()).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
+            format!("unknown key `{key}`{from}{near}")
+        }
+        Kind::Message(m) if key.is_empty() => format!("{m}{from}"),
+        kind => format!("{kind} for key `{key}`{from}"),
     }
 }
 
@@ -382,5 +491,47 @@ mod tests {
             assert!(e.contains("no_such_key"), "{e}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_typo_in_a_file_names_the_key_the_file_and_the_nearest_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("typo.toml", "[session]\nhello_timout_ms = 5\n")?;
+            let e = Config::load(Some(Path::new("typo.toml"))).unwrap_err().to_string();
+            assert!(e.contains("unknown key `session.hello_timout_ms`"), "{e}");
+            assert!(e.contains("typo.toml") && e.contains("did you mean `session.hello_timeout_ms`?"), "{e}");
+            assert!(!e.contains("default.") && !e.contains("``") && !e.contains("`one of"), "{e}");
+            jail.create_file("section.toml", "[sesion]\nhello_timeout_ms = 5\n")?;
+            let e = Config::load(Some(Path::new("section.toml"))).unwrap_err().to_string();
+            assert!(e.contains("unknown key `sesion`") && e.contains("section.toml"), "{e}");
+            jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "soon");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("for key `session.hello_timeout_ms`") && e.contains("PARLEY__SESSION__HELLO_TIMEOUT_MS"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_double_underscore_variables_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            for (var, word) in [("PARLEY__NO_SECTION__KEY", "no_section"), ("PARLEY__SESSION__HELLO__TIMEOUT_MS", "hello")] {
+                jail.set_env(var, "1");
+                let e = Config::load(None).unwrap_err().to_string();
+                assert!(e.contains(word), "{var}: {e}");
+                jail.clear_env();
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn single_underscore_and_unknown_variables_get_a_warning_naming_the_nearest_key() {
+        let vars = |v: &[&str]| v.iter().map(|n| (n.to_string(), "1".to_string())).collect::<Vec<_>>();
+        let w = Config::env_warnings(vars(&["PARLEY_SESSION_HELLO_TIMEOUT_MS", "PARLEY_SERVER_LISTN", "HOME", "PARLEY__SERVER__LISTEN"]));
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("PARLEY_SESSION_HELLO_TIMEOUT_MS") && w[0].contains("did you mean PARLEY__SESSION__HELLO_TIMEOUT_MS?"), "{w:?}");
+        assert!(w[1].contains("did you mean PARLEY__SERVER__LISTEN?"), "{w:?}");
+        assert!(Config::env_warnings(vars(NON_CONFIG_VARS)).is_empty(), "the tests' and tools' variables");
+        assert_eq!(Config::keys().len(), 45, "{:?}", Config::keys());
     }
 }

@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`config`]: one struct, layered (defaults, file, `PARLEY__SECTION__KEY`), validated.
+//! - [`data_dir`]: what may serve as a data directory (checked before anything binds).
 //! - [`protocol`]: wire types, ids, JSON and postcard codecs. No I/O.
 //! - [`storage`]: write-ahead log ([`storage::wal`]), group commit ([`storage::pipeline`]), the
 //!   sled state machine ([`storage::state`]) with its trees ([`storage::trees`]).
@@ -18,6 +19,7 @@
 pub mod actors;
 pub mod admin;
 pub mod config;
+pub mod data_dir;
 pub mod http;
 pub mod limits;
 pub mod load;

@@ -64,6 +64,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         .disable_signals()
         .listen(listener.try_clone()?)?
         .run();
+    tracing::info!(data = %cfg.server.data_dir.display(), "recovering storage; a stand-in server answers 503 until it is done");
     let boot_handle = boot.handle();
     let boot_task = actix_rt::spawn(boot);
     let data = cfg.server.data_dir.clone();
@@ -72,6 +73,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         let data = data.clone();
         actix_web::rt::task::spawn_blocking(move || storage::open(&data, cfg.storage.segment_bytes, cfg.storage.cache_bytes)).await??
     };
+    crate::data_dir::mark(&data).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", data.join(crate::data_dir::MARKER).display()))?;
     tracing::info!(
         applied_before = stats.applied_before,
         replayed = stats.replayed,
@@ -81,6 +83,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         "storage recovered"
     );
     metrics::gauge!("parley_recovery_seconds").set(stats.millis as f64 / 1000.0);
+    metrics::gauge!("parley_log_bytes").set(wal.size_bytes() as f64);
+    metrics::gauge!("parley_log_segments").set(wal.segment_count() as f64);
     let state = Arc::new(state);
     let presence_tree = sled_presence_tree(&state)?;
     let presence = PresenceHub::new(presence_tree);
@@ -123,7 +127,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     let _ = boot_task.await;
     let data = web::Data::new(shared.clone());
     let workers = if cfg.server.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { cfg.server.workers };
-    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(crate::http::routes))
+    let server = HttpServer::new(move || App::new().app_data(data.clone()).wrap(crate::http::json_errors()).configure(crate::http::routes))
         .on_connect(crate::http::on_connect)
         .workers(workers)
         // Frames are small and latency-bound: do not let Nagle hold them for the peer's delayed ACK.

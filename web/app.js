@@ -1044,7 +1044,17 @@ function wire() {
   });
 }
 
+/**
+ * Fits the compose box to its text (up to 160 px). Runs on every keystroke, so it measures first
+ * and touches the height only when the text overflows or may have become shorter: resetting the
+ * height lays out the whole chat again (twice), which made each keystroke cost more the longer
+ * the chat was.
+ */
+const composeLength = new WeakMap(); // textarea -> value length at the last autosize
 function autosize(t) {
+  const shorter = t.value.length < (composeLength.get(t) ?? 0);
+  composeLength.set(t, t.value.length);
+  if (!shorter && t.scrollHeight <= t.clientHeight) return;
   t.style.height = 'auto';
   t.style.height = `${Math.min(t.scrollHeight, 160)}px`;
 }

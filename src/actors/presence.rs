@@ -24,18 +24,32 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// A state as a watcher sees it: (online, last_seen).
+type Seen = (bool, Option<u64>);
+
+/// One watching session of one user.
+struct Watcher {
+    /// The session's mailbox for `presence` frames.
+    to: Recipient<Relay>,
+    /// The state this session was last told (by the snapshot `watch` returned, or by a push),
+    /// so it is told each change once: a push equal to the snapshot is skipped.
+    told: Seen,
+}
+
 /// The presence hub. Shared by sessions (watch/unwatch) and the registry (changes).
+///
+/// A watched user's snapshot (on `watch`) and pushes (on `flush`) are both read while holding
+/// that user's `watchers` entry, so a push never crosses a snapshot: each watcher's `told` is
+/// exactly what it was last sent.
 pub struct PresenceHub {
-    /// watched user → (watching session → where to send).
-    watchers: DashMap<String, HashMap<u64, Recipient<Relay>>>,
+    /// watched user → (watching session → its mailbox and what it was told).
+    watchers: DashMap<String, HashMap<u64, Watcher>>,
     /// user → last_seen ms (when its last device disconnected).
     last_seen: DashMap<String, u64>,
     /// Users whose state changed since the last flush.
     dirty: Mutex<HashSet<String>>,
     /// Users whose last_seen must still be written.
     unsaved: Mutex<HashSet<String>>,
-    /// user → state each watcher was last told, to skip no-op frames: (online, last_seen).
-    told: DashMap<String, (bool, Option<u64>)>,
     tree: sled::Tree,
 }
 
@@ -53,7 +67,6 @@ impl PresenceHub {
             last_seen,
             dirty: Mutex::new(HashSet::new()),
             unsaved: Mutex::new(HashSet::new()),
-            told: DashMap::new(),
             tree,
         })
     }
@@ -90,8 +103,10 @@ impl PresenceHub {
         users
             .iter()
             .map(|u| {
-                self.watchers.entry(u.clone()).or_default().insert(session, to.clone());
-                self.frame(u, online)
+                let mut w = self.watchers.entry(u.clone()).or_default();
+                let frame = self.frame(u, online);
+                w.insert(session, Watcher { to: to.clone(), told: seen(&frame) });
+                frame
             })
             .collect()
     }
@@ -110,18 +125,13 @@ impl PresenceHub {
     pub fn flush(&self, online: &DashMap<String, Vec<DeviceConn>>) {
         let dirty: Vec<String> = self.dirty.lock().drain().collect();
         for u in dirty {
+            let Some(mut w) = self.watchers.get_mut(&u) else { continue };
             let frame = self.frame(&u, online);
-            let ServerFrame::Presence { online: on, last_seen, .. } = &frame else { continue };
-            let state = (*on, *last_seen);
-            if self.told.get(&u).is_some_and(|t| *t == state) {
-                continue;
-            }
-            self.told.insert(u.clone(), state);
-            if let Some(w) = self.watchers.get(&u) {
-                let frame = Arc::new(frame);
-                for r in w.values() {
-                    r.do_send(Relay(frame.clone()));
-                }
+            let now = seen(&frame);
+            let frame = Arc::new(frame);
+            for watcher in w.values_mut().filter(|w| w.told != now) {
+                watcher.told = now;
+                watcher.to.do_send(Relay(frame.clone()));
             }
         }
         let unsaved: Vec<String> = self.unsaved.lock().drain().collect();
@@ -133,6 +143,14 @@ impl PresenceHub {
             }
         }
         metrics::gauge!("parley_presence_watched_users").set(self.watchers.len() as f64);
+    }
+}
+
+/// The (online, last_seen) of a presence frame.
+fn seen(frame: &ServerFrame) -> Seen {
+    match frame {
+        ServerFrame::Presence { online, last_seen, .. } => (*online, *last_seen),
+        _ => (false, None),
     }
 }
 
@@ -157,5 +175,100 @@ impl actix::Supervised for PresenceFlusher {
     fn restarting(&mut self, _: &mut Self::Context) {
         tracing::warn!("presence flusher restarting");
         metrics::counter!("parley_actor_restarts_total", "actor" => "presence").increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::messages::{Deliver, Kick, StopTyping};
+    use actix::prelude::*;
+
+    /// A stand-in session that keeps the presence frames it is sent.
+    struct Collector(Vec<(bool, Option<u64>)>);
+
+    impl Actor for Collector {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Relay> for Collector {
+        type Result = ();
+        fn handle(&mut self, m: Relay, _: &mut Context<Self>) {
+            self.0.push(seen(&m.0));
+        }
+    }
+
+    /// Answers with every frame received so far (the mailbox is in order, so after every earlier
+    /// `Relay`).
+    #[derive(Message)]
+    #[rtype(result = "Vec<(bool, Option<u64>)>")]
+    struct Take;
+
+    impl Handler<Take> for Collector {
+        type Result = MessageResult<Take>;
+        fn handle(&mut self, _: Take, _: &mut Context<Self>) -> Self::Result {
+            MessageResult(std::mem::take(&mut self.0))
+        }
+    }
+
+    impl Handler<Deliver> for Collector {
+        type Result = ();
+        fn handle(&mut self, _: Deliver, _: &mut Context<Self>) {}
+    }
+    impl Handler<Kick> for Collector {
+        type Result = ();
+        fn handle(&mut self, _: Kick, _: &mut Context<Self>) {}
+    }
+    impl Handler<StopTyping> for Collector {
+        type Result = ();
+        fn handle(&mut self, _: StopTyping, _: &mut Context<Self>) {}
+    }
+
+    fn conn(addr: &Addr<Collector>, session: u64) -> DeviceConn {
+        DeviceConn {
+            session,
+            device: "web".into(),
+            token_hash: [0; 32],
+            deliver: addr.clone().recipient(),
+            relay: addr.clone().recipient(),
+            kick: addr.clone().recipient(),
+            stop_typing: addr.clone().recipient(),
+        }
+    }
+
+    /// A user comes online and, before the next flush, someone watches it: the snapshot says
+    /// online, and the flush that follows must not say it again. The next change is pushed once.
+    #[actix_rt::test]
+    async fn a_watcher_is_told_each_change_once_even_right_after_its_snapshot() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let hub = PresenceHub::new(db.open_tree("presence_last_seen").unwrap());
+        let online: DashMap<String, Vec<DeviceConn>> = DashMap::new();
+        let watcher = Collector(Vec::new()).start();
+        let alice = Collector(Vec::new()).start();
+
+        online.insert("alice".into(), vec![conn(&alice, 1)]);
+        hub.set_online("alice", &online);
+        let snapshot = hub.watch(7, &watcher.clone().recipient(), &["alice".to_owned()], &online);
+        assert_eq!(snapshot.iter().map(seen).collect::<Vec<_>>(), [(true, None)]);
+        hub.flush(&online);
+        hub.flush(&online);
+        assert_eq!(watcher.send(Take).await.unwrap(), [], "a push repeating the snapshot");
+
+        online.remove("alice");
+        hub.set_offline("alice", &online);
+        hub.flush(&online);
+        hub.flush(&online);
+        let pushed = watcher.send(Take).await.unwrap();
+        assert_eq!(pushed.len(), 1, "{pushed:?}");
+        assert!(!pushed[0].0 && pushed[0].1.is_some(), "offline with last_seen: {pushed:?}");
+
+        // A second watcher of the same user, after the change: its snapshot is current.
+        let late = Collector(Vec::new()).start();
+        hub.watch(8, &late.clone().recipient(), &["alice".to_owned()], &online);
+        online.insert("alice".into(), vec![conn(&alice, 2)]);
+        hub.set_online("alice", &online);
+        hub.flush(&online);
+        assert_eq!(watcher.send(Take).await.unwrap(), [(true, pushed[0].1)]);
+        assert_eq!(late.send(Take).await.unwrap(), [(true, pushed[0].1)]);
     }
 }

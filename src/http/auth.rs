@@ -70,6 +70,7 @@ pub async fn register(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpRespon
         return error(ErrorCode::BadRequest, "password must be 8-256 bytes");
     }
     match s.state.user(&c.user) {
+        Ok(Some(u)) if u.deleted => return error(ErrorCode::UserExists, "this id belonged to a deleted user; ids are never given out again"),
         Ok(Some(_)) => return error(ErrorCode::UserExists, "user exists"),
         Ok(None) => {}
         Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),
@@ -146,13 +147,7 @@ pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Bytes
 
 /// `POST /v1/logout` with `Authorization: Bearer TOKEN`: `204`; that token's sockets close 4001.
 pub async fn logout(s: web::Data<Arc<Shared>>, req: HttpRequest) -> HttpResponse {
-    let token = req
-        .headers()
-        .get("authorization")
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token else { return error(ErrorCode::Unauthorized, "missing bearer token") };
+    let Some(token) = super::bearer(&req) else { return error(ErrorCode::Unauthorized, "missing bearer token") };
     match s.pipeline.call(Command::Logout { token_hash: token_hash(token) }).await {
         Ok(Outcome::Done) => HttpResponse::NoContent().finish(),
         Ok(_) => error(ErrorCode::Unauthorized, "unknown token"),

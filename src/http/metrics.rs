@@ -43,20 +43,15 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Names every metric with its help text and makes it visible from the start.
+/// Names every metric with its help text and registers it at zero, with its label values where
+/// they are known, so a fresh server exports every family the README lists.
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
     describe_gauge!("parley_sockets_open", "Open WebSocket connections");
     describe_gauge!("parley_sessions_authenticated", "Sessions past hello, registered online");
-    describe_counter!("parley_messages_acked_total", "Messages acknowledged after commit");
-    describe_counter!("parley_duplicate_sends_total", "Resends answered from the dedup record");
-    describe_counter!("parley_frames_received_total", "Client frames decoded or refused");
-    describe_counter!("parley_bad_frames_total", "Client frames refused as malformed");
-    describe_counter!("parley_slow_consumer_closes_total", "Sockets closed with 4008");
-    describe_counter!("parley_session_restarts_total", "Session handler panics (supervision restarts)");
-    describe_counter!("parley_commit_failures_total", "Commit batches that failed (answered unavailable)");
     describe_counter!("parley_logins_total", "Login attempts by result");
     describe_counter!("parley_registrations_total", "Users registered");
+    describe_counter!("parley_messages_acked_total", "Messages acknowledged after commit");
     describe_histogram!("parley_ack_latency_seconds", Unit::Seconds, "send frame received → ack queued");
     describe_histogram!("parley_commit_batch_size", Unit::Count, "Commands per log entry (group commit)");
     describe_histogram!("parley_fsync_duration_seconds", Unit::Seconds, "Log append + fsync per batch");
@@ -65,13 +60,49 @@ fn describe() {
     describe_gauge!("parley_log_bytes", Unit::Bytes, "Write-ahead log size");
     describe_gauge!("parley_log_segments", "Write-ahead log segment files");
     describe_gauge!("parley_recovery_seconds", Unit::Seconds, "Time the last start-up recovery took");
+    describe_counter!("parley_duplicate_sends_total", "Resends answered from the dedup record");
+    describe_counter!("parley_slow_consumer_closes_total", "Sockets closed with 4008");
+    describe_counter!("parley_rate_limited_total", "Refused sends and logins, by what was limited");
+    describe_counter!("parley_admission_rejections_total", "WebSocket upgrades refused with 503, by why");
+    describe_counter!("parley_session_restarts_total", "Session handler panics (supervision restarts)");
+    describe_counter!("parley_actor_restarts_total", "Registry and presence actor restarts, by actor");
+    describe_counter!("parley_commit_failures_total", "Commit batches that failed (answered unavailable)");
+    describe_counter!("parley_bad_frames_total", "Client frames refused as malformed");
+    describe_counter!("parley_frames_received_total", "Client frames decoded or refused");
     describe_gauge!("parley_presence_watched_users", "Users with at least one presence watcher");
-    metrics::gauge!("parley_sockets_open").set(0.0);
-    metrics::gauge!("parley_sessions_authenticated").set(0.0);
-    metrics::counter!("parley_messages_acked_total").absolute(0);
-    metrics::counter!("parley_duplicate_sends_total").absolute(0);
-    metrics::counter!("parley_slow_consumer_closes_total").absolute(0);
-    metrics::counter!("parley_session_restarts_total").absolute(0);
+    describe_counter!("parley_retention_deleted_total", "Messages deleted by retention");
+    for g in ["parley_sockets_open", "parley_sessions_authenticated", "parley_log_bytes", "parley_log_segments", "parley_recovery_seconds", "parley_presence_watched_users"] {
+        gauge!(g).set(0.0);
+    }
+    for c in [
+        "parley_registrations_total",
+        "parley_messages_acked_total",
+        "parley_duplicate_sends_total",
+        "parley_slow_consumer_closes_total",
+        "parley_session_restarts_total",
+        "parley_commit_failures_total",
+        "parley_bad_frames_total",
+        "parley_frames_received_total",
+        "parley_retention_deleted_total",
+    ] {
+        counter!(c).increment(0);
+    }
+    for result in ["ok", "failed"] {
+        counter!("parley_logins_total", "result" => result).increment(0);
+    }
+    for what in ["send", "login"] {
+        counter!("parley_rate_limited_total", "what" => what).increment(0);
+    }
+    for why in crate::http::ADMISSION_WHY {
+        counter!("parley_admission_rejections_total", "why" => why).increment(0);
+    }
+    for actor in ["registry", "presence"] {
+        counter!("parley_actor_restarts_total", "actor" => actor).increment(0);
+    }
+    for h in ["parley_ack_latency_seconds", "parley_commit_batch_size", "parley_fsync_duration_seconds", "parley_commit_duration_seconds", "parley_checkpoint_duration_seconds"] {
+        // Registered without a sample: exported with empty buckets, a zero sum and count.
+        let _ = histogram!(h);
+    }
 }
 
 /// `GET /metrics`.

@@ -36,7 +36,72 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
 
 /// An error response: the code's status and `{"error", "message"}`.
 pub fn error(code: ErrorCode, message: &str) -> HttpResponse {
-    HttpResponse::build(status_of(code)).json(serde_json::json!({ "error": code.as_str(), "message": message }))
+    error_with_status(status_of(code), code, message)
+}
+
+/// An error response with a status of its own (405, 426, ...) and `{"error", "message"}`: the
+/// one place error bodies are made.
+pub fn error_with_status(status: StatusCode, code: ErrorCode, message: &str) -> HttpResponse {
+    HttpResponse::build(status).json(serde_json::json!({ "error": code.as_str(), "message": message }))
+}
+
+/// Middleware for the whole app: an error response without a JSON body (made by actix before
+/// or around our handlers: 413 body too large, 400/426 refused WebSocket handshakes, 405 wrong
+/// method, extractor errors) gets the same `{"error", "message"}` body as the handlers' errors,
+/// with its status and the headers that status needs (`Allow`, `Upgrade`,
+/// `Sec-WebSocket-Version`, `Retry-After`).
+pub fn json_errors<B: 'static>() -> actix_web::middleware::ErrorHandlers<B> {
+    actix_web::middleware::ErrorHandlers::new().default_handler(json_error_body)
+}
+
+fn json_error_body<B>(res: actix_web::dev::ServiceResponse<B>) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
+    use actix_web::http::header;
+    use actix_web::middleware::ErrorHandlerResponse;
+    let is_json = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let status = res.status();
+    let message = res
+        .response()
+        .error()
+        .map(|e| e.to_string())
+        .filter(|m| !m.is_empty())
+        .or_else(|| res.response().head().reason.map(str::to_owned))
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::TooLarge,
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::BadRequest,
+    };
+    let (req, old) = res.into_parts();
+    let mut new = error_with_status(status, code, &message);
+    for name in [header::ALLOW, header::UPGRADE, header::SEC_WEBSOCKET_VERSION, header::RETRY_AFTER] {
+        if let Some(v) = old.headers().get(&name) {
+            new.headers_mut().insert(name, v.clone());
+        }
+    }
+    Ok(ErrorHandlerResponse::Response(actix_web::dev::ServiceResponse::new(req, new).map_into_right_body()))
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header. The scheme is matched regardless of
+/// case (RFC 9110 §11.1: `bearer TOKEN` works too); `None` without a header, another scheme, or
+/// an empty token.
+pub(crate) fn bearer(req: &HttpRequest) -> Option<&str> {
+    let h = req.headers().get(actix_web::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = h.trim_start().split_once(' ')?;
+    Some(token.trim()).filter(|t| scheme.eq_ignore_ascii_case("bearer") && !t.is_empty())
+}
+
+/// A route for `GET` and `HEAD` (same handler; actix-http sends a `HEAD` answer's headers
+/// without its body).
+pub(crate) fn get_or_head() -> actix_web::Route {
+    use actix_web::guard;
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
 }
 
 pub(crate) fn pipeline_error(e: PipelineError) -> HttpResponse {
@@ -55,14 +120,22 @@ pub fn on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions
     }
 }
 
+/// A path with its routes: a method none of them takes gets `405` (not the app's `404`).
+pub(crate) fn resource(path: &str, route: actix_web::Route) -> actix_web::Resource {
+    web::resource(path).route(route).default_service(web::to(|req: HttpRequest| async move {
+        error_with_status(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, &format!("{} does not take {}", req.path(), req.method()))
+    }))
+}
+
 /// Mounts every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/register", web::post().to(auth::register))
-        .route("/v1/login", web::post().to(auth::login))
-        .route("/v1/logout", web::post().to(auth::logout))
-        .route("/v1/healthz", web::get().to(healthz))
-        .route("/v1/ws", web::get().to(ws))
-        .route("/metrics", web::get().to(metrics::render))
+    cfg.service(resource("/v1/register", web::post().to(auth::register)))
+        .service(resource("/v1/login", web::post().to(auth::login)))
+        .service(resource("/v1/logout", web::post().to(auth::logout)))
+        .service(resource("/v1/healthz", get_or_head().to(healthz)))
+        .service(resource("/v1/ws", web::get().to(ws)))
+        .service(resource("/metrics", get_or_head().to(metrics::render)))
+        // Not a `resource`: while admin.token is empty the path does not exist for any method.
         .route("/v1/admin/backup", web::post().to(admin_backup))
         .configure(web_client::routes)
         .default_service(web::to(|| async { error(ErrorCode::NotFound, "no such path") }));
@@ -76,6 +149,10 @@ pub async fn starting(req: HttpRequest) -> HttpResponse {
         error(ErrorCode::Unavailable, "the server is starting; retry shortly")
     }
 }
+
+/// Why an upgrade was refused: the `why` label of `parley_admission_rejections_total` and the
+/// message of the 503 (draining, too many open sockets, too many new ones per second).
+pub const ADMISSION_WHY: [&str; 3] = ["the server is shutting down", "too many open connections", "too many new connections"];
 
 /// 503 with a jittered `Retry-After` (1 to `retry_after_max_s` seconds), so refused clients do
 /// not all come back in the same second.
@@ -118,9 +195,8 @@ async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::By
     if s.cfg.admin.token.is_empty() {
         return error(ErrorCode::NotFound, "no such path");
     }
-    let given = req.headers().get("authorization").and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer "));
     // Compare digests, so the time taken does not depend on how much of the token matched.
-    let ok = given.is_some_and(|t| auth::token_hash(t.trim()) == auth::token_hash(&s.cfg.admin.token));
+    let ok = bearer(&req).is_some_and(|t| auth::token_hash(t) == auth::token_hash(&s.cfg.admin.token));
     if !ok {
         return error(ErrorCode::Unauthorized, "admin token required");
     }
@@ -131,6 +207,9 @@ async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::By
     let Ok(b) = serde_json::from_slice::<Body>(&body) else {
         return error(ErrorCode::BadRequest, "body must be {\"dir\": PATH}");
     };
+    if let Err(e) = crate::data_dir::check_backup_target(&b.dir) {
+        return error(ErrorCode::BadRequest, &format!("backup failed: {e}"));
+    }
     match s.pipeline.backup(b.dir.clone()).await {
         Ok(applied) => HttpResponse::Ok().json(serde_json::json!({ "dir": b.dir, "applied_index": applied })),
         Err(e) => error(ErrorCode::BadRequest, &format!("backup failed: {e}")),
@@ -140,13 +219,13 @@ async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::By
 /// `GET /v1/ws`: the WebSocket upgrade; starts a [`Session`] and its writer task.
 async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> Result<HttpResponse, actix_web::Error> {
     if s.draining.load(Ordering::Relaxed) {
-        return Ok(overloaded(&s, "the server is shutting down"));
+        return Ok(overloaded(&s, ADMISSION_WHY[0]));
     }
     if s.sockets.load(Ordering::Relaxed) >= s.cfg.admission.max_sockets {
-        return Ok(overloaded(&s, "too many open connections"));
+        return Ok(overloaded(&s, ADMISSION_WHY[1]));
     }
     if !s.upgrade_limiter.allow("") {
-        return Ok(overloaded(&s, "too many new connections"));
+        return Ok(overloaded(&s, ADMISSION_WHY[2]));
     }
     // Frame headers are checked as the bytes arrive (see `guard`): actix-http would otherwise
     // buffer a frame up to its declared length before looking at its size.

@@ -42,10 +42,10 @@ fn etags() -> &'static [String] {
     TAGS.get_or_init(|| FILES.iter().map(|f| format!("\"{}\"", &hex::encode(Sha256::digest(f.body))[..20])).collect())
 }
 
-/// Mounts a `GET` route for every embedded file.
+/// Mounts a `GET` (and `HEAD`) route for every embedded file.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     for (i, f) in FILES.iter().enumerate() {
-        cfg.route(f.path, web::get().to(move |req: HttpRequest| async move { serve(i, &req) }));
+        cfg.service(super::resource(f.path, super::get_or_head().to(move |req: HttpRequest| async move { serve(i, &req) })));
     }
 }
 

@@ -49,7 +49,7 @@ pub enum StorageError {
     #[error("log entry {got} offered for apply, but {applied} is the last applied")]
     Sequence { applied: u64, got: u64 },
     /// Another process holds the data directory.
-    #[error("{path} is in use by another parley process ({holder}); stop it first (a running server takes backups through POST /v1/admin/backup)")]
+    #[error("{path} is in use by another parley process ({holder}); stop it first")]
     Locked { path: PathBuf, holder: String },
     /// The log does not reach back to the state's applied index.
     #[error("the write-ahead log starts at entry {first}, but the state has only applied up to {applied}: entries are missing")]

@@ -10,6 +10,8 @@
 //! - [`config`]: a bad setting stops start-up with an error naming the key.
 //! - [`overload`]: rate limits, slow consumers, heartbeats, admission, supervision, storage faults.
 //! - [`ops`]: `parley admin`, backup and restore, retention, metrics, logs.
+//! - [`startup`]: data directory checks, a port in use, config typos: one line, exit 2.
+//! - [`http`]: JSON error bodies for every error, `HEAD`, the `Authorization` scheme.
 
 mod common;
 
@@ -20,6 +22,8 @@ mod cursors;
 mod delivery;
 mod features;
 mod groups;
+mod http;
 mod ops;
 mod overload;
 mod restart;
+mod startup;

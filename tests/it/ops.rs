@@ -266,6 +266,7 @@ async fn admin_manages_users_offline_counts_verifies_and_refuses_while_a_server_
     assert_eq!(st, 401, "login of a deleted user: {body}");
     let (st, body) = http(srv.addr, "POST", "/v1/register", Some(&json!({"user": "carol", "password": PASSWORD})), None).await;
     assert_eq!((st, body["error"].as_str()), (409, Some("user_exists")), "registering a deleted id: {body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("deleted user")), "the refusal says why: {body}");
     // She left the group.
     let mut alice = srv.connect(&a, None).await.client;
     match alice.request("gi", ClientFrame::GroupInfo { group: group.clone() }).await {
@@ -302,6 +303,68 @@ async fn admin_manages_users_offline_counts_verifies_and_refuses_while_a_server_
     println!("verify on a corrupt log: {r}");
     assert!(!r.ok(), "verify passed a corrupt log: {r}");
     assert!(r.err.contains("corrupt") && r.err.contains(name) && r.err.contains(&mid.start.to_string()), "verify does not name the bad record ({name} at byte {}): {r}", mid.start);
+}
+
+/// The papercuts of issue 15: `--data` after the subcommand, dates in ISO 8601 (raw ms under
+/// `--json`), deleted users counted apart, a deleted user's id refused with a reason, a second
+/// delete refused, and a backup refusal said once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_says_what_happened_to_deleted_users_and_takes_data_anywhere() {
+    let dir = TestDir::new();
+    let data = dir.data();
+    let d = data.to_str().expect("utf-8 path");
+    // `--data` after the subcommand, and before it (the harness's way).
+    for user in ["frank", "grace"] {
+        let r = admin(&dir, &data, &["user", "add", user, "--password", PASSWORD, "--data", d], None).await;
+        assert!(r.ok(), "{r}");
+    }
+    assert!(data.join(parley::data_dir::MARKER).is_file(), "no marker in a directory admin made");
+    let r = admin(&dir, &data, &["user", "delete", "frank", "--data", d], None).await;
+    assert!(r.ok(), "{r}");
+    let r = admin(&dir, &data, &["user", "delete", "frank"], None).await;
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.err.contains("user frank was already deleted"), "{r}");
+    let r = admin(&dir, &data, &["user", "add", "frank", "--password", PASSWORD], None).await;
+    assert!(!r.ok() && r.err.contains("belonged to a deleted user") && r.err.contains("never given out again"), "{r}");
+    let r = admin(&dir, &data, &["user", "reset-password", "frank", "--password", PASSWORD], None).await;
+    assert!(r.code == Some(1) && r.err.contains("user frank was deleted"), "{r}");
+
+    let r = admin(&dir, &data, &["user", "list", "--data", d], None).await;
+    assert!(r.ok(), "{r}");
+    let lines: Vec<Vec<&str>> = r.out.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 2, "{r}");
+    assert_eq!((lines[0][0], lines[0].get(2).copied()), ("frank", Some("deleted")), "{r}");
+    let created = lines[1][1].strip_prefix("created=").unwrap_or_else(|| panic!("no created=: {r}"));
+    // 2026-11-29T10:32:11.346Z
+    let shape: String = created.chars().map(|c| if c.is_ascii_digit() { '9' } else { c }).collect();
+    assert_eq!(shape, "9999-99-99T99:99:99.999Z", "not ISO 8601 UTC: {created}");
+    let r = admin(&dir, &data, &["user", "list", "--json"], None).await;
+    let v: Value = serde_json::from_str(&r.out).unwrap_or_else(|e| panic!("--json: {e}: {r}"));
+    let grace = &v.as_array().expect("an array")[1];
+    assert_eq!((grace["user"].as_str(), grace["deleted"].as_bool()), (Some("grace"), Some(false)), "{v}");
+    let ms = grace["created_ms"].as_u64().expect("created_ms");
+    assert!(ms.abs_diff(crate::common::now_ms()) < 3_600_000, "created_ms {ms} is not ms since the epoch");
+    assert_eq!(parley::admin::iso8601_utc(ms), created);
+
+    let r = admin(&dir, &data, &["stats", "--data", d], None).await;
+    for want in ["users: 1", "deleted users: 1"] {
+        assert!(r.out.lines().any(|l| l == want), "stats lacks `{want}`: {r}");
+    }
+
+    // A second backup into the same directory is refused, and says so once.
+    let b = dir.path().join("backup");
+    let r = admin(&dir, &data, &["backup", b.to_str().expect("utf-8")], None).await;
+    assert!(r.ok(), "{r}");
+    let r = admin(&dir, &data, &["backup", b.to_str().expect("utf-8")], None).await;
+    assert!(!r.ok() && r.err.matches("not empty").count() == 1, "said once: {r}");
+    assert_eq!(r.err.trim().lines().count(), 1, "{r}");
+    // ... and so is one holding someone's files (a backup is never mixed with them).
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).expect("mkdir");
+    std::fs::write(full.join("notes.txt"), "x").expect("write");
+    let r = admin(&dir, &data, &["backup", full.to_str().expect("utf-8")], None).await;
+    assert!(!r.ok() && r.err.contains("is not empty; a backup goes into a new or empty directory"), "{r}");
+    assert_eq!(std::fs::read_dir(&full).expect("read").count(), 1, "the refused backup wrote into {}", full.display());
 }
 
 // ---------------------------------------------------------------------------------- 12. backup
@@ -554,7 +617,8 @@ async fn forever_retention_keeps_everything() {
     let (ms, more, deleted) = page(&mut bob, "dm:alice:bob").await;
     assert_eq!((ms.len(), more, deleted), (4, false, None));
     let m = metrics(srv.addr).await;
-    assert_eq!(metric(&m, "parley_retention_deleted_total", &[]), None);
+    // Exported from the start (issue 15), and still at zero: nothing was deleted.
+    assert_eq!(metric(&m, "parley_retention_deleted_total", &[]), Some(0.0));
 }
 
 // ---------------------------------------------------------------------------------- 14. metrics
@@ -676,6 +740,43 @@ async fn metrics_have_the_documented_names_and_move_with_traffic() {
     assert!(v("parley_log_bytes", &[]) > log0, "parley_log_bytes did not grow from {log0}");
     assert!(v("parley_log_segments", &[]) >= 1.0);
     drop((third, alice, bob));
+}
+
+/// A fresh server exports every metric family of the README's table, at zero, with its known
+/// label values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_server_exports_every_documented_metric_family() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).expect("README.md");
+    let table = readme.split("### Metrics").nth(1).expect("a Metrics section");
+    let mut families = Vec::new();
+    for row in table.lines().skip_while(|l| !l.starts_with('|')).take_while(|l| l.starts_with('|')) {
+        let first = row.split('|').nth(1).unwrap_or_default();
+        for name in first.split('`').filter(|w| w.starts_with("parley_")) {
+            families.push(name.split('{').next().expect("name").to_owned());
+        }
+    }
+    assert_eq!(families.len(), 23, "the README's table: {families:?}");
+    let dir = TestDir::new();
+    let srv = Server::start(&dir).await;
+    let m = metrics(srv.addr).await;
+    let missing: Vec<&String> = families.iter().filter(|f| !m.contains(&format!("# TYPE {f} "))).collect();
+    assert!(missing.is_empty(), "a fresh server lacks {missing:?}:\n{m}");
+    for f in &families {
+        let histogram = m.contains(&format!("# TYPE {f} histogram"));
+        let sample = if histogram { format!("{f}_count") } else { f.clone() };
+        assert!(metric(&m, &sample, &[]).is_some(), "{f} has no sample:\n{m}");
+    }
+    for (name, label) in [
+        ("parley_logins_total", "result=\"ok\""),
+        ("parley_logins_total", "result=\"failed\""),
+        ("parley_rate_limited_total", "what=\"send\""),
+        ("parley_rate_limited_total", "what=\"login\""),
+        ("parley_actor_restarts_total", "actor=\"registry\""),
+        ("parley_actor_restarts_total", "actor=\"presence\""),
+        ("parley_admission_rejections_total", "why=\"too many open connections\""),
+    ] {
+        assert_eq!(metric(&m, name, &[label]), Some(0.0), "{name}{{{label}}} at zero:\n{m}");
+    }
 }
 
 // ---------------------------------------------------------------------------------- 15. logs

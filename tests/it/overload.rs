@@ -163,12 +163,19 @@ impl Raw {
 /// An HTTP reply.
 pub(crate) struct Reply {
     pub status: u16,
+    /// Header names in lower case, in order.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
 impl Reply {
     pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The value of header `name` (lower case), if present.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     pub(crate) fn text(&self) -> String {
@@ -204,7 +211,7 @@ pub(crate) async fn http_full(addr: SocketAddr, method: &str, path: &str, header
         if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
             body = dechunk(&body);
         }
-        Reply { status, body }
+        Reply { status, headers, body }
     })
     .await
 }

@@ -1,0 +1,159 @@
+//! What may serve as a data directory, checked before anything binds or writes.
+//!
+//! parley takes a directory that is missing (it is created), empty, or one that parley made: it
+//! holds the marker file [`MARKER`], or (directories from before the marker, backups restored
+//! with `parley admin restore`) `LOCK`, `state/` or `wal/`. Anything else, a file or a directory
+//! of someone else's files, is refused, so parley never writes its files beside a user's. (A
+//! mount point's `lost+found` does not count.)
+
+use std::path::{Path, PathBuf};
+
+/// The marker file parley writes into every data directory it uses.
+pub const MARKER: &str = "PARLEY_DATA";
+
+/// What the marker file says (for a person who finds it).
+const MARKER_TEXT: &str = "This directory holds a parley server's data (write-ahead log in wal/, state in state/).\n";
+
+/// Entries that only parley puts into a data directory.
+const OURS: &[&str] = &[MARKER, "LOCK", "state", "wal"];
+
+/// Entries that do not make a directory someone else's: a fresh file system's `lost+found` (a
+/// data directory is often a mount point).
+const IGNORED: &[&str] = &["lost+found"];
+
+/// A path that cannot be used as a data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    /// The path exists and is not a directory.
+    #[error("{} is a file, not a directory; --data (server.data_dir) must name a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// A non-empty directory that parley did not make.
+    #[error(
+        "{} is not empty and is not a parley data directory (it holds {found}); \
+         give --data (server.data_dir) an empty or new directory",
+        path.display()
+    )]
+    Foreign {
+        /// The directory.
+        path: PathBuf,
+        /// A few of its entries, for the message.
+        found: String,
+    },
+    /// A backup target that holds files already.
+    #[error("{} is not empty; a backup goes into a new or empty directory", .0.display())]
+    NotEmpty(PathBuf),
+    /// The path could not be inspected.
+    #[error("cannot use {} as the data directory: {source}", path.display())]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Checks that `path` can be used as a data directory, without changing anything: it is missing,
+/// an empty directory, or a directory parley made. The error says what is wrong.
+pub fn check(path: &Path) -> Result<(), DataDirError> {
+    let io = |source| DataDirError::Io { path: path.to_owned(), source };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    if !meta.is_dir() {
+        return Err(DataDirError::NotADirectory(path.to_owned()));
+    }
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(path).map_err(io)? {
+        let name = e.map_err(io)?.file_name().to_string_lossy().into_owned();
+        if OURS.contains(&name.as_str()) {
+            return Ok(());
+        }
+        if !IGNORED.contains(&name.as_str()) {
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let more = names.len().saturating_sub(3);
+    let mut found = names.into_iter().take(3).collect::<Vec<_>>().join(", ");
+    if more > 0 {
+        found.push_str(&format!(" and {more} more"));
+    }
+    Err(DataDirError::Foreign { path: path.to_owned(), found })
+}
+
+/// Checks that `dir` can receive a backup, without changing anything: it is missing or an empty
+/// directory (a backup is never mixed with other files).
+pub fn check_backup_target(dir: &Path) -> Result<(), DataDirError> {
+    let io = |source| DataDirError::Io { path: dir.to_owned(), source };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(e)),
+        Ok(m) if !m.is_dir() => Err(DataDirError::NotADirectory(dir.to_owned())),
+        Ok(_) if std::fs::read_dir(dir).map_err(io)?.next().is_some() => Err(DataDirError::NotEmpty(dir.to_owned())),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Writes the marker file into `path` (an existing data directory) unless it is there already.
+///
+/// # Errors
+/// The I/O error of writing it.
+pub fn mark(path: &Path) -> std::io::Result<()> {
+    let p = path.join(MARKER);
+    if p.exists() {
+        return Ok(());
+    }
+    std::fs::write(&p, MARKER_TEXT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_empty_and_parleys_own_directories_are_accepted() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(check(&t.path().join("new")).is_ok(), "missing");
+        assert!(check(t.path()).is_ok(), "empty");
+        std::fs::create_dir(t.path().join("lost+found")).unwrap();
+        assert!(check(t.path()).is_ok(), "a fresh mount point");
+        for ours in ["LOCK", "state", "wal", MARKER] {
+            let d = t.path().join(format!("d-{ours}"));
+            std::fs::create_dir_all(d.join(ours)).unwrap();
+            std::fs::write(d.join("notes.txt"), "x").unwrap();
+            assert!(check(&d).is_ok(), "a directory with {ours}");
+        }
+        // A backup: state/, wal/, BACKUP.json.
+        let b = t.path().join("backup");
+        std::fs::create_dir_all(b.join("state")).unwrap();
+        std::fs::create_dir_all(b.join("wal")).unwrap();
+        std::fs::write(b.join("BACKUP.json"), "{}").unwrap();
+        assert!(check(&b).is_ok(), "a backup directory");
+        let m = t.path().join("marked");
+        std::fs::create_dir(&m).unwrap();
+        mark(&m).unwrap();
+        mark(&m).unwrap();
+        assert!(check(&m).is_ok());
+    }
+
+    #[test]
+    fn a_file_or_someone_elses_directory_is_refused_with_a_clear_message() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("file");
+        std::fs::write(&f, "x").unwrap();
+        let e = check(&f).unwrap_err().to_string();
+        assert!(e.contains("is a file, not a directory"), "{e}");
+        let d = t.path().join("docs");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("notes.txt"), "x").unwrap();
+        let e = check(&d).unwrap_err().to_string();
+        assert!(e.contains("not a parley data directory") && e.contains("notes.txt"), "{e}");
+        assert!(check_backup_target(&d).unwrap_err().to_string().contains("is not empty"));
+        assert!(check_backup_target(&f).is_err() && check_backup_target(&t.path().join("new")).is_ok());
+    }
+}
