@@ -11,6 +11,8 @@
 //! Three caches:
 //! - `values`: raw values of the small per-user and per-conversation tables (users, heads,
 //!   conversation meta, per-user conversation state, groups, cursors);
+//! - `recent`: the last [`RECENT_EVENTS`] events of each user's stream, which a `received`
+//!   reads to find the conversations and senders it confirms;
 //! - `devices`: every device cursor of a user, for the lowest-cursor computation of `received`;
 //! - `sent`: hashes of every client message id a user ever sent, so a new `send` knows that its
 //!   id is not a resend without reading the dedup table (a hit still reads the dedup record).
@@ -26,6 +28,9 @@ use super::trees::TreeId;
 /// Most cached values before the value cache is dropped and refilled, in entries (~100 bytes
 /// each).
 pub const MAX_VALUES: usize = 500_000;
+
+/// Events remembered per user (the newest ones), in events.
+pub const RECENT_EVENTS: usize = 32;
 
 /// Most ids remembered for one user; a user with more always reads the dedup table.
 pub const MAX_IDS_PER_USER: usize = 100_000;
@@ -59,6 +64,8 @@ pub fn id_hash(id: &str) -> u64 {
 pub struct Hot {
     /// Full key → value as apply last read or wrote it (`None`: absent).
     pub values: HashMap<Vec<u8>, Option<IVec>>,
+    /// User → its newest events, (ev, value) in ev order, consecutive.
+    pub recent: HashMap<String, std::collections::VecDeque<(u64, IVec)>>,
     /// User → (device cursor key without the table byte → value), loaded whole on first use.
     pub devices: HashMap<String, BTreeMap<Vec<u8>, IVec>>,
     /// User → hashes of every id it sent; `None` when it sent more than [`MAX_IDS_PER_USER`].
@@ -78,6 +85,9 @@ impl Hot {
         if self.values.len() > MAX_VALUES {
             self.values = HashMap::default();
         }
+        if self.recent.len() > MAX_VALUES / RECENT_EVENTS {
+            self.recent = HashMap::default();
+        }
         if self.devices.len() > MAX_VALUES / 4 {
             self.devices = HashMap::default();
         }
@@ -86,4 +96,11 @@ impl Hot {
             self.sent_ids = 0;
         }
     }
+}
+
+/// Splits a key made by `keys::num` into its string part and number.
+pub fn split_num_key(k: &[u8]) -> Option<(&str, u64)> {
+    let n = super::keys::num_suffix(k)?;
+    let s = k.get(..k.len().checked_sub(9)?)?;
+    Some((std::str::from_utf8(s).ok()?, n))
 }

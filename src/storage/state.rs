@@ -180,7 +180,7 @@ impl State {
         let mut hot = self.hot.lock();
         hot.trim();
         let mut a = Applier {
-            tx: Tx { store: &self.store, writes: Layer::new(), hot: &mut hot },
+            tx: Tx { store: &self.store, writes: Writes::default(), hot: &mut hot },
             ts: entry.ts,
             index,
             position: 0,
@@ -199,7 +199,7 @@ impl State {
             return Err(e);
         }
         let Applier { tx, effects, .. } = a;
-        self.store.merge(index, tx.writes);
+        self.store.merge(index, tx.writes.into_iter().collect());
         if self.store.dirty_keys() > store::MAX_DIRTY_KEYS {
             // The materializer is behind: catch up here rather than grow without bound.
             self.store.materialize()?;
@@ -528,11 +528,15 @@ fn get_u64(store: &Store, t: TreeId, k: &[u8]) -> Result<u64, StorageError> {
 
 // ---------------------------------------------------------------------- apply
 
+/// One entry's writes: full key → value (`None`: deleted). A hash map: apply looks keys up far
+/// more often than it scans them.
+type Writes = fxhash::FxHashMap<Vec<u8>, Option<IVec>>;
+
 /// The write set of one entry: reads see earlier writes of the same entry, then the store;
 /// [`State::apply`] merges all of it into the store's overlay at once.
 struct Tx<'a> {
     store: &'a Store,
-    writes: Layer,
+    writes: Writes,
     /// Apply's cache; every write of this entry goes through to it (dropped if apply fails).
     hot: &'a mut Hot,
 }
@@ -542,6 +546,17 @@ impl<'a> Tx<'a> {
         let fk = full_key(t, k);
         if let Some(v) = self.writes.get(&fk) {
             return Ok(v.clone());
+        }
+        if t == TreeId::UserEvEvent {
+            if let Some((user, ev)) = hot::split_num_key(k) {
+                if let Some(r) = self.hot.recent.get(user) {
+                    if let Some(&(first, _)) = r.front() {
+                        if let Some((_, v)) = ev.checked_sub(first).and_then(|i| r.get(i as usize)) {
+                            return Ok(Some(v.clone()));
+                        }
+                    }
+                }
+            }
         }
         if !hot::cached(t) {
             return self.store.get_full(&fk);
@@ -607,9 +622,22 @@ impl<'a> Tx<'a> {
             let user = k.split(|&b| b == keys::SEP).next().map(|u| String::from_utf8_lossy(u).into_owned()).unwrap_or_default();
             if let Some(d) = self.hot.devices.get_mut(&user) {
                 match &v {
-                    Some(v) => d.insert(k, v.clone()),
+                    Some(v) => d.insert(k.clone(), v.clone()),
                     None => d.remove(&k),
                 };
+            }
+        }
+        if t == TreeId::UserEvEvent {
+            // Events are only ever appended (ev = head + 1) and never rewritten.
+            if let (Some((user, ev)), Some(v)) = (hot::split_num_key(&k), &v) {
+                let r = self.hot.recent.entry(user.to_owned()).or_default();
+                if r.back().is_some_and(|&(last, _)| last + 1 != ev) {
+                    r.clear();
+                }
+                r.push_back((ev, v.clone()));
+                if r.len() > hot::RECENT_EVENTS {
+                    r.pop_front();
+                }
             }
         }
         if hot::cached(t) {
@@ -621,12 +649,20 @@ impl<'a> Tx<'a> {
     /// Every live key of table `t` starting with `prefix`, as it reads now (earlier writes of
     /// this entry included), in key order; keys without the table byte.
     fn scan_prefix(&self, t: TreeId, prefix: &[u8]) -> Result<Vec<(Vec<u8>, IVec)>, StorageError> {
-        self.store.scan_prefix(t, prefix, usize::MAX, Some(&self.writes))
+        let lo = full_key(t, prefix);
+        self.store.scan_prefix(t, prefix, usize::MAX, Some(&self.writes_from(|k| k.starts_with(&lo))))
+    }
+
+    /// This entry's writes whose key passes `keep`, in key order (for scans, which are rare).
+    fn writes_from(&self, keep: impl Fn(&[u8]) -> bool) -> Layer {
+        self.writes.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Keys of table `t` from `from` on (inclusive), in key order.
     fn keys_from(&self, t: TreeId, from: &[u8]) -> Result<Vec<Vec<u8>>, StorageError> {
-        Ok(self.store.range(t, from, std::ops::Bound::Unbounded, usize::MAX, Some(&self.writes))?.into_iter().map(|(k, _)| k).collect())
+        let lo = full_key(t, from);
+        let extra = self.writes_from(|k| k >= lo.as_slice() && k.first() == Some(&(t as u8)));
+        Ok(self.store.range(t, from, std::ops::Bound::Unbounded, usize::MAX, Some(&extra))?.into_iter().map(|(k, _)| k).collect())
     }
 
     fn put<T: Serialize>(&mut self, t: TreeId, k: Vec<u8>, v: &T) -> Result<(), StorageError> {

@@ -229,7 +229,7 @@ impl Store {
         let _one = self.flush.lock();
         let (layer, upto) = {
             let mut l = self.layers.write();
-            if l.active.is_empty() {
+            if l.active.is_empty() && self.applied() == self.materialized() {
                 return Ok(self.materialized());
             }
             let layer = Arc::new(std::mem::take(&mut l.active));
