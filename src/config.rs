@@ -133,6 +133,8 @@ pub struct StorageConfig {
     pub checkpoint_interval_ms: u64,
     /// Checkpoint after this much log growth, bytes.
     pub checkpoint_log_bytes: u64,
+    /// Least time between two snapshots (taken at checkpoints), ms.
+    pub snapshot_interval_ms: u64,
     /// How often the materializer writes applied state from memory to sled, ms.
     pub materialize_interval_ms: u64,
     /// sled cache, bytes.
@@ -245,6 +247,9 @@ impl Config {
         }
         if self.storage.checkpoint_interval_ms == 0 {
             return bad("storage.checkpoint_interval_ms", "must be at least 1");
+        }
+        if self.storage.snapshot_interval_ms == 0 {
+            return bad("storage.snapshot_interval_ms", "must be at least 1");
         }
         if !(1..=10_000).contains(&self.storage.materialize_interval_ms) {
             return bad("storage.materialize_interval_ms", "must be from 1 to 10000 (10 s)");
@@ -532,6 +537,6 @@ mod tests {
         assert!(w[0].contains("PARLEY_SESSION_HELLO_TIMEOUT_MS") && w[0].contains("did you mean PARLEY__SESSION__HELLO_TIMEOUT_MS?"), "{w:?}");
         assert!(w[1].contains("did you mean PARLEY__SERVER__LISTEN?"), "{w:?}");
         assert!(Config::env_warnings(vars(NON_CONFIG_VARS)).is_empty(), "the tests' and tools' variables");
-        assert_eq!(Config::keys().len(), 46, "{:?}", Config::keys());
+        assert_eq!(Config::keys().len(), 47, "{:?}", Config::keys());
     }
 }

@@ -102,7 +102,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         Supervisor::start_in_arbiter(&arbiter.handle(), move |_| PresenceFlusher { hub, online, every });
     }
     let sink = Arc::new(Deliverer { online: online.clone() });
-    let (pipeline, commit_thread) = Pipeline::start(state.clone(), wal, cfg.storage.clone(), sink);
+    let (pipeline, commit_thread) = Pipeline::start(state.clone(), wal, cfg.storage.clone(), storage::snapshot::dir_of(&data), sink);
 
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),

@@ -57,6 +57,9 @@ fn describe() {
     describe_histogram!("parley_fsync_duration_seconds", Unit::Seconds, "Log append + fsync per batch");
     describe_histogram!("parley_commit_duration_seconds", Unit::Seconds, "Append + fsync + apply per batch");
     describe_histogram!("parley_checkpoint_duration_seconds", Unit::Seconds, "sled flush + fsync per checkpoint");
+    describe_histogram!("parley_materialize_duration_seconds", Unit::Seconds, "Writing one layer of applied state from memory to sled");
+    describe_histogram!("parley_materialize_keys", Unit::Count, "Keys per materialized layer");
+    describe_histogram!("parley_snapshot_duration_seconds", Unit::Seconds, "Writing one snapshot of the whole state");
     describe_gauge!("parley_log_bytes", Unit::Bytes, "Write-ahead log size");
     describe_gauge!("parley_log_segments", "Write-ahead log segment files");
     describe_gauge!("parley_recovery_seconds", Unit::Seconds, "Time the last start-up recovery took");
@@ -99,7 +102,7 @@ fn describe() {
     for actor in ["registry", "presence"] {
         counter!("parley_actor_restarts_total", "actor" => actor).increment(0);
     }
-    for h in ["parley_ack_latency_seconds", "parley_commit_batch_size", "parley_fsync_duration_seconds", "parley_commit_duration_seconds", "parley_checkpoint_duration_seconds"] {
+    for h in ["parley_ack_latency_seconds", "parley_commit_batch_size", "parley_fsync_duration_seconds", "parley_commit_duration_seconds", "parley_checkpoint_duration_seconds", "parley_materialize_duration_seconds", "parley_materialize_keys", "parley_snapshot_duration_seconds"] {
         // Registered without a sample: exported with empty buckets, a zero sum and count.
         let _ = histogram!(h);
     }

@@ -7,6 +7,7 @@ pub mod hot;
 pub mod keys;
 pub mod pipeline;
 pub mod records;
+pub mod snapshot;
 pub mod state;
 pub mod store;
 pub mod trees;

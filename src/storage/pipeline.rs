@@ -64,18 +64,27 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts the commit thread and the checkpoint thread.
-    pub fn start(state: Arc<State>, wal: Wal, cfg: StorageConfig, sink: Arc<dyn Sink>) -> (Pipeline, JoinHandle<()>) {
+    /// Starts the commit thread, the checkpoint thread (snapshots into `snapshots`) and the
+    /// materializer.
+    pub fn start(state: Arc<State>, wal: Wal, cfg: StorageConfig, snapshots: std::path::PathBuf, sink: Arc<dyn Sink>) -> (Pipeline, JoinHandle<()>) {
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity);
         let healthy = Arc::new(AtomicBool::new(true));
         let purge_to = Arc::new(AtomicU64::new(0));
+        let newest = super::snapshot::list(&snapshots).ok().and_then(|l| l.first().map(|s| s.index)).unwrap_or(0);
+        let snapshot_index = Arc::new(AtomicU64::new(newest));
         let (ck_tx, ck_rx) = crossbeam_channel::bounded::<()>(1);
-        let ck_state = state.clone();
-        let ck_purge = purge_to.clone();
-        let interval = Duration::from_millis(cfg.checkpoint_interval_ms);
+        let ck = Checkpointer {
+            state: state.clone(),
+            wake: ck_rx,
+            purge_to: purge_to.clone(),
+            interval: Duration::from_millis(cfg.checkpoint_interval_ms),
+            snapshots,
+            snapshot_every: Duration::from_millis(cfg.snapshot_interval_ms),
+            snapshot_index: snapshot_index.clone(),
+        };
         std::thread::Builder::new()
             .name("parley-checkpoint".into())
-            .spawn(move || checkpoint_loop(ck_state, ck_rx, ck_purge, interval))
+            .spawn(move || ck.run())
             .ok();
         // The materializer: writes applied state from memory to sled off the ack path. It stops
         // when the commit thread drops `_materializer` (the channel disconnects).
@@ -98,6 +107,7 @@ impl Pipeline {
             last_ts: 0,
             bytes_since_checkpoint: 0,
             checkpoint: ck_tx,
+            snapshot_index,
             _materializer: mat_tx,
         };
         metrics::gauge!("parley_log_bytes").set(w.wal.size_bytes() as f64);
@@ -165,6 +175,8 @@ struct Worker {
     bytes_since_checkpoint: u64,
     /// Wakes the checkpoint thread early when the log has grown.
     checkpoint: Sender<()>,
+    /// Index of the newest durable snapshot: the log is never purged past it.
+    snapshot_index: Arc<AtomicU64>,
     /// Held only so that dropping the worker stops the materializer thread.
     _materializer: Sender<()>,
 }
@@ -196,7 +208,7 @@ impl Worker {
             if let Some(done) = stop {
                 match self.state.checkpoint() {
                     Ok(upto) => {
-                        let _ = self.wal.purge_upto(upto);
+                        let _ = self.wal.purge_upto(upto.min(self.snapshot_index.load(Ordering::Acquire)));
                     }
                     Err(e) => tracing::error!(error = %e, "final checkpoint failed; the log will be replayed at start"),
                 }
@@ -382,20 +394,62 @@ fn materialize_loop(state: Arc<State>, stop: Receiver<()>, every: Duration) {
     }
 }
 
-/// Checkpoints every `interval` or when woken: fsync sled, then allow the log below to be purged.
-fn checkpoint_loop(state: Arc<State>, wake: Receiver<()>, purge_to: Arc<AtomicU64>, interval: Duration) {
-    loop {
-        match wake.recv_timeout(interval) {
-            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
-        }
-        let t0 = Instant::now();
-        match state.checkpoint() {
-            Ok(upto) => {
-                purge_to.fetch_max(upto, Ordering::AcqRel);
-                metrics::histogram!("parley_checkpoint_duration_seconds").record(t0.elapsed().as_secs_f64());
+/// The checkpoint thread: checkpoints every `interval` or when woken (materialize, fsync sled),
+/// takes a snapshot at most every `snapshot_every`, then allows the log up to the lower of the
+/// two to be purged: log entries are deleted only once sled holds them durably *and* a snapshot
+/// independent of sled's files holds them (so a damaged sled can be rebuilt).
+struct Checkpointer {
+    state: Arc<State>,
+    /// From the commit thread, when the log has grown by `checkpoint_log_bytes`; disconnects when
+    /// the commit thread ends, which stops this thread.
+    wake: Receiver<()>,
+    /// To the commit thread: the log may be purged up to here.
+    purge_to: Arc<AtomicU64>,
+    interval: Duration,
+    snapshots: std::path::PathBuf,
+    snapshot_every: Duration,
+    /// Newest durable snapshot's index, shared with the commit thread's final purge.
+    snapshot_index: Arc<AtomicU64>,
+}
+
+impl Checkpointer {
+    fn run(self) {
+        let mut last_snapshot: Option<Instant> = None;
+        loop {
+            match self.wake.recv_timeout(self.interval) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-            Err(e) => tracing::error!(error = %e, "checkpoint failed"),
+            let t0 = Instant::now();
+            let upto = match self.state.checkpoint() {
+                Ok(upto) => upto,
+                Err(e) => {
+                    tracing::error!(error = %e, "checkpoint failed");
+                    continue;
+                }
+            };
+            metrics::histogram!("parley_checkpoint_duration_seconds").record(t0.elapsed().as_secs_f64());
+            let due = last_snapshot.map_or(true, |t| t.elapsed() >= self.snapshot_every);
+            if due && upto > self.snapshot_index.load(Ordering::Acquire) {
+                last_snapshot = Some(Instant::now());
+                self.snapshot();
+            }
+            self.purge_to.fetch_max(upto.min(self.snapshot_index.load(Ordering::Acquire)), Ordering::AcqRel);
+        }
+    }
+
+    fn snapshot(&self) {
+        let t0 = Instant::now();
+        match self.state.snapshot(&self.snapshots) {
+            Ok((file, records)) => {
+                self.snapshot_index.fetch_max(file.index, Ordering::AcqRel);
+                if let Err(e) = super::snapshot::remove_older(&self.snapshots, file.index) {
+                    tracing::warn!(error = %e, "cannot delete old snapshots");
+                }
+                metrics::histogram!("parley_snapshot_duration_seconds").record(t0.elapsed().as_secs_f64());
+                tracing::info!(index = file.index, records, millis = t0.elapsed().as_millis() as u64, "snapshot written");
+            }
+            Err(e) => tracing::error!(error = %e, "snapshot failed; the log is kept from the previous snapshot on"),
         }
     }
 }

@@ -166,6 +166,25 @@ impl State {
         self.crash_on_drop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Writes a snapshot of the whole state into `dir` (see [`snapshot`](super::snapshot)):
+    /// materializes, then copies sled's tree while the materializer waits (apply goes on in
+    /// memory meanwhile). Returns the file and its record count.
+    pub fn snapshot(&self, dir: &Path) -> Result<(super::snapshot::SnapshotFile, u64), StorageError> {
+        self.store.quiescent(|tree, index| super::snapshot::write(dir, index, tree.iter().map(|kv| kv.map_err(StorageError::from))))
+    }
+
+    /// Creates the state in `dir` (which must not hold one) from a snapshot file, durably, and
+    /// returns its applied index. The log after that index is replayed by [`open`](super::open).
+    pub fn restore_snapshot(dir: &Path, file: &Path) -> Result<u64, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
+        let db = sled::Config::new().path(dir).open()?;
+        let index = store::load_snapshot(&db.open_tree(STATE_TREE)?, file)?;
+        db.flush()?;
+        drop(db);
+        store::fsync_tree(dir)?;
+        Ok(index)
+    }
+
     /// Keys applied but not yet in sled.
     pub fn dirty_keys(&self) -> usize {
         self.store.dirty_keys()

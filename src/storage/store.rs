@@ -227,6 +227,19 @@ impl Store {
     /// Returns the materialized index. On a sled failure the writes stay in the overlay.
     pub fn materialize(&self) -> Result<u64, StorageError> {
         let _one = self.flush.lock();
+        self.materialize_locked()
+    }
+
+    /// Materializes, then calls `f` with the sled tree while no materialization can change it,
+    /// and the applied index it holds (for a consistent snapshot; apply goes on in memory).
+    pub fn quiescent<R>(&self, f: impl FnOnce(&sled::Tree, u64) -> Result<R, StorageError>) -> Result<R, StorageError> {
+        let _one = self.flush.lock();
+        let upto = self.materialize_locked()?;
+        f(&self.tree, upto)
+    }
+
+    /// [`materialize`](Self::materialize), with `flush` held by the caller.
+    fn materialize_locked(&self) -> Result<u64, StorageError> {
         let (layer, upto) = {
             let mut l = self.layers.write();
             if l.active.is_empty() && self.applied() == self.materialized() {
@@ -435,6 +448,33 @@ fn finish_redo(tree: &sled::Tree) -> Result<(), StorageError> {
 fn be_u32(v: &[u8]) -> Result<u32, StorageError> {
     let b: [u8; 4] = v.try_into().map_err(|_| StorageError::Decode("u32 value".into()))?;
     Ok(u32::from_be_bytes(b))
+}
+
+/// Fills an empty `tree` from a snapshot file (see [`snapshot`](super::snapshot)); returns its
+/// applied index. Used to rebuild a damaged state.
+pub fn load_snapshot(tree: &sled::Tree, file: &Path) -> Result<u64, StorageError> {
+    let mut batch = sled::Batch::default();
+    let mut n = 0usize;
+    let mut err = None;
+    let (index, _) = super::snapshot::read(file, |k, v| {
+        batch.insert(k, v);
+        n += 1;
+        if n % 10_000 == 0 {
+            if let Err(e) = tree.apply_batch(std::mem::take(&mut batch)) {
+                err = Some(e);
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    tree.apply_batch(batch)?;
+    let applied = tree.get(full_key(TreeId::Meta, APPLIED_KEY))?.map(|v| be_u64(&v)).transpose()?.unwrap_or(0);
+    if applied != index {
+        return Err(StorageError::Decode(format!("snapshot {}: holds applied index {applied}, named {index}", file.display())));
+    }
+    Ok(index)
 }
 
 pub(crate) fn be_u64(v: &[u8]) -> Result<u64, StorageError> {
