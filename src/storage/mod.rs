@@ -3,6 +3,7 @@
 //! The write path reads top to bottom (STYLE habit 11): append batch → fsync → apply → answer.
 //! Nothing else acknowledges.
 
+pub mod disk;
 pub mod keys;
 pub mod pipeline;
 pub mod records;
@@ -12,6 +13,8 @@ pub mod wal;
 
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod sim_tests;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
