@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::disk::{Disk, OpenMode, SimDisk, SimStats};
-use super::wal::{Wal, WalError};
+use super::wal::{Entry, Wal, WalError};
 
 const DATA: &str = "/data";
 const MAGIC: &[u8; 8] = b"PRLYCKP1";
@@ -241,20 +241,33 @@ fn round(seed: u64, t: &mut Totals) -> Result<(), String> {
                 }
                 continue;
             }
-            let n = rng.gen_range(1..=4);
-            let ids: Vec<u64> = (issued..issued + n).collect();
-            issued += n;
-            let payload = encode_batch(&ids, rng.gen_range(0..=max_filler));
-            let r = wal.append_next(1, &payload).and_then(|index| wal.sync().map(|()| index));
-            match r {
-                Ok(index) => {
-                    if index != state.applied + 1 {
-                        return Err(format!("epoch {epoch}: append gave index {index} after {}", state.applied));
+            // One entry per write as the commit thread appends (append_next), or several
+            // entries in one write (append, as a replicated log would).
+            let entries = if rng.gen_bool(0.3) { rng.gen_range(2..=3) } else { 1 };
+            let mut batch = Vec::new();
+            for k in 0..entries {
+                let n = rng.gen_range(1..=4);
+                let ids: Vec<u64> = (issued..issued + n).collect();
+                issued += n;
+                let payload = encode_batch(&ids, rng.gen_range(0..=max_filler));
+                batch.push((Entry { index: wal.last_index() + 1 + k, term: 1, payload }, ids));
+            }
+            let r = if entries == 1 {
+                wal.append_next(1, &batch[0].0.payload).map(|_| ())
+            } else {
+                wal.append(&batch.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>())
+            };
+            match r.and_then(|()| wal.sync()) {
+                Ok(()) => {
+                    for (e, ids) in &batch {
+                        if e.index != state.applied + 1 || wal.last_index() < e.index {
+                            return Err(format!("epoch {epoch}: entry {} appended after {}", e.index, state.applied));
+                        }
+                        trace(format_args!("acked entry {}", e.index));
+                        state.applied = e.index;
+                        state.ids.extend(ids);
+                        must.extend(ids); // acked
                     }
-                    trace(format_args!("acked entry {index}"));
-                    state.applied = index;
-                    state.ids.extend(&ids);
-                    must.extend(&ids); // acked
                 }
                 Err(_) if disk.is_dead() => break,
                 Err(_) => {
