@@ -55,6 +55,7 @@ fn describe() {
     describe_counter!("parley_slow_consumer_closes_total", "Sockets closed with 4008");
     describe_counter!("parley_session_restarts_total", "Session handler panics (supervision restarts)");
     describe_counter!("parley_commit_failures_total", "Commit batches that failed (answered unavailable)");
+    describe_counter!("parley_state_rebuilds_total", "Start-ups that found sled damaged and rebuilt the state from the whole log");
     describe_counter!("parley_logins_total", "Login attempts by result");
     describe_counter!("parley_registrations_total", "Users registered");
     describe_histogram!("parley_ack_latency_seconds", Unit::Seconds, "send frame received → ack queued");

@@ -7,6 +7,7 @@
 //! - [`restart`]: graceful shutdown (SIGTERM, `goaway`, exit 0) and recovery on the same data.
 //! - [`binary`]: the postcard encoding end to end.
 //! - [`crash`]: concurrent traffic, repeated `kill -9`, a torn log tail; nothing acked is lost.
+//! - [`rebuild`]: a deleted or garbled sled state rebuilt from the log, or a clear refusal.
 //! - [`config`]: a bad setting stops start-up with an error naming the key.
 //! - [`overload`]: rate limits, slow consumers, heartbeats, admission, supervision, storage faults.
 //! - [`ops`]: `parley admin`, backup and restore, retention, metrics, logs.
@@ -22,4 +23,5 @@ mod features;
 mod groups;
 mod ops;
 mod overload;
+mod rebuild;
 mod restart;
