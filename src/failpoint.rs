@@ -5,7 +5,7 @@
 //! Configured once per process from the environment variable `PARLEY_FAILPOINTS`, a comma
 //! separated list of `NAME=ACTION` or `NAME=ACTION@N`:
 //!
-//! - `abort`: `std::process::abort()` at that step, a crash at an exact point (the page cache
+//! - `abort`: SIGKILL to itself at that step, kill -9 at an exact point (the page cache
 //!   keeps what was written; the power-loss test then drops what was not fsync'd);
 //! - `error`: the step fails with an injected I/O error, as a failing disk would;
 //!
@@ -29,7 +29,7 @@ use std::sync::{Mutex, OnceLock};
 /// What an armed point does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// `std::process::abort()`.
+    /// SIGKILL to the process itself (kill -9 at an exact step).
     Abort,
     /// Fail the step with an injected I/O error.
     Error,
@@ -100,7 +100,10 @@ pub fn check(name: &str) -> Option<std::io::Error> {
     }
     match p.action {
         Action::Abort => {
-            eprintln!("fail point {name}: abort");
+            eprintln!("fail point {name}: killing the process");
+            // SIGKILL to itself, like kill -9 (no core dump, no destructors, nothing flushed).
+            // SAFETY: kill(2) on our own pid.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
             std::process::abort()
         }
         Action::Error => Some(std::io::Error::other(format!("injected fault at fail point {name}"))),
