@@ -236,6 +236,11 @@ fn rebuild(data: &Path, state_dir: &Path, wal_dir: &Path, segment_bytes: u64, ca
         tracing::error!(data = %data.display(), reason = %reason, "the state cannot be opened and the log does not reach back to entry 1; refusing to start");
         return Err(StorageError::StateUnrecoverable { data: data.to_owned(), state: state_dir.to_owned(), wal: wal_dir.to_owned(), reason, log, missing_upto });
     }
+    // The log itself must be readable to the end before the state is touched: a bad log entry
+    // would fail the rebuild the same way, after moving a healthy state aside for nothing.
+    for entry in wal.read_from(1)? {
+        let _: records::LogEntry = records::decode(&entry?.payload)?;
+    }
     let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     let aside = data.join(format!("state.damaged-{ms}"));
     if state_dir.exists() {
