@@ -1060,7 +1060,9 @@ impl Wal {
                 self.create_segment(index)?;
                 failpoint!("wal.roll.after_create", e => Err(io_err(&self.dir)(e)));
                 // The header goes out in one write with the segment's first records: a torn
-                // write can then only leave a prefix of both (see the recovery rules).
+                // write can then only leave a prefix of both (see the recovery rules). Written
+                // alone, a power loss could keep the record and lose the header, and open
+                // refused the log (simulated disk, seed 1093).
                 self.buf.extend_from_slice(&HEADER);
             }
             // Checked by the callers: the payload fits.
