@@ -214,7 +214,7 @@ async fn check(srv: &Server, round: usize, tokens: &BTreeMap<String, String>, gr
         let unacked: Vec<(String, u64)> = l.msgs.iter().filter(|m| !l.acked.contains_key(&m.id)).filter_map(|m| stored.get(&m.id).map(|s| (m.id.clone(), *s))).collect();
         l.stored.extend(unacked);
     }
-    for r in RECIPIENTS.iter().filter(|_| resync) {
+    for r in RECIPIENTS.into_iter().filter(|_| resync) {
         let s = Client::connect(srv.addr, &tokens[r], Some(0), Encoding::Json).await;
         let mut per: BTreeMap<String, Vec<(u64, String, String)>> = BTreeMap::new();
         for (_, m) in s.messages() {
