@@ -11,7 +11,7 @@
 //! previous recovery replayed) is present exactly once, in order, and nothing is there that
 //! was never submitted.
 //!
-//! `PARLEY_SIM_ROUNDS` sets the number of rounds (default 10,000 in release, 1,000 in debug);
+//! `PARLEY_SIM_ROUNDS` sets the number of rounds (default 30,000 in release, 1,000 in debug);
 //! `PARLEY_SIM_SEED=N` replays one round; `PARLEY_SIM_BASE` fixes the first seed (else random,
 //! printed).
 
@@ -340,7 +340,7 @@ fn sim_crash_rounds_lose_no_acked_command() {
     let seeds: Vec<u64> = match env_u64("PARLEY_SIM_SEED") {
         Some(s) => vec![s],
         None => {
-            let n = env_u64("PARLEY_SIM_ROUNDS").unwrap_or(if cfg!(debug_assertions) { 1_000 } else { 10_000 });
+            let n = env_u64("PARLEY_SIM_ROUNDS").unwrap_or(if cfg!(debug_assertions) { 1_000 } else { 30_000 });
             let base = env_u64("PARLEY_SIM_BASE").unwrap_or_else(|| rand::random::<u32>() as u64);
             eprintln!("sim crash rounds: seeds {base}..{} (PARLEY_SIM_BASE={base} repeats them)", base + n);
             (base..base + n).collect()
