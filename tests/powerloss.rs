@@ -197,8 +197,8 @@ async fn check(srv: &Server, round: usize, tokens: &BTreeMap<String, String>, gr
             assert!(stored.insert(m.id.clone(), m.seq).is_none(), "round {round}: {} stored twice", m.id);
         }
         // Send order: a sender's messages sent once are stored in the order they were sent.
-        for i in 0..SENDERS {
-            let l = ledgers[i].lock().unwrap();
+        for (i, l) in ledgers.iter().enumerate() {
+            let l = l.lock().unwrap();
             let ks: Vec<usize> = msgs.iter().filter(|m| m.from == sender_name(i) && !l.resent.contains(&m.id)).map(|m| sent[&m.id].1).collect();
             assert!(ks.windows(2).all(|w| w[0] < w[1]), "round {round}: {}'s messages in {conv} are out of send order: {ks:?}", sender_name(i));
         }

@@ -57,28 +57,36 @@ pub enum StorageError {
     LogGap { applied: u64, first: u64 },
     /// The state (sled) cannot be opened and the log no longer holds every entry from 1, so
     /// the state cannot be rebuilt from it. Nothing was moved or deleted.
-    #[error(
-        "the state in {state} cannot be opened ({reason}), and it cannot be rebuilt: the write-ahead log in {wal} {log}, \
-         and entries 1 to {missing_upto} were deleted by checkpoints. Nothing was changed. Restore the data directory {data} \
-         from a backup (parley admin restore), or move {state} aside to start with an empty state"
-    )]
-    StateUnrecoverable {
-        /// The data directory.
-        data: PathBuf,
-        /// Its `state/` directory (sled).
-        state: PathBuf,
-        /// Its `wal/` directory.
-        wal: PathBuf,
-        /// Why sled did not open.
-        reason: String,
-        /// Where the log starts, in words.
-        log: String,
-        /// The last entry the log lacks.
-        missing_upto: u64,
-    },
+    #[error(transparent)]
+    StateUnrecoverable(Box<Unrecoverable>),
     /// The state has applied entries the log does not hold: the log lost acknowledged entries.
     #[error("the state in {state} has applied up to entry {applied}, but the write-ahead log ends at entry {last}: the log lost entries (was the disk's write cache lying about fsync?); refusing to start")]
     LogBehind { state: PathBuf, applied: u64, last: u64 },
+}
+
+/// Why a damaged state cannot be rebuilt (see [`StorageError::StateUnrecoverable`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the state in {state} cannot be opened ({reason}), and it cannot be rebuilt: the write-ahead log in {wal} {log}, \
+     and entries 1 to {missing_upto} were deleted by checkpoints. Nothing was changed. Restore the data directory {data} \
+     from a backup (parley admin restore), or move {state} aside to start with an empty state",
+    state = .state.display(),
+    wal = .wal.display(),
+    data = .data.display()
+)]
+pub struct Unrecoverable {
+    /// The data directory.
+    pub data: PathBuf,
+    /// Its `state/` directory (sled).
+    pub state: PathBuf,
+    /// Its `wal/` directory.
+    pub wal: PathBuf,
+    /// Why sled did not open.
+    pub reason: String,
+    /// Where the log starts, in words.
+    pub log: String,
+    /// The last entry the log lacks.
+    pub missing_upto: u64,
 }
 
 impl StorageError {
@@ -234,7 +242,8 @@ fn rebuild(data: &Path, state_dir: &Path, wal_dir: &Path, segment_bytes: u64, ca
             None => (format!("holds no entry and continues after entry {}", wal.last_index()), wal.last_index()),
         };
         tracing::error!(data = %data.display(), reason = %reason, "the state cannot be opened and the log does not reach back to entry 1; refusing to start");
-        return Err(StorageError::StateUnrecoverable { data: data.to_owned(), state: state_dir.to_owned(), wal: wal_dir.to_owned(), reason, log, missing_upto });
+        let u = Unrecoverable { data: data.to_owned(), state: state_dir.to_owned(), wal: wal_dir.to_owned(), reason, log, missing_upto };
+        return Err(StorageError::StateUnrecoverable(Box::new(u)));
     }
     // The log itself must be readable to the end before the state is touched: a bad log entry
     // would fail the rebuild the same way, after moving a healthy state aside for nothing.

@@ -40,15 +40,18 @@ fn garble(state: &Path) {
     }
 }
 
+/// One stored message: (seq, id, from, body, ts).
+type Row = (u64, String, String, String, u64);
+
 /// What must come back: two conversations' histories, the group, and bob's stored cursor.
 #[derive(Debug, PartialEq)]
 struct Snapshot {
-    histories: BTreeMap<String, Vec<(u64, String, String, String, u64)>>,
+    histories: BTreeMap<String, Vec<Row>>,
     group: (String, Vec<String>, Vec<String>),
     bob_head: u64,
 }
 
-fn rows(ms: &[MessageView]) -> Vec<(u64, String, String, String, u64)> {
+fn rows(ms: &[MessageView]) -> Vec<Row> {
     ms.iter().map(|m| (m.seq, m.id.clone(), m.from.clone(), m.body.clone(), m.ts)).collect()
 }
 
