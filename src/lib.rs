@@ -16,6 +16,8 @@
 //! - [`server`]: wires it all and owns the shutdown sequence.
 //! - [`load`]: the load generator (`parley load`).
 
+#[macro_use]
+pub mod failpoint;
 pub mod actors;
 pub mod admin;
 pub mod config;

@@ -49,6 +49,7 @@ fn describe() {
     use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
     describe_gauge!("parley_sockets_open", "Open WebSocket connections");
     describe_gauge!("parley_sessions_authenticated", "Sessions past hello, registered online");
+    describe_counter!("parley_state_rebuilds_total", "Start-ups that found sled damaged and rebuilt the state");
     describe_counter!("parley_logins_total", "Login attempts by result");
     describe_counter!("parley_registrations_total", "Users registered");
     describe_counter!("parley_messages_acked_total", "Messages acknowledged after commit");

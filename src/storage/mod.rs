@@ -4,6 +4,7 @@
 //! Nothing else acknowledges.
 
 pub mod hot;
+pub mod disk;
 pub mod keys;
 pub mod pipeline;
 pub mod records;
@@ -15,6 +16,8 @@ pub mod wal;
 
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod sim_tests;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -55,6 +58,38 @@ pub enum StorageError {
     /// The log does not reach back to the state's applied index.
     #[error("the write-ahead log starts at entry {first}, but the state has only applied up to {applied}: entries are missing")]
     LogGap { applied: u64, first: u64 },
+    /// The state (sled) cannot be opened and the log no longer holds every entry from 1, so
+    /// the state cannot be rebuilt from it. Nothing was moved or deleted.
+    #[error(transparent)]
+    StateUnrecoverable(Box<Unrecoverable>),
+    /// The state has applied entries the log does not hold: the log lost acknowledged entries.
+    #[error("the state in {state} has applied up to entry {applied}, but the write-ahead log ends at entry {last}: the log lost entries (was the disk's write cache lying about fsync?); refusing to start")]
+    LogBehind { state: PathBuf, applied: u64, last: u64 },
+}
+
+/// Why a damaged state cannot be rebuilt (see [`StorageError::StateUnrecoverable`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the state in {state} cannot be opened ({reason}), and it cannot be rebuilt: the write-ahead log in {wal} {log}, \
+     and entries 1 to {missing_upto} were deleted by checkpoints, with no snapshot in {data}/snapshots to start from. Nothing was changed. Restore the data directory {data} \
+     from a backup (parley admin restore), or move {state} aside to start with an empty state",
+    state = .state.display(),
+    wal = .wal.display(),
+    data = .data.display()
+)]
+pub struct Unrecoverable {
+    /// The data directory.
+    pub data: PathBuf,
+    /// Its `state/` directory (sled).
+    pub state: PathBuf,
+    /// Its `wal/` directory.
+    pub wal: PathBuf,
+    /// Why sled did not open.
+    pub reason: String,
+    /// Where the log starts, in words.
+    pub log: String,
+    /// The last entry the log lacks.
+    pub missing_upto: u64,
 }
 
 impl StorageError {
@@ -74,6 +109,9 @@ pub struct RecoveryStats {
     pub torn_tail_bytes: u64,
     /// Wall time of recovery, ms.
     pub millis: u64,
+    /// The state could not be opened and was rebuilt from the whole log (the damaged one was
+    /// moved aside to `state.damaged-<ms>`).
+    pub rebuilt: bool,
 }
 
 /// An exclusive lock on a data directory (`DATA/LOCK`, `flock`), held by the server or an admin
@@ -123,20 +161,149 @@ pub struct Opened {
 /// Locks the data directory, opens the state (`DATA/state`) and the log (`DATA/wal`), then
 /// replays every log entry past the state's applied index. A corrupt record in the middle of the
 /// log is an error (start-up stops); a torn tail is cut.
+///
+/// **Rebuild.** When sled fails to open, panics while opening (caught), or fails while the log
+/// is replayed into it, the state is derived data: if the log still starts at entry 1, the
+/// damaged directory is moved aside to `DATA/state.damaged-<ms>` (never deleted), a fresh state
+/// is rebuilt by replaying the whole log, an error-level line says so, and the counter
+/// `parley_state_rebuilds_total` goes up. If the log no longer starts at entry 1 (checkpoints
+/// deleted its beginning), start-up stops with [`StorageError::StateUnrecoverable`], naming the
+/// data directory and what is missing, and changes nothing.
 pub fn open(data: &Path, segment_bytes: u64, cache_bytes: u64) -> Result<Opened, StorageError> {
     let t0 = Instant::now();
+    metrics::counter!("parley_state_rebuilds_total").increment(0);
     let lock = DataLock::acquire(data)?;
-    let state = State::open(&data.join("state"), cache_bytes)?;
+    // The data directory's own name must be durable before anything in it is acked.
+    sync_dir(parent_of(data))?;
+    let state_dir = data.join("state");
     let wal_dir = data.join("wal");
-    if state.applied() > 0 && !has_segments(&wal_dir) {
-        // A state restored from a backup: the log continues after its applied index.
-        wal::create_empty_at(&wal_dir, state.applied() + 1)?;
-    }
-    let (wal, report) = wal::Wal::open(&wal_dir, segment_bytes)?;
-    let mut stats = RecoveryStats { applied_before: state.applied(), torn_tail_bytes: report.torn_tail_bytes, ..Default::default() };
-    stats.replayed = replay(&state, &wal)?;
+    let opened = open_state(&state_dir, cache_bytes).and_then(|state| {
+        if state.applied() > 0 && !has_segments(&wal_dir) {
+            // A state restored from a backup: the log continues after its applied index.
+            wal::create_empty_at(&wal_dir, state.applied() + 1).map_err(|e| Damage::Other(e.into()))?;
+        }
+        let (wal, report) = wal::Wal::open(&wal_dir, segment_bytes).map_err(|e| Damage::Other(e.into()))?;
+        if state.applied() > wal.last_index() {
+            return Err(Damage::Other(StorageError::LogBehind { state: state_dir.clone(), applied: state.applied(), last: wal.last_index() }));
+        }
+        let mut stats = RecoveryStats { applied_before: state.applied(), torn_tail_bytes: report.torn_tail_bytes, ..Default::default() };
+        match catch(|| replay(&state, &wal)) {
+            Ok(n) => stats.replayed = n,
+            Err(Damage::Other(e)) if matches!(e, StorageError::Wal(_) | StorageError::LogGap { .. }) => return Err(Damage::Other(e)),
+            Err(Damage::Other(e)) => return Err(Damage::State(format!("replaying the log into it failed: {e}"))),
+            Err(d) => return Err(d),
+        }
+        Ok((state, wal, stats))
+    });
+    let (state, wal, mut stats) = match opened {
+        Ok(x) => x,
+        Err(Damage::Other(e)) => return Err(e),
+        Err(Damage::State(reason)) => rebuild(data, &state_dir, &wal_dir, segment_bytes, cache_bytes, reason)?,
+    };
     stats.millis = t0.elapsed().as_millis() as u64;
     Ok(Opened { state, wal, stats, lock })
+}
+
+/// Why opening failed: the state is damaged (rebuild it), or something else (stop).
+enum Damage {
+    State(String),
+    Other(StorageError),
+}
+
+/// Runs `f`, turning a panic into [`Damage::State`] and errors into [`Damage::Other`].
+fn catch<T>(f: impl FnOnce() -> Result<T, StorageError>) -> Result<T, Damage> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Damage::Other(e)),
+        Err(p) => {
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "a panic".into());
+            Err(Damage::State(format!("sled panicked: {msg}")))
+        }
+    }
+}
+
+/// Opens sled's state; any failure or panic of sled itself is [`Damage::State`].
+fn open_state(dir: &Path, cache_bytes: u64) -> Result<State, Damage> {
+    match catch(|| State::open(dir, cache_bytes)) {
+        Ok(s) => Ok(s),
+        Err(Damage::Other(StorageError::Io { path, source })) if path == dir => Err(Damage::Other(StorageError::Io { path, source })),
+        Err(Damage::Other(e)) => Err(Damage::State(e.to_string())),
+        Err(d) => Err(d),
+    }
+}
+
+/// The state is damaged: rebuild it from the newest snapshot the log continues from, or from
+/// the whole log, or refuse (see [`open`]).
+fn rebuild(data: &Path, state_dir: &Path, wal_dir: &Path, segment_bytes: u64, cache_bytes: u64, reason: String) -> Result<(State, wal::Wal, RecoveryStats), StorageError> {
+    let (wal, report) = wal::Wal::open(wal_dir, segment_bytes)?;
+    // The first index the log holds (last + 1 when it holds none).
+    let log_from = wal.first_index().unwrap_or(wal.last_index() + 1);
+    let from_one = log_from == 1;
+    // A snapshot the log continues from, each checked whole (every checksum) before use.
+    let mut base = None;
+    for s in snapshot::list(&snapshot::dir_of(data))? {
+        if s.index + 1 < log_from || s.index > wal.last_index() {
+            continue;
+        }
+        match snapshot::read(&s.path, |_, _| Ok(())) {
+            Ok(_) => {
+                base = Some(s);
+                break;
+            }
+            Err(e) => tracing::error!(error = %e, "a snapshot is damaged; trying an older one"),
+        }
+    }
+    if !from_one && base.is_none() {
+        let (log, missing_upto) = match wal.first_index() {
+            Some(first) => (format!("starts at entry {first}"), first - 1),
+            None => (format!("holds no entry and continues after entry {}", wal.last_index()), wal.last_index()),
+        };
+        tracing::error!(data = %data.display(), reason = %reason, "the state cannot be opened and the log does not reach back to entry 1; refusing to start");
+        let u = Unrecoverable { data: data.to_owned(), state: state_dir.to_owned(), wal: wal_dir.to_owned(), reason, log, missing_upto };
+        return Err(StorageError::StateUnrecoverable(Box::new(u)));
+    }
+    // The log itself must be readable to the end before the state is touched: a bad log entry
+    // would fail the rebuild the same way, after moving a healthy state aside for nothing.
+    let replay_from = base.as_ref().map_or(1, |s| s.index + 1);
+    for entry in wal.read_from(replay_from)? {
+        let _: records::LogEntry = records::decode(&entry?.payload)?;
+    }
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let aside = data.join(format!("state.damaged-{ms}"));
+    if state_dir.exists() {
+        std::fs::rename(state_dir, &aside).map_err(|e| StorageError::io(state_dir, e))?;
+        sync_dir(data)?;
+    }
+    tracing::error!(
+        data = %data.display(),
+        reason = %reason,
+        moved_to = %aside.display(),
+        entries = wal.last_index(),
+        snapshot = base.as_ref().map_or(0, |s| s.index),
+        "THE STATE WAS DAMAGED AND IS REBUILT FROM THE WRITE-AHEAD LOG: sled could not be opened; its directory was moved aside, the newest snapshot (0: none) is loaded and every later log entry is replayed"
+    );
+    metrics::counter!("parley_state_rebuilds_total").increment(1);
+    if let Some(s) = &base {
+        State::restore_snapshot(state_dir, &s.path)?;
+    }
+    let state = State::open(state_dir, cache_bytes)?;
+    sync_dir(data)?;
+    let replayed = replay(&state, &wal)?;
+    let stats = RecoveryStats { applied_before: base.map_or(0, |s| s.index), replayed, torn_tail_bytes: report.torn_tail_bytes, millis: 0, rebuilt: true };
+    Ok((state, wal, stats))
+}
+
+/// fsync of a directory (its entries' creations, renames and deletions become durable).
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StorageError::io(dir, e))
+}
+
+/// The directory holding `p` (`.` for a bare relative name).
+fn parent_of(p: &Path) -> &Path {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 fn has_segments(dir: &Path) -> bool {

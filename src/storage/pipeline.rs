@@ -272,6 +272,7 @@ impl Worker {
         });
         match result {
             Ok((outcomes, effects)) => {
+                failpoint!("commit.after_apply");
                 metrics::histogram!("parley_commit_batch_size").record(n as f64);
                 metrics::histogram!("parley_commit_duration_seconds").record(t0.elapsed().as_secs_f64());
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -298,8 +299,11 @@ impl Worker {
             return Err(StorageError::io(self.wal.dir(), std::io::Error::other("injected fault: no space left on device")));
         }
         let payload = encode(entry)?;
+        failpoint!("commit.before_append", e => Err(StorageError::io(self.wal.dir(), e)));
         let index = self.wal.append_next(TERM, &payload)?;
+        failpoint!("commit.after_append", e => Err(StorageError::io(self.wal.dir(), e)));
         self.wal.sync()?;
+        failpoint!("commit.after_sync", e => Err(StorageError::io(self.wal.dir(), e)));
         self.bytes_since_checkpoint += payload.len() as u64 + 24;
         if self.bytes_since_checkpoint >= self.cfg.checkpoint_log_bytes {
             self.bytes_since_checkpoint = 0;
@@ -321,8 +325,10 @@ impl Worker {
             let attempt = if injected {
                 Err(StorageError::io(self.wal.dir(), std::io::Error::other("injected fault: no space left on device")))
             } else {
-                Wal::open(self.wal.dir(), self.cfg.segment_bytes)
-                .map_err(StorageError::from)
+                // Cuts what a failed fsync may have left only in the page cache (Wal::reopen).
+                self.wal
+                    .reopen()
+                    .map_err(StorageError::from)
                     .and_then(|(wal, _)| super::replay(&self.state, &wal).map(|_| wal))
             };
             match attempt {
@@ -359,6 +365,7 @@ impl Worker {
     fn maybe_purge(&mut self) {
         let to = self.purge_to.load(Ordering::Acquire);
         if to > self.purged {
+            failpoint!("purge.before");
             match self.wal.purge_upto(to) {
                 Ok(n) => {
                     self.purged = to;
@@ -421,8 +428,12 @@ impl Checkpointer {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             let t0 = Instant::now();
+            failpoint!("checkpoint.before");
             let upto = match self.state.checkpoint() {
-                Ok(upto) => upto,
+                Ok(upto) => {
+                    failpoint!("checkpoint.after_sync");
+                    upto
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "checkpoint failed");
                     continue;

@@ -7,6 +7,9 @@
 //! - [`restart`]: graceful shutdown (SIGTERM, `goaway`, exit 0) and recovery on the same data.
 //! - [`binary`]: the postcard encoding end to end.
 //! - [`crash`]: concurrent traffic, repeated `kill -9`, a torn log tail; nothing acked is lost.
+//! - [`fsync_audit`]: strace of the real server: acks after fdatasync, new segments after a directory
+//!   fsync, unlinks after a checkpoint's fsyncs.
+//! - [`rebuild`]: a deleted or garbled sled state rebuilt from the log, or a clear refusal.
 //! - [`config`]: a bad setting stops start-up with an error naming the key.
 //! - [`overload`]: rate limits, slow consumers, heartbeats, admission, supervision, storage faults.
 //! - [`ops`]: `parley admin`, backup and restore, retention, metrics, logs.
@@ -21,9 +24,11 @@ mod crash;
 mod cursors;
 mod delivery;
 mod features;
+mod fsync_audit;
 mod groups;
 mod http;
 mod ops;
 mod overload;
+mod rebuild;
 mod restart;
 mod startup;

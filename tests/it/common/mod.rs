@@ -143,6 +143,8 @@ pub struct Server {
     pub addr: SocketAddr,
     root: PathBuf,
     env: Vec<(String, String)>,
+    /// The environment given to `start_with`, once [`Server::set_env`] changed `env`.
+    base_env: Option<Vec<(String, String)>>,
     /// Number of starts so far; names the log file of each run.
     pub starts: u32,
 }
@@ -160,10 +162,18 @@ impl Server {
             addr: "127.0.0.1:0".parse().expect("addr"),
             root: dir.path().to_owned(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            base_env: None,
             starts: 0,
         };
         s.restart().await;
         s
+    }
+
+    /// Replaces the extra environment of the next starts, keeping the variables given to
+    /// [`Server::start_with`] (e.g. to arm a fail point for one run).
+    pub fn set_env(&mut self, extra: &[(&str, &str)]) {
+        let base = self.base_env.get_or_insert_with(|| self.env.clone()).clone();
+        self.env = base.into_iter().chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect();
     }
 
     /// The path of the stderr log of start number `n` (1-based).
