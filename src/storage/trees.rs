@@ -14,6 +14,7 @@
 //! | `user_conv_state` | user `\0` conv | [`UserConvRecord`](super::records::UserConvRecord) |
 //! | `groups` | group id | [`GroupRecord`](super::records::GroupRecord) |
 //! | `user_min_cursor` | user | u64 BE: the lowest cursor over the user's devices (every device has reached it) |
+//! | `user_scram` | user | [`ScramRecord`](super::records::ScramRecord): SCRAM verifiers (XMPP gateway) |
 //!
 //! Outside the log (not in this table's transaction): `presence_last_seen` (user → u64 BE ms).
 
@@ -33,10 +34,11 @@ pub enum TreeId {
     UserConvState,
     Groups,
     UserMinCursor,
+    UserScram,
 }
 
 /// The trees' names, in [`TreeId`] order.
-pub const TREES: [&str; 12] = [
+pub const TREES: [&str; 13] = [
     "meta",
     "users",
     "tokens",
@@ -49,6 +51,7 @@ pub const TREES: [&str; 12] = [
     "user_conv_state",
     "groups",
     "user_min_cursor",
+    "user_scram",
 ];
 
 /// `meta` key of the applied index.
