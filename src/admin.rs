@@ -140,9 +140,13 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
             if !valid_user_id(&user) {
                 bail!("user must be 1-32 chars of a-z 0-9 _ . -, starting with a letter or digit");
             }
-            let password_hash = hash(cfg, &password_or_stdin(password)?)?;
+            let password = password_or_stdin(password)?;
+            let password_hash = hash(cfg, &password)?;
             match commit(wal, Command::Register { user: user.clone(), password_hash })? {
-                Outcome::Done => Ok(println!("user {user} added")),
+                Outcome::Done => {
+                    set_scram(|c| commit(wal, c), &user, &password)?;
+                    Ok(println!("user {user} added"))
+                }
                 Outcome::Refused(Refusal::UserExists) => bail!("user {user} exists"),
                 o => bail!("unexpected outcome {o:?}"),
             }
@@ -153,13 +157,27 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
             o => bail!("unexpected outcome {o:?}"),
         },
         UserCmd::ResetPassword { user, password } => {
-            let password_hash = hash(cfg, &password_or_stdin(password)?)?;
+            let password = password_or_stdin(password)?;
+            let password_hash = hash(cfg, &password)?;
             match commit(wal, Command::SetPassword { user: user.clone(), password_hash })? {
-                Outcome::Done => Ok(println!("password of {user} reset; its tokens are revoked")),
+                Outcome::Done => {
+                    set_scram(|c| commit(wal, c), &user, &password)?;
+                    Ok(println!("password of {user} reset; its tokens are revoked"))
+                }
                 Outcome::Refused(_) => bail!("no user {user}"),
                 o => bail!("unexpected outcome {o:?}"),
             }
         }
+    }
+}
+
+/// Stores the XMPP gateway's SCRAM verifiers of `password` (right after `Register` and
+/// `SetPassword`, so SCRAM-SHA-1/-256 logins use the new password).
+fn set_scram<F: FnMut(Command) -> anyhow::Result<Outcome>>(mut commit: F, user: &str, password: &str) -> anyhow::Result<()> {
+    let scram = crate::xmpp::sasl::derive_verifiers(password).context("cannot derive the SCRAM verifiers")?;
+    match commit(Command::SetScram { user: user.to_owned(), scram })? {
+        Outcome::Done => Ok(()),
+        o => bail!("unexpected outcome {o:?}"),
     }
 }
 

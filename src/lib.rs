@@ -14,6 +14,7 @@
 //! - [`admin`]: `parley admin` (users, stats, verify, backup, restore).
 //! - [`server`]: wires it all and owns the shutdown sequence.
 //! - [`load`]: the load generator (`parley load`).
+//! - [`xmpp`]: the XMPP gateway (RFC 6120 TCP, RFC 7395 WebSocket) over the same commands.
 
 pub mod actors;
 pub mod admin;
@@ -24,3 +25,4 @@ pub mod load;
 pub mod protocol;
 pub mod server;
 pub mod storage;
+pub mod xmpp;

@@ -62,6 +62,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/logout", web::post().to(auth::logout))
         .route("/v1/healthz", web::get().to(healthz))
         .route("/v1/ws", web::get().to(ws))
+        .route("/xmpp-websocket", web::get().to(crate::xmpp::ws::route))
         .route("/metrics", web::get().to(metrics::render))
         .route("/v1/admin/backup", web::post().to(admin_backup))
         .configure(web_client::routes)

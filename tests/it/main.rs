@@ -10,6 +10,7 @@
 //! - [`config`]: a bad setting stops start-up with an error naming the key.
 //! - [`overload`]: rate limits, slow consumers, heartbeats, admission, supervision, storage faults.
 //! - [`ops`]: `parley admin`, backup and restore, retention, metrics, logs.
+//! - [`xmpp`]: the XMPP gateway: RFC 7395 framing, bad input, slixmpp clients (TCP).
 
 mod common;
 
@@ -23,3 +24,4 @@ mod groups;
 mod ops;
 mod overload;
 mod restart;
+mod xmpp;
