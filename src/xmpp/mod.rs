@@ -13,6 +13,7 @@
 //! | [`session`] | the session actor: stream, SASL, bind, roster, presence, chat, receipts, markers, chat states, carbons, disco, ping |
 //! | [`mam`] | XEP-0313 archive queries over `history` |
 //! | [`register`] | XEP-0077 in-band registration |
+//! | [`sm`] | XEP-0198 stream management and resumption over the device cursor |
 //! | [`muc`] | XEP-0045 rooms over groups |
 
 pub mod mam;
@@ -20,6 +21,7 @@ pub mod muc;
 pub mod parser;
 pub mod register;
 pub mod sasl;
+pub mod sm;
 pub mod session;
 pub mod stanza;
 pub mod tcp;

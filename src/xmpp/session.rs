@@ -130,6 +130,10 @@ pub struct XmppSession {
     /// (conv, status) → highest own seq already reported by a receipt or marker.
     reported: HashMap<(String, u8), u64>,
     closing: bool,
+    /// XEP-0198 stream management, once enabled.
+    sm: Option<super::sm::Counters>,
+    /// The client ended the stream itself (`</stream>`, `<close/>`): nothing to park.
+    clean_end: bool,
 }
 
 fn b64(data: &[u8]) -> String {
@@ -199,6 +203,8 @@ impl XmppSession {
             watching: Vec::new(),
             reported: HashMap::new(),
             closing: false,
+            sm: None,
+            clean_end: false,
         }
     }
 
@@ -237,7 +243,23 @@ impl XmppSession {
 
     /// Queues `el`; false when the queue is full or closed (the caller decides what that means).
     fn write(&mut self, el: &Element, ev: u64) -> bool {
-        self.write_raw(to_string(el), ev)
+        let stanza = matches!(el.name(), "message" | "presence" | "iq") && el.ns() == ns::CLIENT;
+        let ok = self.write_raw(to_string(el), ev);
+        if ok {
+            if let Some(sm) = &mut self.sm {
+                sm.sent(stanza, ev);
+            }
+        }
+        ok
+    }
+
+    /// Records that event `ev` needs no stanza here (it is confirmed with the stanzas before it).
+    fn mark(&mut self, ev: u64) {
+        if self.write_raw(String::new(), ev) {
+            if let Some(sm) = &mut self.sm {
+                sm.sent(false, ev);
+            }
+        }
     }
 
     fn write_raw(&mut self, s: String, ev: u64) -> bool {
@@ -330,6 +352,7 @@ impl XmppSession {
                 self.stream_header();
                 let f = build!("features", ns::STREAMS)
                     .append(empty("bind", ns::BIND))
+                    .append(empty("sm", ns::SM))
                     .append(Element::builder("session", ns::SESSION).append(empty("optional", ns::SESSION)).build())
                     .build();
                 self.write(&f, 0);
@@ -355,6 +378,14 @@ impl XmppSession {
                 self.stream_error("not-authorized", "authenticate first", ctx)
             }
             Phase::Bind => {
+                if el.name() == "resume" && el.ns() == ns::SM {
+                    return self.resume(el, ctx);
+                }
+                if el.ns() == ns::SM {
+                    let f = build!("failed", ns::SM).append(empty("unexpected-request", ns::STANZAS)).build();
+                    self.write(&f, 0);
+                    return;
+                }
                 if el.name() == "iq" && el.ns() == ns::CLIENT {
                     if let Some(b) = el.get_child("bind", ns::BIND) {
                         let res = b.get_child("resource", ns::BIND).map(|r| r.text());
@@ -364,6 +395,12 @@ impl XmppSession {
                 self.stream_error("not-authorized", "bind a resource first", ctx)
             }
             Phase::Ready => {
+                if el.ns() == ns::SM {
+                    return self.sm_element(el, ctx);
+                }
+                if let Some(sm) = &mut self.sm {
+                    sm.inbound = sm.inbound.wrapping_add(1);
+                }
                 if el.ns() != ns::CLIENT {
                     return self.stream_error("unsupported-stanza-type", "unknown top-level element", ctx);
                 }
@@ -487,23 +524,29 @@ impl XmppSession {
 
     // ------------------------------------------------------------------ bind
 
-    fn bind(&mut self, iq: Element, resource: Option<String>, ctx: &mut Context<Self>) {
-        if attr!(iq, "type") != Some("set") {
-            return self.stream_error("not-authorized", "bind a resource first", ctx);
-        }
-        let user = self.me().to_owned();
-        let device = device_of(resource.as_deref());
-        let token = crate::http::auth::new_token();
-        let hash = crate::http::auth::token_hash(&token);
+    /// A fresh token (its hash; the token itself is never shown) and the registry entry of this
+    /// stream as `device`.
+    fn device_conn(&self, device: &str, ctx: &mut Context<Self>) -> (TokenHash, DeviceConn) {
+        let hash = crate::http::auth::token_hash(&crate::http::auth::new_token());
         let conn = DeviceConn {
             session: self.id,
-            device: device.clone(),
+            device: device.to_owned(),
             token_hash: hash,
             deliver: ctx.address().recipient(),
             relay: ctx.address().recipient(),
             kick: ctx.address().recipient(),
             stop_typing: ctx.address().recipient(),
         };
+        (hash, conn)
+    }
+
+    fn bind(&mut self, iq: Element, resource: Option<String>, ctx: &mut Context<Self>) {
+        if attr!(iq, "type") != Some("set") {
+            return self.stream_error("not-authorized", "bind a resource first", ctx);
+        }
+        let user = self.me().to_owned();
+        let device = device_of(resource.as_deref());
+        let (hash, conn) = self.device_conn(&device, ctx);
         let (shared, u2, d2) = (self.shared.clone(), user.clone(), device.clone());
         // The device exists from its login (like a native login: tokens, retention), then it is
         // registered online; every event applied after the head read below is pushed to it.
@@ -587,7 +630,7 @@ impl XmppSession {
             self.write(s, if i + 1 == n { ev } else { 0 });
         }
         if n == 0 {
-            self.write_raw(String::new(), ev);
+            self.mark(ev);
         }
         self.last_sent = ev;
         true
@@ -693,6 +736,186 @@ impl XmppSession {
             self.cursor_sent = w;
             let _ = self.shared.pipeline.submit(Command::Received { user, device, up_to: w });
         }
+    }
+
+    // ------------------------------------------------------------------ XEP-0198
+
+    fn sm_element(&mut self, el: Element, ctx: &mut Context<Self>) {
+        match el.name() {
+            "enable" => {
+                if self.sm.is_some() {
+                    let f = build!("failed", ns::SM).append(empty("unexpected-request", ns::STANZAS)).build();
+                    self.write(&f, 0);
+                    return;
+                }
+                let resume = matches!(attr!(el, "resume"), Some("true" | "1"));
+                let id = resume.then(|| crate::http::auth::new_token()[..32].to_owned());
+                let mut e = build!("enabled", ns::SM);
+                if let Some(id) = &id {
+                    e = e
+                        .attr(rxml::xml_ncname!("id").into(), id.as_str())
+                        .attr(rxml::xml_ncname!("resume").into(), "true")
+                        .attr(rxml::xml_ncname!("max").into(), super::sm::RESUME_SECS.to_string());
+                    super::sm::LIVE.insert(id.clone(), ctx.address().recipient());
+                }
+                // Counting starts after <enabled/> (XEP-0198 §4); the events already written
+                // are confirmed by the socket write, as without stream management.
+                self.confirm();
+                let e = e.build();
+                self.write(&e, 0);
+                self.sm = Some(super::sm::Counters { id, ..Default::default() });
+            }
+            "r" => {
+                let h = self.sm.as_ref().map_or(0, |s| s.inbound);
+                let a = build!("a", ns::SM, "h" => h.to_string()).build();
+                self.write(&a, 0);
+            }
+            "a" => {
+                let Some(h) = attr!(el, "h").and_then(|h| h.parse::<u32>().ok()) else {
+                    return self.stream_error("invalid-xml", "<a/> needs h", ctx);
+                };
+                let Some(sm) = &mut self.sm else { return };
+                match sm.ack(h) {
+                    Ok(ev) => self.confirm_up_to(ev),
+                    Err(t) => {
+                        let e = build!("error", ns::STREAMS)
+                            .append(empty("undefined-condition", ns::STREAM_ERRORS))
+                            .append(build!("handled-count-too-high", ns::SM, "h" => t.h.to_string(), "send-count" => t.sent.to_string()).build())
+                            .build();
+                        self.write(&e, 0);
+                        self.end_stream(ctx);
+                    }
+                }
+            }
+            _ => {
+                let f = build!("failed", ns::SM).append(empty("unexpected-request", ns::STANZAS)).build();
+                self.write(&f, 0);
+            }
+        }
+    }
+
+    /// Moves the device cursor to `ev` (confirmed by an ack).
+    fn confirm_up_to(&mut self, ev: u64) {
+        let (Some(user), Some(device)) = (self.user.clone(), self.device.clone()) else { return };
+        if ev > self.cursor_sent {
+            self.cursor_sent = ev;
+            let _ = self.shared.pipeline.submit(Command::Received { user, device, up_to: ev });
+        }
+    }
+
+    /// Asks for an ack when stanzas were sent since the last request.
+    fn request_ack(&mut self) {
+        let Some(sm) = &mut self.sm else { return };
+        if sm.out != sm.acked && sm.out != sm.asked {
+            sm.asked = sm.out;
+            let r = empty("r", ns::SM);
+            let _ = self.write_raw(to_string(&r), 0);
+        }
+    }
+
+    /// Keeps this stream's counters for a `<resume/>` (a managed stream that did not end cleanly).
+    fn park(&mut self) {
+        let Some(sm) = self.sm.take() else { return };
+        let Some(id) = sm.id.clone() else { return };
+        super::sm::LIVE.remove(&id);
+        if self.clean_end {
+            return;
+        }
+        let p = super::sm::Parked {
+            user: self.me().to_owned(),
+            device: self.device.clone().unwrap_or_default(),
+            confirmed: self.cursor_sent,
+            counters: sm,
+            carbons: self.carbons,
+            until: super::sm::deadline(),
+        };
+        super::sm::park(id, p);
+    }
+
+    /// `<resume previd h/>` instead of binding: the parked stream's device, confirmed up to `h`;
+    /// then only the events after that are sent again, from the log.
+    fn resume(&mut self, el: Element, ctx: &mut Context<Self>) {
+        let (Some(id), Some(h)) = (attr!(el, "previd").map(str::to_owned), attr!(el, "h").and_then(|h| h.parse::<u32>().ok())) else {
+            let f = build!("failed", ns::SM).append(empty("bad-request", ns::STANZAS)).build();
+            self.write(&f, 0);
+            return;
+        };
+        // The old connection may not have been noticed as gone yet: park it first.
+        let live = super::sm::LIVE.get(&id).map(|r| r.clone());
+        let fut = async move {
+            if let Some(r) = live {
+                let _ = r.send(super::sm::Park).await;
+                // stopped() of the old stream runs right after its handler.
+                for _ in 0..50 {
+                    if super::sm::PARKED.contains_key(&id) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            id
+        };
+        ctx.wait(fut.into_actor(self).map(move |id, act, ctx| act.resume_parked(id, h, ctx)));
+    }
+
+    fn resume_parked(&mut self, id: String, h: u32, ctx: &mut Context<Self>) {
+        let user = self.me().to_owned();
+        let Some(mut p) = super::sm::take(&id, &user) else {
+            let f = build!("failed", ns::SM).append(empty("item-not-found", ns::STANZAS)).build();
+            self.write(&f, 0);
+            return;
+        };
+        let confirmed = match p.counters.ack(h) {
+            Ok(ev) => ev.max(p.confirmed),
+            Err(t) => {
+                // Refused; the parked state is dropped (its events are after the cursor anyway).
+                let f = build!("failed", ns::SM, "h" => p.counters.inbound.to_string())
+                    .append(build!("handled-count-too-high", ns::SM, "h" => t.h.to_string(), "send-count" => t.sent.to_string()).build())
+                    .build();
+                self.write(&f, 0);
+                return;
+            }
+        };
+        let device = p.device.clone();
+        let (hash, conn) = self.device_conn(&device, ctx);
+        let shared = self.shared.clone();
+        let (u2, d2) = (user.clone(), device.clone());
+        let fut = async move {
+            if confirmed > 0 {
+                let _ = shared.pipeline.call(Command::Received { user: u2.clone(), device: d2.clone(), up_to: confirmed }).await;
+            }
+            match shared.pipeline.call(Command::Login { token_hash: hash, user: u2.clone(), device: d2 }).await {
+                Ok(Outcome::Done) => shared.registry.send(Connect { user: u2, conn }).await.is_ok(),
+                _ => false,
+            }
+        };
+        ctx.wait(fut.into_actor(self).map(move |ok, act, ctx| {
+            if !ok {
+                return act.stream_error("internal-server-error", "cannot resume now", ctx);
+            }
+            act.token = Some(hash);
+            let stored = act.shared.state.cursor(&user, &device).unwrap_or(0);
+            let from = stored.max(confirmed);
+            act.device = Some(device);
+            act.cursor_sent = from;
+            act.last_sent = from;
+            act.target = act.shared.state.head(&user).unwrap_or(0).max(from);
+            act.carbons = p.carbons;
+            act.phase = Phase::Ready;
+            // The client has h stanzas; what follows is counted from there (the events after
+            // `from` are sent again as new stanzas).
+            p.counters.pending.clear();
+            (p.counters.out, p.counters.acked, p.counters.asked) = (h, h, h);
+            let inbound = p.counters.inbound;
+            act.sm = Some(p.counters);
+            super::sm::LIVE.insert(id.clone(), ctx.address().recipient());
+            let r = build!("resumed", ns::SM, "previd" => id.as_str(), "h" => inbound.to_string()).build();
+            act.write(&r, 0);
+            act.available = true;
+            let c = act.contacts();
+            act.watch(c, ctx);
+            act.pump(ctx);
+        }));
     }
 
     // ------------------------------------------------------------------ messages
@@ -1056,6 +1279,17 @@ impl XmppSession {
     }
 }
 
+impl Handler<super::sm::Park> for XmppSession {
+    type Result = ();
+    fn handle(&mut self, _: super::sm::Park, ctx: &mut Self::Context) {
+        // Resumed elsewhere: park now (stopped() stores the counters), without a word on this
+        // connection, which is presumed dead.
+        self.closing = true;
+        let _ = self.link.tx.try_send(Out::Close);
+        ctx.stop();
+    }
+}
+
 impl ops::TypingTimers for XmppSession {
     fn composing(&mut self) -> &mut HashMap<String, SpawnHandle> {
         &mut self.composing
@@ -1077,7 +1311,13 @@ impl Actor for XmppSession {
                 act.stream_error("connection-timeout", "authenticate and bind in time", ctx);
             }
         });
-        ctx.run_interval(Duration::from_millis(100), |act, _| act.confirm());
+        ctx.run_interval(Duration::from_millis(100), |act, _| {
+            if act.sm.is_some() {
+                act.request_ack();
+            } else {
+                act.confirm();
+            }
+        });
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -1096,13 +1336,17 @@ impl Actor for XmppSession {
                 ops::relay_typing(&self.shared, &ops::others_in(&self.shared, &me, &c), &me, &c, TypingState::Paused);
             }
             self.shared.registry.do_send(Disconnect { user: me.clone(), session: self.id });
+            self.park();
             // What the writer wrote before the end is delivered; then the stream's token goes.
             let (shared, written, token, device) = (self.shared.clone(), self.link.written.clone(), self.token, self.device.clone());
             let cursor_sent = self.cursor_sent;
+            // With stream management only acks confirm: what was written but not acked stays
+            // after the cursor (resent on the next resume or login).
+            let managed = self.sm.is_some();
             actix_rt::spawn(async move {
                 // Give the writer a moment to finish its last write.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let w = written.load(Ordering::Acquire);
+                let w = if managed { 0 } else { written.load(Ordering::Acquire) };
                 if let (true, Some(device)) = (w > cursor_sent, device) {
                     let _ = shared.pipeline.call(Command::Received { user: me, device, up_to: w }).await;
                 }
@@ -1129,7 +1373,10 @@ impl Handler<In> for XmppSession {
                     self.stream_error("internal-server-error", "internal error", ctx);
                 }
             }
-            In::Close => self.end_stream(ctx),
+            In::Close => {
+                self.clean_end = true;
+                self.end_stream(ctx)
+            }
             In::Error(e) => self.stream_error(e.condition, &e.text, ctx),
             In::Gone => {
                 self.closing = true;

@@ -162,6 +162,15 @@ async fn tcp_stream_chat_with_a_native_client() {
     alice.send_acked("a1", "bob", "back <at> you").await;
     assert!(bob.until("back &lt;at&gt; you</body>").await, "{}", bob.got);
     assert!(bob.got.contains("id='dm:alice:bob/2'"), "stanza-id: {}", bob.got);
+
+    // XEP-0198: an ack for more stanzas than were sent is refused with a stream error.
+    bob.write(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>").await;
+    assert!(bob.until("<enabled").await, "{}", bob.got);
+    bob.write(b"<r xmlns='urn:xmpp:sm:3'/>").await;
+    assert!(bob.until("<a xmlns='urn:xmpp:sm:3' h='0'/>").await, "{}", bob.got);
+    bob.write(b"<a xmlns='urn:xmpp:sm:3' h='7'/>").await;
+    let got = bob.until_closed().await;
+    assert!(got.contains("<handled-count-too-high") && got.contains("<undefined-condition"), "{got}");
 }
 
 // ------------------------------------------------------------------------ RFC 7395
@@ -340,6 +349,13 @@ async fn slix(name: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn slixmpp_registration_and_login() {
     slix("login").await;
+}
+
+/// XEP-0198: a cut connection is resumed; what was not acked is sent again, once; nothing is lost
+/// or duplicated, and the device cursor moves only with acks.
+#[tokio::test(flavor = "multi_thread")]
+async fn slixmpp_stream_resumption() {
+    slix("resume").await;
 }
 
 /// slixmpp and a native client chat both ways with receipts (XEP-0184), markers (XEP-0333) and
