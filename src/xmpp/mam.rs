@@ -37,6 +37,10 @@ pub fn query(s: &mut XmppSession, iq: Element, q: Element) {
             }
         }
     }
+    // A query sent to a room is the room's archive (XEP-0313 §6.1.1 for MUC).
+    if let Some(t) = attr!(iq, "to").filter(|t| t.ends_with(&format!("@{}", s.muc_service()))) {
+        with = Some(t.to_owned());
+    }
     let Some(with) = with.and_then(|w| jid::Jid::new(w.trim()).ok()) else {
         return fail(s, "modify", "not-acceptable", "this archive is per conversation: give a `with` field");
     };
@@ -108,7 +112,8 @@ pub fn query(s: &mut XmppSession, iq: Element, q: Element) {
         if let Some(q) = &qid {
             r = r.attr(rxml::xml_ncname!("queryid").into(), q.as_str());
         }
-        let wrapper = build!("message", ns::CLIENT, "from" => s.bare_of(&me), "to" => s.jid()).append(r.append(fwd).build()).build();
+        let archive = if group { s.room_jid(&name) } else { s.bare_of(&me) };
+        let wrapper = build!("message", ns::CLIENT, "from" => archive, "to" => s.jid()).append(r.append(fwd).build()).build();
         out.push(wrapper);
     }
     let mut rsm = Element::builder("set", ns::RSM);

@@ -640,6 +640,11 @@ impl XmppSession {
     fn render(&mut self, payload: &EventPayload) -> Vec<Element> {
         let me = self.me().to_owned();
         match payload {
+            EventPayload::Message(m) if m.from == me && m.conv.starts_with("g:") => {
+                // The MUC reflection (XEP-0045 §7.4), to every resource; never a carbon.
+                let from = format!("{}/{}", self.conv_jid(&m.conv), me);
+                vec![self.chat_message(m, &from, &self.full_jid(), false)]
+            }
             EventPayload::Message(m) if m.from == me => {
                 if self.own_ids.contains(&m.id) || !self.carbons {
                     return Vec::new();

@@ -358,6 +358,14 @@ async fn slixmpp_stream_resumption() {
     slix("resume").await;
 }
 
+/// XEP-0045: a native user's group is a members-only room; a slixmpp member joins, gets the
+/// group's messages as groupchat, sends one (reflected, and an event for the native member), reads
+/// the room's archive; a non-member is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn slixmpp_muc_round_trip() {
+    slix("muc").await;
+}
+
 /// slixmpp and a native client chat both ways with receipts (XEP-0184), markers (XEP-0333) and
 /// chat states (XEP-0085); offline delivery; MAM paging backwards (XEP-0313); carbons to a second
 /// resource (XEP-0280) with no duplicate copies.

@@ -279,6 +279,43 @@ async def scenario_resume(host, port, url):
     bob.disconnect()
 
 
+async def scenario_muc(host, port, url):
+    alice = await Native(url, "alice").open()
+    for u in ("bob", "carol"):
+        st, _ = http(url, "/v1/register", {"user": u, "password": PASSWORD})
+        assert st == 201
+    await alice.send({"type": "group_create", "name": "Team 🚀", "members": ["bob"], "rid": "g"})
+    g = (await alice.until(lambda f: f["type"] == "result" and f.get("rid") == "g", "group"))["group"]
+    room = g[2:] + "@conference." + DOMAIN
+    bob = await online(host, port, f"bob@{DOMAIN}/phone")
+    subject = asyncio.Event()
+    bob.add_event_handler("groupchat_subject", lambda m: subject.set())
+    await bob.plugin["xep_0045"].join_muc_wait(slixmpp.JID(room), "bob", maxstanzas=0, timeout=T)
+    await alice.send({"type": "send", "id": "g1", "to": g, "body": "hello team"})
+    m = await get(bob.messages, "group message")
+    assert (m["type"], m["body"], str(m["from"])) == ("groupchat", "hello team", room + "/alice"), m
+    out = bob.make_message(mto=room, mtype="groupchat", mbody="hi all")
+    out["id"] = "gb1"
+    out.send()
+    e = await alice.event("message", lambda e: e["from"] == "bob")
+    assert (e["conv"], e["id"], e["body"]) == (g, "gb1", "hi all"), e
+    refl = await get(bob.messages, "reflection")
+    assert (str(refl["from"]), refl["id"]) == (room + "/bob", "gb1"), refl
+    # the room's archive
+    iq = await bob.plugin["xep_0313"].retrieve(jid=slixmpp.JID(room), rsm={"max": 10}, timeout=T)
+    ids = [r["mam_result"]["forwarded"]["stanza"]["id"] for r in iq["mam"]["results"]]
+    assert ids == ["g1", "gb1"], ids
+    # not a member: refused (members-only)
+    carol = await online(host, port, f"carol@{DOMAIN}/x")
+    try:
+        await carol.plugin["xep_0045"].join_muc_wait(slixmpp.JID(room), "carol", maxstanzas=0, timeout=5)
+        raise SystemExit("a non-member joined")
+    except slixmpp.exceptions.PresenceError as err:
+        assert err.condition == "registration-required", err.condition
+    bob.disconnect()
+    carol.disconnect()
+
+
 async def main():
     scenario, host, port, url = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     if "-v" in sys.argv:
