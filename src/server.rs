@@ -127,6 +127,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         let l = TcpListener::bind(a).map_err(|e| anyhow::anyhow!("cannot listen on {a} (xmpp.listen): {e}"))?;
         Some(l)
     };
+    let xmpp_tls = crate::xmpp::tcp::tls_acceptor(&cfg.xmpp.tls_cert, &cfg.xmpp.tls_key)?;
     boot_handle.stop(false).await;
     let _ = boot_task.await;
     let data = web::Data::new(shared.clone());
@@ -148,7 +149,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         tracing::info!(%xaddr, domain = %cfg.xmpp.domain, "parley xmpp listening");
         // Before the HTTP line, so scripts that wait for that line know both addresses.
         println!("parley xmpp listening on {xaddr}");
-        actix_rt::spawn(crate::xmpp::tcp::serve(shared.clone(), l));
+        actix_rt::spawn(crate::xmpp::tcp::serve(shared.clone(), l, xmpp_tls));
     }
     tracing::info!(%addr, workers, "parley listening");
     // A line for scripts and tests that start the binary on port 0.

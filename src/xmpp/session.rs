@@ -41,6 +41,8 @@ pub enum Out {
     Data(String, u64),
     /// Close the connection after what is queued.
     Close,
+    /// TCP: after what is queued (`<proceed/>`), the TLS handshake (RFC 6120 §5.4.3.3).
+    StartTls,
 }
 
 /// What a transport hands the session.
@@ -57,6 +59,8 @@ pub enum In {
     Error(StreamError),
     /// The connection is gone.
     Gone,
+    /// TCP: the TLS handshake after STARTTLS succeeded; a new stream follows.
+    Secured,
 }
 
 /// The transport side of a session.
@@ -74,8 +78,10 @@ pub struct Link {
     pub written: Arc<AtomicU64>,
     /// The peer's address (failed-login rate limit).
     pub peer: IpAddr,
-    /// Whether SASL is offered on this (unencrypted) stream: `xmpp.allow_plaintext`.
+    /// Whether SASL is offered on this stream while unencrypted: `xmpp.allow_plaintext`.
     pub plaintext_ok: bool,
+    /// Whether STARTTLS is offered (TCP with `xmpp.tls_cert` and `xmpp.tls_key`).
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +136,8 @@ pub struct XmppSession {
     /// (conv, status) → highest own seq already reported by a receipt or marker.
     reported: HashMap<(String, u8), u64>,
     closing: bool,
+    /// The stream runs over TLS (after STARTTLS).
+    secure: bool,
     /// XEP-0198 stream management, once enabled.
     sm: Option<super::sm::Counters>,
     /// The client ended the stream itself (`</stream>`, `<close/>`): nothing to park.
@@ -203,6 +211,7 @@ impl XmppSession {
             watching: Vec::new(),
             reported: HashMap::new(),
             closing: false,
+            secure: false,
             sm: None,
             clean_end: false,
         }
@@ -337,7 +346,14 @@ impl XmppSession {
             Phase::Start => {
                 self.stream_header();
                 let mut f = build!("features", ns::STREAMS);
-                if self.link.plaintext_ok {
+                if self.link.tls && !self.secure {
+                    let mut st = Element::builder("starttls", ns::TLS);
+                    if !self.link.plaintext_ok {
+                        st = st.append(empty("required", ns::TLS));
+                    }
+                    f = f.append(st.build());
+                }
+                if self.sasl_allowed() {
                     let mechs = super::sasl::MECHANISMS.iter().map(|m| text_el("mechanism", ns::SASL, *m));
                     f = f.append(Element::builder("mechanisms", ns::SASL).append_all(mechs).build());
                 }
@@ -362,10 +378,28 @@ impl XmppSession {
         }
     }
 
+    /// SASL is offered over TLS, or without it where `xmpp.allow_plaintext` allows.
+    fn sasl_allowed(&self) -> bool {
+        self.secure || self.link.plaintext_ok
+    }
+
     fn on_stanza(&mut self, el: Element, ctx: &mut Context<Self>) {
         match self.phase {
             Phase::Start | Phase::Restart => self.stream_error("not-authorized", "send the stream header first", ctx),
             Phase::Sasl => {
+                if el.name() == "starttls" && el.ns() == ns::TLS {
+                    if !self.link.tls || self.secure {
+                        let f = empty("failure", ns::TLS);
+                        self.write(&f, 0);
+                        return self.end_stream(ctx);
+                    }
+                    // Before <proceed/>: what follows is a TLS handshake, then a new stream.
+                    self.link.restart.store(true, Ordering::SeqCst);
+                    let p = empty("proceed", ns::TLS);
+                    self.write(&p, 0);
+                    let _ = self.link.tx.try_send(Out::StartTls);
+                    return;
+                }
                 if el.ns() == ns::SASL {
                     return self.sasl(el, ctx);
                 }
@@ -440,7 +474,7 @@ impl XmppSession {
         };
         match el.name() {
             "auth" => {
-                if !self.link.plaintext_ok {
+                if !self.sasl_allowed() {
                     return failure(self, "encryption-required");
                 }
                 let ip = self.link.peer.to_string();
@@ -1386,6 +1420,11 @@ impl Handler<In> for XmppSession {
             In::Gone => {
                 self.closing = true;
                 ctx.stop();
+            }
+            In::Secured => {
+                self.secure = true;
+                self.phase = Phase::Start;
+                self.header_sent = false;
             }
         }
     }

@@ -13,6 +13,8 @@ pub mod ns {
     pub const STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
     /// RFC 6120 §8.3.3 (stanza error conditions).
     pub const STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+    /// RFC 6120 §5.4.
+    pub const TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
     /// RFC 6120 §6.4.
     pub const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
     /// RFC 6120 §7.

@@ -64,6 +64,8 @@ pub async fn route(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Paylo
                     }
                 }
                 Out::Close => break,
+                // No STARTTLS on WebSocket (TLS is the `wss:` URL's business).
+                Out::StartTls => {}
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), wsw.close(None)).await;
@@ -77,6 +79,7 @@ pub async fn route(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Paylo
         written,
         peer,
         plaintext_ok: shared.cfg.xmpp.allow_plaintext.allowed(local),
+        tls: false,
     };
     let s2 = shared.clone();
     let addr = XmppSession::create(move |_| XmppSession::new(id, s2, link));

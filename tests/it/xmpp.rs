@@ -310,6 +310,11 @@ fn slixmpp_python() -> Result<PathBuf, String> {
 
 /// Runs scenario `name` of `tests/xmpp/slix.py` against a fresh server.
 async fn slix(name: &str) {
+    slix_with(name, &[]).await
+}
+
+/// Like [`slix`], with extra server environment.
+async fn slix_with(name: &str, env: &[(&str, &str)]) {
     let py = match tokio::task::spawn_blocking(slixmpp_python).await.expect("join") {
         Ok(p) => p,
         Err(why) if ci() => panic!("CI: slixmpp is needed: {why}"),
@@ -319,7 +324,7 @@ async fn slix(name: &str) {
         }
     };
     let dir = TestDir::new();
-    let server = Server::start(&dir).await;
+    let server = Server::start_with(&dir, env).await;
     let x = server.xmpp.expect("xmpp address");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xmpp/slix.py");
     let out = tokio::time::timeout(
@@ -364,6 +369,44 @@ async fn slixmpp_stream_resumption() {
 #[tokio::test(flavor = "multi_thread")]
 async fn slixmpp_muc_round_trip() {
     slix("muc").await;
+}
+
+/// A self-signed certificate for `localhost` in `dir` (openssl): (cert, key) paths.
+fn test_cert(dir: &Path) -> Option<(String, String)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then(|| (cert.display().to_string(), key.display().to_string()))
+}
+
+/// STARTTLS (RFC 6120 §5) with rustls: with `allow_plaintext = false` no SASL is offered before
+/// TLS (auth is refused with `encryption-required`); slixmpp upgrades and logs in with SCRAM.
+#[tokio::test(flavor = "multi_thread")]
+async fn starttls_then_sasl() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let Some((cert, key)) = test_cert(certs.path()) else {
+        assert!(!ci(), "CI: openssl is needed to make the test certificate");
+        return eprintln!("skipped: no openssl to make a test certificate");
+    };
+    let env = [("PARLEY__XMPP__TLS_CERT", cert.as_str()), ("PARLEY__XMPP__TLS_KEY", key.as_str()), ("PARLEY__XMPP__ALLOW_PLAINTEXT", "false")];
+    {
+        let dir = TestDir::new();
+        let server = Server::start_with(&dir, &env).await;
+        server.register("tina").await;
+        let mut r = Raw::connect(server.xmpp.expect("xmpp address")).await;
+        r.write(HEADER.as_bytes()).await;
+        assert!(r.until("</features>").await, "{}", r.got);
+        assert!(r.got.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/>") && !r.got.contains("<mechanisms"), "{}", r.got);
+        r.write(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}</auth>", plain("tina")).as_bytes()).await;
+        assert!(r.until("<encryption-required").await, "{}", r.got);
+    }
+    slix_with("starttls", &env).await;
 }
 
 /// slixmpp and a native client chat both ways with receipts (XEP-0184), markers (XEP-0333) and

@@ -316,6 +316,25 @@ async def scenario_muc(host, port, url):
     carol.disconnect()
 
 
+async def scenario_starttls(host, port, url):
+    import ssl
+    st, _ = http(url, "/v1/register", {"user": "tina", "password": PASSWORD})
+    assert st == 201
+    c = Client(f"tina@{DOMAIN}/tls", PASSWORD, mech="SCRAM-SHA-256")
+    c.enable_starttls = True
+    # The test's certificate is self-signed: trust it for this run only.
+    c.ssl_context.check_hostname = False
+    c.ssl_context.verify_mode = ssl.CERT_NONE
+    secured = asyncio.Event()
+    c.add_event_handler("ssl_cert", lambda _: secured.set())
+    c.connect(host, port)
+    await asyncio.wait_for(c.started.wait(), T)
+    assert c.is_connected()
+    await c.plugin["xep_0199"].ping(jid=slixmpp.JID(DOMAIN), timeout=T)
+    assert c.transport.get_extra_info("ssl_object") is not None, "the stream runs over TLS"
+    c.disconnect()
+
+
 async def main():
     scenario, host, port, url = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     if "-v" in sys.argv:
