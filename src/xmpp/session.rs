@@ -138,6 +138,10 @@ pub struct XmppSession {
     closing: bool,
     /// The stream runs over TLS (after STARTTLS).
     secure: bool,
+    /// Sends submitted and not yet answered by the commit pipeline.
+    sends_pending: usize,
+    /// An XEP-0198 `<r/>` waits for them.
+    ack_wanted: bool,
     /// XEP-0198 stream management, once enabled.
     sm: Option<super::sm::Counters>,
     /// The client ended the stream itself (`</stream>`, `<close/>`): nothing to park.
@@ -212,6 +216,8 @@ impl XmppSession {
             reported: HashMap::new(),
             closing: false,
             secure: false,
+            sends_pending: 0,
+            ack_wanted: false,
             sm: None,
             clean_end: false,
         }
@@ -805,9 +811,13 @@ impl XmppSession {
                 self.sm = Some(super::sm::Counters { id, ..Default::default() });
             }
             "r" => {
-                let h = self.sm.as_ref().map_or(0, |s| s.inbound);
-                let a = build!("a", ns::SM, "h" => h.to_string()).build();
-                self.write(&a, 0);
+                // Our <a/> says the stanzas are handled: a message only once it is durable (the
+                // same promise as a native `ack`), so wait for the sends still in the pipeline.
+                if self.sends_pending > 0 {
+                    self.ack_wanted = true;
+                } else {
+                    self.answer_ack();
+                }
             }
             "a" => {
                 let Some(h) = attr!(el, "h").and_then(|h| h.parse::<u32>().ok()) else {
@@ -831,6 +841,13 @@ impl XmppSession {
                 self.write(&f, 0);
             }
         }
+    }
+
+    fn answer_ack(&mut self) {
+        self.ack_wanted = false;
+        let h = self.sm.as_ref().map_or(0, |s| s.inbound);
+        let a = build!("a", ns::SM, "h" => h.to_string()).build();
+        self.write(&a, 0);
     }
 
     /// Moves the device cursor to `ev` (confirmed by an ack).
@@ -1046,7 +1063,12 @@ impl XmppSession {
             Ok(rx) => rx,
             Err(e) => return self.refuse_send(&el, Err(e)),
         };
+        self.sends_pending += 1;
         ctx.spawn(rx.into_actor(self).map(move |res, act, _| {
+            act.sends_pending -= 1;
+            if act.sends_pending == 0 && act.ack_wanted {
+                act.answer_ack();
+            }
             let res = res.unwrap_or(Err(PipelineError::Unavailable));
             match &res {
                 Ok(Outcome::Sent { duplicate, .. }) => {

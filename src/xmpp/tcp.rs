@@ -148,6 +148,9 @@ fn connection(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr, plaintext_
         let mut parser = StreamParser::new();
         let mut buf = vec![0u8; READ_BUF];
         let mut events = Vec::new();
+        // After a parse error nothing more is read into the parser: the session sends the stream
+        // error and closes the queue, which ends this loop.
+        let mut broken = false;
         loop {
             tokio::select! {
                 r = io.read(&mut buf) => {
@@ -155,6 +158,9 @@ fn connection(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr, plaintext_
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
+                    if broken {
+                        continue;
+                    }
                     if restart.swap(false, Ordering::SeqCst) {
                         parser = StreamParser::new();
                     }
@@ -176,8 +182,8 @@ fn connection(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr, plaintext_
                         }
                     }
                     if let Err(e) = r {
+                        broken = true;
                         addr.do_send(In::Error(e));
-                        // The session answers with a stream error and closes the queue.
                     }
                 }
                 o = rx.recv() => match o {
