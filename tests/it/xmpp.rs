@@ -171,6 +171,16 @@ async fn tcp_stream_chat_with_a_native_client() {
     bob.write(b"<a xmlns='urn:xmpp:sm:3' h='7'/>").await;
     let got = bob.until_closed().await;
     assert!(got.contains("<handled-count-too-high") && got.contains("<undefined-condition"), "{got}");
+
+    // While bob is offline alice reads his message: the marker waits for him (an event, not a
+    // message: not archived, not unread), and nothing he already had comes again.
+    alice.send(ClientFrame::Read { conv: "dm:alice:bob".into(), seq: 1 }).await;
+    alice.barrier().await;
+    let mut bob = Raw::login(x, "bob", "raw").await;
+    assert!(bob.until("<displayed xmlns='urn:xmpp:chat-markers:0' id='t1'/>").await, "{}", bob.got);
+    assert!(!bob.got.contains("back &lt;at&gt; you"), "a1 was delivered before: {}", bob.got);
+    let ids: Vec<String> = alice.history_all("dm:alice:bob").await.into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, ["t1", "a1"]);
 }
 
 // ------------------------------------------------------------------------ RFC 7395
