@@ -92,12 +92,20 @@ impl Validator<Plain> for Users {
     }
 }
 
-/// A server mechanism by its name (one of [`MECHANISMS`]), or None.
-pub fn mechanism(name: &str, users: Users) -> Option<Box<dyn Mechanism + Send>> {
+/// A server mechanism by its name (one of [`MECHANISMS`]), or None. `initial` is the client's
+/// initial response.
+///
+/// Channel binding: no `-PLUS` mechanism is offered, so a SCRAM client answers `y` (it could bind,
+/// the server cannot) or `n` (it cannot) in its GS2 header (RFC 5802 §6). The `sasl` crate's
+/// server accepts only `y` with `ChannelBinding::None`, and only `n` with a binding it supports; so
+/// an `n` client gets an empty `TlsUnique` binding, under which the final `c=` it must send is
+/// exactly `biws` (base64 of `n,,`), as RFC 5802 wants. A `p=` client fails (nothing to bind).
+pub fn mechanism(name: &str, users: Users, initial: &[u8]) -> Option<Box<dyn Mechanism + Send>> {
+    let binding = if initial.first() == Some(&b'y') { ChannelBinding::None } else { ChannelBinding::TlsUnique(Vec::new()) };
     Some(match name {
         "PLAIN" => Box::new(PlainMech::new(users)),
-        "SCRAM-SHA-1" => Box::new(Scram::<Sha1, _>::new(users, ChannelBinding::None)),
-        "SCRAM-SHA-256" => Box::new(Scram::<Sha256, _>::new(users, ChannelBinding::None)),
+        "SCRAM-SHA-1" => Box::new(Scram::<Sha1, _>::new(users, binding)),
+        "SCRAM-SHA-256" => Box::new(Scram::<Sha256, _>::new(users, binding)),
         _ => return None,
     })
 }

@@ -490,7 +490,7 @@ impl XmppSession {
                 }
                 let name = attr!(el, "mechanism").unwrap_or("").to_owned();
                 let users = super::sasl::Users { shared: self.shared.clone() };
-                let Some(mech) = super::sasl::mechanism(&name, users) else { return failure(self, "invalid-mechanism") };
+                let Some(mech) = super::sasl::mechanism(&name, users, &payload) else { return failure(self, "invalid-mechanism") };
                 self.mech_name = name;
                 self.sasl_step(mech, payload, ctx);
             }

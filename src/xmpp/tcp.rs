@@ -22,8 +22,9 @@ use super::session::{In, Link, Out, XmppSession};
 use crate::http::guard::FrameLimit;
 use crate::server::Shared;
 
-/// Read buffer per connection, in bytes.
-const READ_BUF: usize = 16 * 1024;
+/// Read buffer per connection, in bytes: small, since it is held by every idle session (a larger
+/// stanza simply takes several reads; the parser keeps its state between them).
+const READ_BUF: usize = 4 * 1024;
 
 /// The TLS acceptor of `xmpp.tls_cert` / `xmpp.tls_key` (PEM), or None when they are empty.
 pub fn tls_acceptor(cert: &str, key: &str) -> anyhow::Result<Option<TlsAcceptor>> {
