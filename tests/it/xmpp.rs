@@ -183,6 +183,58 @@ async fn tcp_stream_chat_with_a_native_client() {
     assert_eq!(ids, ["t1", "a1"]);
 }
 
+/// The text of the first `<name …>…</name>` in `got`.
+fn inner<'a>(got: &'a str, name: &str) -> &'a str {
+    let start = got.find(&format!("<{name} ")).and_then(|i| got[i..].find('>').map(|j| i + j + 1)).expect("element");
+    let end = got[start..].find(&format!("</{name}>")).expect("end tag") + start;
+    &got[start..end]
+}
+
+/// SCRAM-SHA-256 and SCRAM-SHA-1 (RFC 5802/7677) with the `sasl` crate's client, for both GS2
+/// headers a client may send without channel binding (`n`: it cannot bind; `y`: it could), and a
+/// wrong password refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn scram_with_either_gs2_header() {
+    use sasl::client::mechanisms::Scram;
+    use sasl::client::Mechanism;
+    use sasl::common::scram::{Sha1, Sha256};
+    use sasl::common::ChannelBinding;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = TestDir::new();
+    let server = Server::start(&dir).await;
+    server.register("sam").await;
+    let x = server.xmpp.expect("xmpp address");
+    for (name, cb, password, ok) in [
+        ("SCRAM-SHA-256", ChannelBinding::None, PASSWORD, true),
+        ("SCRAM-SHA-256", ChannelBinding::Unsupported, PASSWORD, true),
+        ("SCRAM-SHA-1", ChannelBinding::None, PASSWORD, true),
+        ("SCRAM-SHA-256", ChannelBinding::None, "not the password", false),
+    ] {
+        let mut m: Box<dyn Mechanism> = if name == "SCRAM-SHA-1" {
+            Box::new(Scram::<Sha1>::new("sam", password, cb).expect("scram"))
+        } else {
+            Box::new(Scram::<Sha256>::new("sam", password, cb).expect("scram"))
+        };
+        let mut r = Raw::connect(x).await;
+        r.write(HEADER.as_bytes()).await;
+        assert!(r.until("</features>").await, "{}", r.got);
+        r.got.clear();
+        r.write(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{name}'>{}</auth>", b64.encode(m.initial())).as_bytes()).await;
+        assert!(r.until("</challenge>").await, "{name}: {}", r.got);
+        let challenge = b64.decode(inner(&r.got, "challenge")).expect("base64");
+        let resp = m.response(&challenge).expect("client response");
+        r.got.clear();
+        r.write(format!("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>", b64.encode(resp)).as_bytes()).await;
+        if ok {
+            assert!(r.until("</success>").await, "{name}: {}", r.got);
+            let data = b64.decode(inner(&r.got, "success")).expect("base64");
+            m.success(&data).expect("the server proved it knows the verifier");
+        } else {
+            assert!(r.until("<not-authorized/>").await, "{}", r.got);
+        }
+    }
+}
+
 // ------------------------------------------------------------------------ RFC 7395
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
