@@ -168,9 +168,13 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
             if state.user(&user)?.is_some_and(|u| u.deleted) {
                 bail!("the id {user} belonged to a deleted user, and ids are never given out again: pick another");
             }
-            let password_hash = hash(cfg, &password_or_stdin(password)?)?;
+            let password = password_or_stdin(password)?;
+            let password_hash = hash(cfg, &password)?;
             match commit(wal, Command::Register { user: user.clone(), password_hash })? {
-                Outcome::Done => Ok(println!("user {user} added")),
+                Outcome::Done => {
+                    set_scram(|c| commit(wal, c), &user, &password)?;
+                    Ok(println!("user {user} added"))
+                }
                 Outcome::Refused(Refusal::UserExists) => bail!("user {user} exists"),
                 o => bail!("unexpected outcome {o:?}"),
             }
@@ -183,9 +187,13 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
         },
         UserCmd::ResetPassword { user, .. } if state.user(&user)?.is_some_and(|u| u.deleted) => bail!("user {user} was deleted"),
         UserCmd::ResetPassword { user, password } => {
-            let password_hash = hash(cfg, &password_or_stdin(password)?)?;
+            let password = password_or_stdin(password)?;
+            let password_hash = hash(cfg, &password)?;
             match commit(wal, Command::SetPassword { user: user.clone(), password_hash })? {
-                Outcome::Done => Ok(println!("password of {user} reset; its tokens are revoked")),
+                Outcome::Done => {
+                    set_scram(|c| commit(wal, c), &user, &password)?;
+                    Ok(println!("password of {user} reset; its tokens are revoked"))
+                }
                 Outcome::Refused(_) => bail!("no user {user}"),
                 o => bail!("unexpected outcome {o:?}"),
             }
@@ -193,7 +201,6 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
     }
 }
 
-/// Every user record (deleted ones too), in id order.
 /// `ms` since the Unix epoch as ISO 8601 in UTC, to the millisecond: `2026-11-29T10:32:11.346Z`.
 pub fn iso8601_utc(ms: u64) -> String {
     let (days, rem) = (ms / 86_400_000, ms % 86_400_000);
@@ -214,6 +221,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Stores the XMPP gateway's SCRAM verifiers of `password` (right after `Register` and
+/// `SetPassword`, so SCRAM-SHA-1/-256 logins use the new password).
+fn set_scram<F: FnMut(Command) -> anyhow::Result<Outcome>>(mut commit: F, user: &str, password: &str) -> anyhow::Result<()> {
+    let scram = crate::xmpp::sasl::derive_verifiers(password).context("cannot derive the SCRAM verifiers")?;
+    match commit(Command::SetScram { user: user.to_owned(), scram })? {
+        Outcome::Done => Ok(()),
+        o => bail!("unexpected outcome {o:?}"),
+    }
 }
 
 fn password_or_stdin(p: Option<String>) -> anyhow::Result<String> {

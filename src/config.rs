@@ -45,6 +45,48 @@ pub struct Config {
     pub admin: AdminConfig,
     pub retention: RetentionConfig,
     pub log: LogConfig,
+    pub xmpp: XmppConfig,
+}
+
+/// `[xmpp]`: the XMPP gateway (RFC 6120 client-to-server TCP, RFC 7395 WebSocket at
+/// `/xmpp-websocket` on the HTTP listener).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XmppConfig {
+    /// TCP listener for client-to-server streams (RFC 6120), `IP:port`; empty turns it off.
+    pub listen: String,
+    /// The XMPP domain: JIDs are `user@domain/device`.
+    pub domain: String,
+    /// Whether SASL (PLAIN and SCRAM) is offered on a stream without TLS: `true`, `false`, or
+    /// `"auto"` (true only when the listener is a loopback address).
+    pub allow_plaintext: Plaintext,
+    /// PEM certificate chain for STARTTLS; empty: no STARTTLS.
+    pub tls_cert: String,
+    /// PEM private key for STARTTLS; empty: no STARTTLS.
+    pub tls_key: String,
+}
+
+/// `xmpp.allow_plaintext`: a boolean, or `"auto"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Plaintext {
+    /// Explicitly on or off.
+    Set(bool),
+    /// A word: only `"auto"` is valid (checked by `validate`); figment reads `true`/`false` from
+    /// the environment as strings too, so those are accepted here.
+    Word(String),
+}
+
+impl Plaintext {
+    /// Whether plain-text authentication is allowed on a listener bound to `addr`.
+    pub fn allowed(&self, addr: std::net::IpAddr) -> bool {
+        match self {
+            Plaintext::Set(b) => *b,
+            Plaintext::Word(w) if w.eq_ignore_ascii_case("true") => true,
+            Plaintext::Word(w) if w.eq_ignore_ascii_case("false") => false,
+            Plaintext::Word(_) => addr.is_loopback(),
+        }
+    }
 }
 
 /// `[admin]`.
@@ -335,6 +377,20 @@ impl Config {
         if !self.admin.token.is_empty() && self.admin.token.len() < 16 {
             return bad("admin.token", "must be empty (disabled) or at least 16 characters");
         }
+        if !self.xmpp.listen.is_empty() && self.xmpp.listen.parse::<SocketAddr>().is_err() {
+            return bad("xmpp.listen", format!("`{}` is not an address like 127.0.0.1:5222 (empty: off)", self.xmpp.listen));
+        }
+        if jid::BareJid::new(&self.xmpp.domain).map_or(true, |j| j.node().is_some()) {
+            return bad("xmpp.domain", format!("`{}` is not a domain", self.xmpp.domain));
+        }
+        if let Plaintext::Word(w) = &self.xmpp.allow_plaintext {
+            if !["auto", "true", "false"].contains(&w.to_ascii_lowercase().as_str()) {
+                return bad("xmpp.allow_plaintext", format!("`{w}` is not true, false or \"auto\""));
+            }
+        }
+        if self.xmpp.tls_cert.is_empty() != self.xmpp.tls_key.is_empty() {
+            return bad("xmpp.tls_key", "xmpp.tls_cert and xmpp.tls_key are set together or not at all");
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("`{}` is neither \"text\" nor \"json\"", self.log.format));
         }
@@ -537,6 +593,6 @@ mod tests {
         assert!(w[0].contains("PARLEY_SESSION_HELLO_TIMEOUT_MS") && w[0].contains("did you mean PARLEY__SESSION__HELLO_TIMEOUT_MS?"), "{w:?}");
         assert!(w[1].contains("did you mean PARLEY__SERVER__LISTEN?"), "{w:?}");
         assert!(Config::env_warnings(vars(NON_CONFIG_VARS)).is_empty(), "the tests' and tools' variables");
-        assert_eq!(Config::keys().len(), 47, "{:?}", Config::keys());
+        assert_eq!(Config::keys().len(), 52, "{:?}", Config::keys());
     }
 }

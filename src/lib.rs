@@ -15,6 +15,7 @@
 //! - [`admin`]: `parley admin` (users, stats, verify, backup, restore).
 //! - [`server`]: wires it all and owns the shutdown sequence.
 //! - [`load`]: the load generator (`parley load`).
+//! - [`xmpp`]: the XMPP gateway (RFC 6120 TCP, RFC 7395 WebSocket) over the same commands.
 
 #[macro_use]
 pub mod failpoint;
@@ -28,3 +29,4 @@ pub mod load;
 pub mod protocol;
 pub mod server;
 pub mod storage;
+pub mod xmpp;

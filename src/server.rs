@@ -123,6 +123,15 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     });
     start_retention(&cfg, &pipeline);
     let addr = listener.local_addr()?;
+    // The XMPP gateway's TCP listener (RFC 6120), unless `xmpp.listen` is empty.
+    let xmpp = if cfg.xmpp.listen.is_empty() {
+        None
+    } else {
+        let a: std::net::SocketAddr = cfg.xmpp.listen.parse()?;
+        let l = TcpListener::bind(a).map_err(|e| anyhow::anyhow!("cannot listen on {a} (xmpp.listen): {e}"))?;
+        Some(l)
+    };
+    let xmpp_tls = crate::xmpp::tcp::tls_acceptor(&cfg.xmpp.tls_cert, &cfg.xmpp.tls_key)?;
     boot_handle.stop(false).await;
     let _ = boot_task.await;
     let data = web::Data::new(shared.clone());
@@ -139,6 +148,13 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     let handle = server.handle();
     let serving = actix_rt::spawn(server);
     shared.ready.store(true, Ordering::Relaxed);
+    if let Some(l) = xmpp {
+        let xaddr = l.local_addr()?;
+        tracing::info!(%xaddr, domain = %cfg.xmpp.domain, "parley xmpp listening");
+        // Before the HTTP line, so scripts that wait for that line know both addresses.
+        println!("parley xmpp listening on {xaddr}");
+        actix_rt::spawn(crate::xmpp::tcp::serve(shared.clone(), l, xmpp_tls));
+    }
     tracing::info!(%addr, workers, "parley listening");
     // A line for scripts and tests that start the binary on port 0.
     println!("parley listening on http://{addr}");

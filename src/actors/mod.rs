@@ -2,6 +2,7 @@
 //! and the [`presence::PresenceHub`].
 
 pub mod messages;
+pub mod ops;
 pub mod presence;
 pub mod registry;
 pub mod session;

@@ -39,7 +39,7 @@ use crate::protocol::codec::{decode_request_json, decode_request_postcard, encod
 use crate::protocol::ids::{valid_client_id, valid_group_id, valid_user_id, Conv};
 use crate::protocol::{
     close, ClientFrame, Encoded, Encoding, ErrorCode, EventPayload, Request, ServerFrame, TypingState,
-    HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, MAX_BODY_BYTES, MAX_GROUP_NAME_CHARS, MAX_WATCH_USERS,
+    HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, MAX_GROUP_NAME_CHARS, MAX_WATCH_USERS,
 };
 use crate::server::Shared;
 use crate::storage::records::Command;
@@ -680,47 +680,24 @@ impl Session {
     }
 
     fn send_message(&mut self, me: &Authed, rid: Option<String>, id: String, to: String, body: String, ctx: &mut Context<Self>) {
-        let echo = Some(id.clone()).filter(|i| valid_client_id(i));
-        if !valid_client_id(&id) {
-            return self.error(ErrorCode::BadRequest, "id must be 1-64 chars", rid, None, ctx);
-        }
-        // A resend of an accepted (from, id) gets the original ack whatever its `to` and `body`
-        // (PROTOCOL.md §4.2), answered from the dedup record without touching the log or the
-        // rate limit.
-        match self.shared.state.dedup(&me.user, &id) {
-            Ok(Some(a)) => {
-                metrics::counter!("parley_duplicate_sends_total").increment(1);
+        let conv = match super::ops::check_send(&self.shared, &me.user, &id, &to, &body) {
+            Ok(super::ops::SendCheck::Duplicate(a)) => {
                 self.reply(ServerFrame::Ack { rid, id, conv: a.conv, seq: a.seq, ts: a.ts }, ctx);
                 return;
             }
-            Ok(None) => {}
-            Err(e) => return self.internal(e, rid, ctx),
-        }
-        if body.is_empty() {
-            return self.error(ErrorCode::BadRequest, "body must not be empty", rid, echo, ctx);
-        }
-        if body.len() > MAX_BODY_BYTES {
-            return self.error(ErrorCode::TooLarge, "body is over 65536 bytes", rid, echo, ctx);
-        }
-        let Some(conv) = Conv::from_target(&me.user, &to) else {
-            return self.error(ErrorCode::BadRequest, "to must be a user id or g:<id>", rid, echo, ctx);
+            Ok(super::ops::SendCheck::New(conv)) => conv,
+            Err(e) => {
+                let echo = Some(id).filter(|_| e.echo_id);
+                return self.error(e.code, e.message, rid, echo, ctx);
+            }
         };
-        if !self.shared.send_limiter.allow(&me.user) {
-            metrics::counter!("parley_rate_limited_total", "what" => "send").increment(1);
-            return self.error(ErrorCode::RateLimited, "too many messages; slow down", rid, echo, ctx);
-        }
-        let conv = conv.to_string();
         // Sending ends this device's typing there (PROTOCOL.md §4.6). Done here, in frame order,
         // so a `composing` sent after this message is not cancelled by it.
         if let Some(h) = self.composing.remove(&conv) {
             ctx.cancel_future(h);
             self.relay_typing(&conv, TypingState::Paused);
         }
-        if let Some(conns) = self.shared.online.get(&me.user) {
-            for c in conns.iter().filter(|c| c.session != self.id) {
-                c.stop_typing.do_send(StopTyping { conv: conv.clone() });
-            }
-        }
+        super::ops::stop_typing_elsewhere(&self.shared, &me.user, self.id, &conv);
         let cmd = Command::Send { from: me.user.clone(), device: me.device.clone(), id: id.clone(), conv, body };
         self.write(cmd, rid, Some(id), ctx);
     }
@@ -800,57 +777,29 @@ impl Session {
     // ------------------------------------------------------------------ typing
 
     fn typing(&mut self, me: &Authed, conv: String, state: TypingState, rid: Option<String>, ctx: &mut Context<Self>) {
-        let Some(c) = Conv::parse(&conv) else {
-            return self.error(ErrorCode::BadRequest, "conv must be dm:<a>:<b> or g:<id>", rid, None, ctx);
+        let others = match super::ops::typing_audience(&self.shared, &me.user, &conv) {
+            Ok(o) => o,
+            Err(ErrorCode::BadRequest) => {
+                return self.error(ErrorCode::BadRequest, "conv must be dm:<a>:<b> or g:<id>", rid, None, ctx)
+            }
+            Err(ErrorCode::NotMember) => {
+                return self.error(ErrorCode::NotMember, "not a member of this conversation", rid, None, ctx)
+            }
+            Err(code) => return self.error(code, "internal error", rid, None, ctx),
         };
-        let others: Vec<String> = match &c {
-            Conv::Dm { a, b } if c.dm_has(&me.user) => [a, b].into_iter().filter(|u| **u != me.user).cloned().collect(),
-            Conv::Group(g) => match self.shared.state.group(g) {
-                Ok(Some(rec)) if rec.members.iter().any(|m| m.user == me.user) => {
-                    rec.members.into_iter().map(|m| m.user).filter(|u| *u != me.user).collect()
-                }
-                Ok(_) => return self.error(ErrorCode::NotMember, "not a member of this conversation", rid, None, ctx),
-                Err(e) => return self.internal(e, rid, ctx),
-            },
-            _ => return self.error(ErrorCode::NotMember, "not a member of this conversation", rid, None, ctx),
-        };
-        if let Some(h) = self.composing.remove(&conv) {
-            ctx.cancel_future(h);
-        }
-        if state == TypingState::Composing {
-            let timeout = Duration::from_millis(self.shared.cfg.session.typing_timeout_ms);
-            let c2 = conv.clone();
-            let h = ctx.run_later(timeout, move |act, _| {
-                act.composing.remove(&c2);
-                act.relay_typing(&c2, TypingState::Paused);
-            });
-            self.composing.insert(conv.clone(), h);
-        }
+        let timeout = Duration::from_millis(self.shared.cfg.session.typing_timeout_ms);
+        super::ops::arm_typing(self, ctx, &conv, state, timeout);
         self.relay_to(&others, &me.user, &conv, state);
     }
 
     fn relay_to(&self, users: &[String], from: &str, conv: &str, state: TypingState) {
-        let f = Arc::new(ServerFrame::Typing { conv: conv.to_owned(), from: from.to_owned(), state });
-        for u in users {
-            if let Some(conns) = self.shared.online.get(u) {
-                for c in conns.iter() {
-                    c.relay.do_send(Relay(f.clone()));
-                }
-            }
-        }
+        super::ops::relay_typing(&self.shared, users, from, conv, state);
     }
 
     /// Relays `state` for `conv` to its other members (looked up again: membership may change).
     fn relay_typing(&self, conv: &str, state: TypingState) {
         let Some(me) = &self.auth else { return };
-        let others: Vec<String> = match Conv::parse(conv) {
-            Some(Conv::Dm { a, b }) => [a, b].into_iter().filter(|u| *u != me.user).collect(),
-            Some(Conv::Group(g)) => match self.shared.state.group(&g) {
-                Ok(Some(rec)) => rec.members.into_iter().map(|m| m.user).filter(|u| *u != me.user).collect(),
-                _ => Vec::new(),
-            },
-            None => Vec::new(),
-        };
+        let others = super::ops::others_in(&self.shared, &me.user, conv);
         self.relay_to(&others, &me.user, conv, state);
     }
 
@@ -1025,6 +974,15 @@ fn group_id(s: &str) -> Option<String> {
 fn new_group_id() -> String {
     use rand::Rng;
     format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+impl super::ops::TypingTimers for Session {
+    fn composing(&mut self) -> &mut HashMap<String, SpawnHandle> {
+        &mut self.composing
+    }
+    fn typing_expired(&mut self, conv: &str) {
+        self.relay_typing(conv, TypingState::Paused);
+    }
 }
 
 impl Actor for Session {

@@ -41,6 +41,12 @@ fn argon2(s: &Shared) -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
+/// Whether `password` matches the argon2id PHC string `phc` (blocking: call off the async
+/// workers). Also used by the XMPP gateway's SASL PLAIN.
+pub fn verify_password(s: &Shared, phc: &str, password: &str) -> bool {
+    PasswordHash::new(phc).map(|h| argon2(s).verify_password(password.as_bytes(), &h).is_ok()).unwrap_or(false)
+}
+
 #[derive(Deserialize)]
 pub(crate) struct Credentials {
     user: String,
@@ -75,14 +81,7 @@ pub async fn register(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpRespon
         Ok(None) => {}
         Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),
     }
-    let s2 = s.clone();
-    let hashed = web::block(move || {
-        let salt = SaltString::generate(&mut rand::thread_rng());
-        argon2(&s2).hash_password(c.password.as_bytes(), &salt).map(|h| h.to_string())
-    })
-    .await;
-    let Ok(Ok(password_hash)) = hashed else { return error(ErrorCode::Internal, "cannot hash the password") };
-    match s.pipeline.call(Command::Register { user: c.user.clone(), password_hash }).await {
+    match register_user(&s, &c.user, c.password).await {
         Ok(Outcome::Done) => {
             metrics::counter!("parley_registrations_total").increment(1);
             HttpResponse::Created().json(serde_json::json!({ "user": c.user }))
@@ -91,6 +90,29 @@ pub async fn register(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpRespon
         Ok(_) => error(ErrorCode::Internal, "unexpected outcome"),
         Err(e) => pipeline_error(e),
     }
+}
+
+/// Registers `user` with `password` through the log: the argon2id hash (`Register`), then the
+/// SCRAM verifiers of the XMPP gateway (`SetScram`, RFC 5802/7677). Checks nothing else (the
+/// callers check the switch, the id and the password length). Shared by `POST /v1/register` and
+/// XMPP in-band registration (XEP-0077).
+pub async fn register_user(s: &Arc<Shared>, user: &str, password: String) -> Result<Outcome, crate::storage::PipelineError> {
+    let s2 = s.clone();
+    let hashed = web::block(move || {
+        let salt = SaltString::generate(&mut rand::thread_rng());
+        let phc = argon2(&s2).hash_password(password.as_bytes(), &salt).map(|h| h.to_string());
+        (phc, crate::xmpp::sasl::derive_verifiers(&password))
+    })
+    .await;
+    let Ok((Ok(password_hash), scram)) = hashed else { return Ok(Outcome::Refused(Refusal::BadRequest("cannot hash the password".into()))) };
+    let out = s.pipeline.call(Command::Register { user: user.to_owned(), password_hash }).await?;
+    if out == Outcome::Done {
+        if let Some(scram) = scram {
+            // Best effort: without verifiers, SCRAM fails and PLAIN (which adds them) still works.
+            let _ = s.pipeline.call(Command::SetScram { user: user.to_owned(), scram }).await;
+        }
+    }
+    Ok(out)
 }
 
 /// `POST /v1/login`: `200 {"token", "user", "device"}`. After `failed_login_burst` failures from
@@ -123,11 +145,7 @@ pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Bytes
         Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),
     };
     let s2 = s.clone();
-    let ok = web::block(move || {
-        PasswordHash::new(&rec.password_hash)
-            .map(|h| argon2(&s2).verify_password(c.password.as_bytes(), &h).is_ok())
-            .unwrap_or(false)
-    })
+    let ok = web::block(move || verify_password(&s2, &rec.password_hash, &c.password))
     .await
     .unwrap_or(false);
     if !ok {

@@ -134,6 +134,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/logout", web::post().to(auth::logout)))
         .service(resource("/v1/healthz", get_or_head().to(healthz)))
         .service(resource("/v1/ws", web::get().to(ws)))
+        .service(resource("/xmpp-websocket", web::get().to(crate::xmpp::ws::route)))
         .service(resource("/metrics", get_or_head().to(metrics::render)))
         // Not a `resource`: while admin.token is empty the path does not exist for any method.
         .route("/v1/admin/backup", web::post().to(admin_backup))

@@ -44,6 +44,26 @@ pub enum Command {
     /// Retention: delete up to `max` messages that `policy` allows, oldest first, visiting
     /// conversations in key order from `from` (inclusive).
     Purge { policy: PurgePolicy, max: u32, from: String },
+    /// Store `user`'s SCRAM verifiers (RFC 5802 / RFC 7677), submitted right after `Register`
+    /// and `SetPassword`, and after a PLAIN login of a user that has none yet (the XMPP gateway).
+    /// Appended last: postcard encodes the variant index, so older logs stay readable.
+    SetScram { user: String, scram: ScramRecord },
+}
+
+/// One SCRAM verifier (RFC 5802 §3): the salt, the PBKDF2 iteration count and
+/// `SaltedPassword = Hi(password, salt, i)`, which is what the `sasl` crate's server needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScramVerifier {
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+    pub salted_password: Vec<u8>,
+}
+
+/// `user_scram` value: the user's verifiers for SCRAM-SHA-1 (RFC 5802) and SCRAM-SHA-256 (RFC 7677).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScramRecord {
+    pub sha1: ScramVerifier,
+    pub sha256: ScramVerifier,
 }
 
 /// What a [`Command::Purge`] may delete.

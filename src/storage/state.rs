@@ -368,6 +368,11 @@ impl State {
         get(&self.store, TreeId::Tokens, hash)
     }
 
+    /// A user's SCRAM verifiers, if stored (XMPP gateway).
+    pub fn scram(&self, user: &str) -> Result<Option<ScramRecord>, StorageError> {
+        get(&self.store, TreeId::UserScram, user.as_bytes())
+    }
+
     /// A user's latest ev (0: none).
     pub fn head(&self, user: &str) -> Result<u64, StorageError> {
         get_u64(&self.store, TreeId::UserHead, user.as_bytes())
@@ -767,6 +772,10 @@ impl Applier<'_> {
             Command::GroupAdd { group, by, users, cap } => self.group_add(group, by, users, *cap),
             Command::GroupRemove { group, by, users } => self.group_remove(group, by, users),
             Command::GroupLeave { group, by } => self.group_leave(group, by),
+            Command::SetScram { user, scram } => match self.tx.get::<UserRecord>(TreeId::Users, user.as_bytes())? {
+                Some(u) if !u.deleted => self.tx.put(TreeId::UserScram, user.as_bytes().to_vec(), scram).map(|_| Outcome::Done),
+                _ => Ok(Outcome::Refused(Refusal::UnknownUser(user.clone()))),
+            },
         }
     }
 

@@ -17,6 +17,7 @@
 //! | `user_conv_state` | user `\0` conv | [`UserConvRecord`](super::records::UserConvRecord) |
 //! | `groups` | group id | [`GroupRecord`](super::records::GroupRecord) |
 //! | `user_min_cursor` | user | u64 BE: the lowest cursor over the user's devices (every device has reached it) |
+//! | `user_scram` | user | [`ScramRecord`](super::records::ScramRecord): SCRAM verifiers (XMPP gateway) |
 //!
 //! Outside the log, in a sled tree of its own: `presence_last_seen` (user → u64 BE ms).
 
@@ -36,11 +37,12 @@ pub enum TreeId {
     UserConvState,
     Groups,
     UserMinCursor,
+    UserScram,
 }
 
 impl TreeId {
     /// Every table, in order.
-    pub const ALL: [TreeId; 12] = [
+    pub const ALL: [TreeId; 13] = [
         TreeId::Meta,
         TreeId::Users,
         TreeId::Tokens,
@@ -53,12 +55,13 @@ impl TreeId {
         TreeId::UserConvState,
         TreeId::Groups,
         TreeId::UserMinCursor,
+        TreeId::UserScram,
     ];
 }
 
 /// The tables' names, in [`TreeId`] order (also the sled tree names of the layout before the
 /// single tree, which [`Store::open`](super::store::Store::open) migrates).
-pub const TREES: [&str; 12] = [
+pub const TREES: [&str; 13] = [
     "meta",
     "users",
     "tokens",
@@ -71,6 +74,7 @@ pub const TREES: [&str; 12] = [
     "user_conv_state",
     "groups",
     "user_min_cursor",
+    "user_scram",
 ];
 
 /// `meta` key of the applied index.

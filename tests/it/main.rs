@@ -15,6 +15,7 @@
 //! - [`ops`]: `parley admin`, backup and restore, retention, metrics, logs.
 //! - [`startup`]: data directory checks, a port in use, config typos: one line, exit 2.
 //! - [`http`]: JSON error bodies for every error, `HEAD`, the `Authorization` scheme.
+//! - [`xmpp`]: the XMPP gateway: RFC 7395 framing, bad input, slixmpp clients (TCP).
 
 mod common;
 
@@ -32,3 +33,4 @@ mod overload;
 mod rebuild;
 mod restart;
 mod startup;
+mod xmpp;

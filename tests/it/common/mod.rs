@@ -40,6 +40,8 @@ const BASE_ENV: &[(&str, &str)] = &[
     ("PARLEY__AUTH__ARGON2_ITERATIONS", "1"),
     ("PARLEY__LIMITS__SEND_RATE_PER_S", "1000000"),
     ("PARLEY__LIMITS__SEND_BURST", "1000000"),
+    // The XMPP gateway's TCP listener on a fresh port too (its default is 127.0.0.1:5222).
+    ("PARLEY__XMPP__LISTEN", "127.0.0.1:0"),
 ];
 
 /// Awaits `f` for at most `d`; panics naming `what` when it takes longer.
@@ -147,6 +149,8 @@ pub struct Server {
     base_env: Option<Vec<(String, String)>>,
     /// Number of starts so far; names the log file of each run.
     pub starts: u32,
+    /// The XMPP gateway's TCP address of the current run (None: `xmpp.listen` is empty).
+    pub xmpp: Option<SocketAddr>,
 }
 
 impl Server {
@@ -164,6 +168,7 @@ impl Server {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             base_env: None,
             starts: 0,
+            xmpp: None,
         };
         s.restart().await;
         s
@@ -223,8 +228,12 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn parley");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
+        let mut xmpp = None;
         let found = tokio::time::timeout(T, async {
             while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.strip_prefix("parley xmpp listening on ") {
+                    xmpp = rest.trim().parse::<SocketAddr>().ok();
+                }
                 if let Some(rest) = line.strip_prefix("parley listening on http://") {
                     return Some(rest.trim().parse::<SocketAddr>().expect("listening address"));
                 }
@@ -247,6 +256,7 @@ impl Server {
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         self.addr = addr;
+        self.xmpp = xmpp;
         self.child = Some(child);
     }
 
