@@ -75,7 +75,9 @@ fn describe() {
     describe_counter!("parley_frames_received_total", "Client frames decoded or refused");
     describe_gauge!("parley_presence_watched_users", "Users with at least one presence watcher");
     describe_counter!("parley_retention_deleted_total", "Messages deleted by retention");
-    for g in ["parley_sockets_open", "parley_sessions_authenticated", "parley_log_bytes", "parley_log_segments", "parley_recovery_seconds", "parley_presence_watched_users"] {
+    describe_gauge!("parley_xmpp_streams_open", "Open XMPP streams (TCP and WebSocket)");
+    describe_counter!("parley_xmpp_stream_errors_total", "XMPP streams closed with a stream error");
+    for g in ["parley_sockets_open", "parley_sessions_authenticated", "parley_log_bytes", "parley_log_segments", "parley_recovery_seconds", "parley_presence_watched_users", "parley_xmpp_streams_open"] {
         gauge!(g).set(0.0);
     }
     for c in [
@@ -88,6 +90,8 @@ fn describe() {
         "parley_bad_frames_total",
         "parley_frames_received_total",
         "parley_retention_deleted_total",
+        "parley_xmpp_stream_errors_total",
+        "parley_state_rebuilds_total",
     ] {
         counter!(c).increment(0);
     }
