@@ -220,8 +220,11 @@ impl State {
         let Applier { tx, effects, .. } = a;
         self.store.merge(index, tx.writes.into_iter().collect());
         if self.store.dirty_keys() > store::MAX_DIRTY_KEYS {
-            // The materializer is behind: catch up here rather than grow without bound.
-            self.store.materialize()?;
+            // The materializer is behind: catch up here rather than grow without bound. The entry
+            // is applied already, so a failure here is not the entry's: the materializer retries.
+            if let Err(e) = self.store.materialize() {
+                tracing::error!(error = %e, "materializing the state into sled failed; retrying later");
+            }
         }
         Ok((outcomes, effects))
     }
