@@ -461,6 +461,18 @@ pub const NON_CONFIG_VARS: &[&str] = &[
     "PARLEY_CRASH_SEED",
     // .ci/run: the conformance suite's Python environment.
     "PARLEY_CONFORMANCE_VENV",
+    // tests/it/xmpp.rs and .ci/run: the Python with slixmpp for the XMPP client tests.
+    "PARLEY_SLIXMPP_PYTHON",
+    // src/failpoint.rs (feature `failpoints`): the fail points to arm.
+    "PARLEY_FAILPOINTS",
+    // src/storage/sim_tests.rs: the SimDisk crash rounds' count, seed, base seed, trace.
+    "PARLEY_SIM_ROUNDS",
+    "PARLEY_SIM_SEED",
+    "PARLEY_SIM_BASE",
+    "PARLEY_SIM_TRACE",
+    // tests/powerloss.rs: the power-loss rounds' count and seed.
+    "PARLEY_POWERLOSS_ROUNDS",
+    "PARLEY_POWERLOSS_SEED",
 ];
 
 /// The environment variable of a `section.key` setting: `PARLEY__SECTION__KEY`.
