@@ -189,7 +189,12 @@ pub fn open(data: &Path, segment_bytes: u64, cache_bytes: u64) -> Result<Opened,
         let mut stats = RecoveryStats { applied_before: state.applied(), torn_tail_bytes: report.torn_tail_bytes, ..Default::default() };
         match catch(|| replay(&state, &wal)) {
             Ok(n) => stats.replayed = n,
-            Err(Damage::Other(e)) if matches!(e, StorageError::Wal(_) | StorageError::LogGap { .. }) => return Err(Damage::Other(e)),
+            Err(Damage::Other(e)) if matches!(e, StorageError::Wal(_)) => return Err(Damage::Other(e)),
+            // The state is behind the log's first entry: it was deleted or lost (sled reopened
+            // empty) after checkpoints purged the log's beginning. Rebuild it from a snapshot.
+            Err(Damage::Other(StorageError::LogGap { applied, first })) => {
+                return Err(Damage::State(format!("the state has applied up to entry {applied} but the log starts at entry {first} (was the state deleted?)")))
+            }
             Err(Damage::Other(e)) => return Err(Damage::State(format!("replaying the log into it failed: {e}"))),
             Err(d) => return Err(d),
         }
@@ -200,6 +205,14 @@ pub fn open(data: &Path, segment_bytes: u64, cache_bytes: u64) -> Result<Opened,
         Err(Damage::Other(e)) => return Err(e),
         Err(Damage::State(reason)) => rebuild(data, &state_dir, &wal_dir, segment_bytes, cache_bytes, reason)?,
     };
+    // A log that no longer starts at entry 1 with no snapshot beside it (a restored backup, or
+    // a data directory from before snapshots existed) could not rebuild a damaged state: take
+    // one now rather than at the first checkpoint.
+    let snaps = snapshot::dir_of(data);
+    if snapshot::list(&snaps)?.is_empty() && wal.first_index().map_or(state.applied() > 0, |f| f > 1) {
+        let (file, records) = state.snapshot(&snaps)?;
+        tracing::info!(index = file.index, records, "no snapshot and the log does not start at entry 1: took a snapshot at start-up");
+    }
     stats.millis = t0.elapsed().as_millis() as u64;
     Ok(Opened { state, wal, stats, lock })
 }
@@ -280,7 +293,7 @@ fn rebuild(data: &Path, state_dir: &Path, wal_dir: &Path, segment_bytes: u64, ca
         moved_to = %aside.display(),
         entries = wal.last_index(),
         snapshot = base.as_ref().map_or(0, |s| s.index),
-        "THE STATE WAS DAMAGED AND IS REBUILT FROM THE WRITE-AHEAD LOG: sled could not be opened; its directory was moved aside, the newest snapshot (0: none) is loaded and every later log entry is replayed"
+        "THE STATE WAS DAMAGED AND IS REBUILT FROM THE WRITE-AHEAD LOG: sled could not be opened; its directory was moved aside, the snapshot at index `snapshot` is loaded (none when 0) and every later log entry is replayed"
     );
     metrics::counter!("parley_state_rebuilds_total").increment(1);
     if let Some(s) = &base {

@@ -201,6 +201,15 @@ async fn a_damaged_state_after_the_log_was_purged_is_rebuilt_from_the_newest_sna
     let got: Vec<(String, u64)> = a.history_all("dm:alice:bob").await.into_iter().map(|m| (m.id, m.seq)).collect();
     assert_eq!(got, acked, "every acked message, once, in order, after a rebuild from the snapshot");
     a.close().await;
+
+    // The state deleted outright (sled then opens empty, behind the log's first entry): the same.
+    srv.kill9().await;
+    std::fs::remove_dir_all(dir.data().join("state")).expect("delete the state");
+    srv.restart().await;
+    let mut a = srv.connect(&token, None).await.client;
+    let got: Vec<(String, u64)> = a.history_all("dm:alice:bob").await.into_iter().map(|m| (m.id, m.seq)).collect();
+    assert_eq!(got, acked, "every acked message, once, in order, after deleting the state");
+    a.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
