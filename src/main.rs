@@ -141,7 +141,8 @@ fn serve(listen: Option<String>, data: Option<PathBuf>, config: Option<PathBuf>,
     if let Err(e) = result {
         // Another process on the data directory is the user's to fix; anything else is ours.
         let locked = matches!(e.downcast_ref::<parley::storage::StorageError>(), Some(parley::storage::StorageError::Locked { .. }));
-        fail(if locked { EXIT_USAGE } else { 1 }, one_line(&e));
+        let user = locked || e.downcast_ref::<parley::server::UserError>().is_some();
+        fail(if user { EXIT_USAGE } else { 1 }, one_line(&e));
     }
 }
 

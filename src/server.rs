@@ -48,6 +48,12 @@ pub struct Shared {
     pub upgrade_limiter: RateLimiter,
 }
 
+/// A start-up failure that is the user's to fix (an address in use, a missing file named in the
+/// configuration): `parley serve` says it in one line and exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UserError(pub String);
+
 /// Runs the server on `listener` until `shutdown` completes, then shuts down in order: stop
 /// accepting upgrades → `goaway` to every session (retry delays spread over the shutdown window)
 /// → wait for sockets to drain up to `shutdown_timeout_ms` → stop HTTP → final checkpoint.
@@ -55,6 +61,15 @@ pub struct Shared {
 /// Must run inside an actix `System`.
 pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
+    // The XMPP gateway's TCP listener (RFC 6120), unless `xmpp.listen` is empty, and its TLS
+    // files: before storage recovery, so a port in use or a missing file is said at once.
+    let xmpp = if cfg.xmpp.listen.is_empty() {
+        None
+    } else {
+        let a: std::net::SocketAddr = cfg.xmpp.listen.parse().map_err(|e| UserError(format!("xmpp.listen {:?}: {e}", cfg.xmpp.listen)))?;
+        Some(TcpListener::bind(a).map_err(|e| UserError(format!("cannot listen on {a} (xmpp.listen): {e}")))?)
+    };
+    let xmpp_tls = crate::xmpp::tcp::tls_acceptor(&cfg.xmpp.tls_cert, &cfg.xmpp.tls_key).map_err(|e| UserError(format!("{e:#}")))?;
     let metrics = crate::http::metrics::install();
     // While recovery replays the log, a stand-in server on the same socket answers 503, so
     // health checks and clients see "starting" rather than a hung connection.
@@ -123,15 +138,6 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     });
     start_retention(&cfg, &pipeline);
     let addr = listener.local_addr()?;
-    // The XMPP gateway's TCP listener (RFC 6120), unless `xmpp.listen` is empty.
-    let xmpp = if cfg.xmpp.listen.is_empty() {
-        None
-    } else {
-        let a: std::net::SocketAddr = cfg.xmpp.listen.parse()?;
-        let l = TcpListener::bind(a).map_err(|e| anyhow::anyhow!("cannot listen on {a} (xmpp.listen): {e}"))?;
-        Some(l)
-    };
-    let xmpp_tls = crate::xmpp::tcp::tls_acceptor(&cfg.xmpp.tls_cert, &cfg.xmpp.tls_key)?;
     boot_handle.stop(false).await;
     let _ = boot_task.await;
     let data = web::Data::new(shared.clone());

@@ -71,6 +71,9 @@ async fn a_port_in_use_is_one_line_and_exit_2_even_with_rust_backtrace_set() {
     refused(&e, &format!("cannot listen on {addr}"));
     let e = serve(&dir.data(), "localhost:80", &[], &[("RUST_BACKTRACE", "1")]).await;
     refused(&e, "server.listen");
+    // The XMPP listener's port too, before storage recovery starts.
+    let e = serve(&dir.data(), "127.0.0.1:0", &[], &[("RUST_BACKTRACE", "1"), ("PARLEY__XMPP__LISTEN", &addr)]).await;
+    refused(&e, &format!("cannot listen on {addr} (xmpp.listen)"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
