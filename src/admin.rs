@@ -132,7 +132,7 @@ fn run_on(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
                     Ok(())
                 }
                 AdminCmd::Backup { dir } => {
-                    crate::data_dir::check_backup_target(&dir)?;
+                    crate::data_dir::check_backup_target(&dir, data)?;
                     let applied = state.backup_to(&dir)?;
                     println!("backup of applied index {applied} written to {}", dir.display());
                     Ok(())

@@ -39,6 +39,15 @@ pub enum DataDirError {
         /// A few of its entries, for the message.
         found: String,
     },
+    /// A backup target that is a file.
+    #[error("{} is a file; a backup goes into a new or empty directory", .0.display())]
+    BackupIsAFile(PathBuf),
+    /// A backup target inside the data directory (a backup must survive losing it).
+    #[error("{} is inside the data directory {}; a backup goes outside it", .0.display(), .1.display())]
+    BackupInsideData(PathBuf, PathBuf),
+    /// A relative backup target (the server's working directory is not the client's).
+    #[error("{} is a relative path; give the server an absolute one", .0.display())]
+    BackupRelative(PathBuf),
     /// A backup target that holds files already.
     #[error("{} is not empty; a backup goes into a new or empty directory", .0.display())]
     NotEmpty(PathBuf),
@@ -86,16 +95,37 @@ pub fn check(path: &Path) -> Result<(), DataDirError> {
     Err(DataDirError::Foreign { path: path.to_owned(), found })
 }
 
-/// Checks that `dir` can receive a backup, without changing anything: it is missing or an empty
-/// directory (a backup is never mixed with other files).
-pub fn check_backup_target(dir: &Path) -> Result<(), DataDirError> {
+/// Checks that `dir` can receive a backup of the data directory `data`, without changing
+/// anything: it is missing or an empty directory (a backup is never mixed with other files), and
+/// it is not inside `data` (a backup must survive losing the data directory).
+pub fn check_backup_target(dir: &Path, data: &Path) -> Result<(), DataDirError> {
     let io = |source| DataDirError::Io { path: dir.to_owned(), source };
+    if let (Some(target), Ok(data_abs)) = (absolute_through_existing(dir), data.canonicalize()) {
+        if target.starts_with(&data_abs) {
+            return Err(DataDirError::BackupInsideData(dir.to_owned(), data.to_owned()));
+        }
+    }
     match std::fs::metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io(e)),
-        Ok(m) if !m.is_dir() => Err(DataDirError::NotADirectory(dir.to_owned())),
+        Ok(m) if !m.is_dir() => Err(DataDirError::BackupIsAFile(dir.to_owned())),
         Ok(_) if std::fs::read_dir(dir).map_err(io)?.next().is_some() => Err(DataDirError::NotEmpty(dir.to_owned())),
         Ok(_) => Ok(()),
+    }
+}
+
+/// `p` made absolute with its longest existing prefix canonicalized (symlinks resolved) and the
+/// rest appended as given.
+fn absolute_through_existing(p: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(p).ok()?;
+    let mut head = abs.as_path();
+    let mut tail = Vec::new();
+    loop {
+        if let Ok(c) = head.canonicalize() {
+            return Some(tail.iter().rev().fold(c, |acc: PathBuf, part| acc.join(part)));
+        }
+        tail.push(head.file_name()?.to_owned());
+        head = head.parent()?;
     }
 }
 
@@ -153,7 +183,13 @@ mod tests {
         std::fs::write(d.join("notes.txt"), "x").unwrap();
         let e = check(&d).unwrap_err().to_string();
         assert!(e.contains("not a parley data directory") && e.contains("notes.txt"), "{e}");
-        assert!(check_backup_target(&d).unwrap_err().to_string().contains("is not empty"));
-        assert!(check_backup_target(&f).is_err() && check_backup_target(&t.path().join("new")).is_ok());
+        let data = t.path().join("data");
+        std::fs::create_dir_all(data.join("state")).unwrap();
+        assert!(check_backup_target(&d, &data).unwrap_err().to_string().contains("is not empty"));
+        assert!(check_backup_target(&f, &data).unwrap_err().to_string().contains("is a file; a backup goes"));
+        assert!(check_backup_target(&t.path().join("new"), &data).is_ok());
+        for inside in [data.join("state").join("x"), data.join("bk"), data.join("state/../new/deeper")] {
+            assert!(check_backup_target(&inside, &data).unwrap_err().to_string().contains("inside the data directory"), "{inside:?}");
+        }
     }
 }

@@ -208,7 +208,10 @@ async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::By
     let Ok(b) = serde_json::from_slice::<Body>(&body) else {
         return error(ErrorCode::BadRequest, "body must be {\"dir\": PATH}");
     };
-    if let Err(e) = crate::data_dir::check_backup_target(&b.dir) {
+    if b.dir.is_relative() {
+        return error(ErrorCode::BadRequest, &format!("backup failed: {}", crate::data_dir::DataDirError::BackupRelative(b.dir)));
+    }
+    if let Err(e) = crate::data_dir::check_backup_target(&b.dir, &s.cfg.server.data_dir) {
         return error(ErrorCode::BadRequest, &format!("backup failed: {e}"));
     }
     match s.pipeline.backup(b.dir.clone()).await {
