@@ -94,7 +94,7 @@ fn run_on(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
                 r.log_segments,
                 if r.torn_tail_bytes > 0 { format!(" (a torn tail of {} bytes will be cut at start)", r.torn_tail_bytes) } else { String::new() },
                 r.applied,
-                if r.replay_compared { "yes, identical" } else { "no (the log does not start at entry 1: checkpointed or restored; invariant checks only)" }
+                if r.replay_compared && r.problems.is_empty() { "yes, identical" } else if r.replay_compared { "yes (see the problems below)" } else { "no (the log does not start at entry 1: checkpointed or restored; invariant checks only)" }
             );
             if r.problems.is_empty() {
                 println!("verify: OK");
