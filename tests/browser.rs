@@ -153,6 +153,8 @@ fn start_server(data: &Path, listen: &str, log: &Path) -> Server {
         .env("PARLEY__LIMITS__SEND_BURST", "1000")
         // goaway's retry_after_ms is spread over half of this: keep the restart phase short.
         .env("PARLEY__SERVER__SHUTDOWN_TIMEOUT_MS", "2000")
+        // No XMPP listener: its default port (5222) may be another server's.
+        .env("PARLEY__XMPP__LISTEN", "")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)

@@ -147,6 +147,7 @@ async fn acks_follow_fdatasync_segments_follow_directory_fsync_unlinks_follow_ch
         .arg(&exe)
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--data"])
         .arg(&data)
+        .env("PARLEY__XMPP__LISTEN", "")
         .env_remove("RUST_LOG")
         .env("PARLEY__AUTH__ARGON2_MEMORY_KIB", "1024")
         .env("PARLEY__AUTH__ARGON2_ITERATIONS", "1")

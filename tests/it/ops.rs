@@ -792,6 +792,7 @@ async fn run_and_capture_stderr(dir: &TestDir, env: &[(&str, &str)]) -> String {
     let mut cmd = tokio::process::Command::new(exe(dir));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir.path().join("own-data"))
+        .env("PARLEY__XMPP__LISTEN", "")
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())
         .stdin(Stdio::null())

@@ -1201,6 +1201,7 @@ async fn sigterm_right_after_the_listening_line_is_graceful() {
         let mut child = tokio::process::Command::new(&link)
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(dir.path().join(format!("data-{i}")))
+            .env("PARLEY__XMPP__LISTEN", "")
             .env_remove("RUST_LOG")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())

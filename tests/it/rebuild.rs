@@ -232,6 +232,7 @@ async fn a_damaged_state_without_the_log_from_entry_1_refuses_to_start_and_chang
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_parley"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir.data())
+        .env("PARLEY__XMPP__LISTEN", "")
         .envs(env)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())

@@ -22,6 +22,8 @@ async fn serve(data: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -
         .args(["serve", "--listen", listen, "--data"])
         .arg(data)
         .args(args)
+        // No XMPP listener unless a test asks (its default port may be another server's).
+        .env("PARLEY__XMPP__LISTEN", "")
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
