@@ -26,10 +26,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use parley::protocol::ids::Conv;
 use parley::protocol::{ClientFrame, Encoding, ErrorCode, Request, ServerFrame};
 use rand::{Rng, SeedableRng};
 
-use common::{dialog, within, Client, Incoming, Server, TestDir, T};
+use common::{dialog, sender_name, within, Client, Incoming, Sent, Server, TestDir, T};
 
 const SENDERS: usize = 3;
 const RECIPIENTS: [&str; 2] = ["r0", "r1"];
@@ -48,13 +49,6 @@ const FAIL_POINTS: [&str; 9] = [
     "purge.before",
 ];
 
-#[derive(Clone, Debug)]
-struct Sent {
-    id: String,
-    to: String,
-    conv: String,
-    body: String,
-}
 
 /// What one sender sent and what was acked. Locked only between awaits.
 #[derive(Default)]
@@ -70,17 +64,6 @@ struct Ledger {
     stored: HashMap<String, u64>,
 }
 
-fn sender_name(i: usize) -> String {
-    format!("s{i}")
-}
-
-fn dm(a: &str, b: &str) -> String {
-    if a <= b {
-        format!("dm:{a}:{b}")
-    } else {
-        format!("dm:{b}:{a}")
-    }
-}
 
 /// Skips the test with a reason, except under CI, where a missing prerequisite is a failure.
 fn skip(why: String) {
@@ -114,7 +97,7 @@ async fn sender_conn(addr: SocketAddr, i: usize, token: String, group: String, l
                     None => {
                         let k = l.msgs.len();
                         let to = if k % 3 == 2 { group.clone() } else { RECIPIENTS[(i + k) % 2].to_owned() };
-                        let conv = if to == group { group.clone() } else { dm(&me, &to) };
+                        let conv = if to == group { group.clone() } else { Conv::dm(&me, &to).to_string() };
                         let body = dialog(i * 100_003 + k, 1).remove(0);
                         l.msgs.push(Sent { id: format!("{me}-{k}"), to, conv, body });
                         k
@@ -177,7 +160,7 @@ async fn sender_conn(addr: SocketAddr, i: usize, token: String, group: String, l
 /// Checks every conversation's history, and with `resync` every recipient's resync from cursor
 /// 0, against the ledgers. Returns the number of acked messages checked.
 async fn check(srv: &Server, round: usize, tokens: &BTreeMap<String, String>, group: &str, ledgers: &[Arc<Mutex<Ledger>>], resync: bool) -> usize {
-    let convs: Vec<String> = (0..SENDERS).flat_map(|i| RECIPIENTS.iter().map(move |r| dm(&sender_name(i), r))).chain([group.to_owned()]).collect();
+    let convs: Vec<String> = (0..SENDERS).flat_map(|i| RECIPIENTS.iter().map(move |r| Conv::dm(&sender_name(i), r).to_string())).chain([group.to_owned()]).collect();
     let mut sent: HashMap<String, (usize, usize, Sent)> = HashMap::new();
     for (i, l) in ledgers.iter().enumerate() {
         for (k, m) in l.lock().unwrap().msgs.iter().enumerate() {

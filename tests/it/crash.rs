@@ -24,10 +24,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use parley::protocol::ids::Conv;
 use parley::protocol::{ClientFrame, Encoding, ErrorCode, MessageView, Request, ServerFrame};
 use rand::{Rng, SeedableRng};
 
-use crate::common::{dialog, within, Client, Incoming, Server, TestDir, T};
+use crate::common::{dialog, sender_name, within, Client, Incoming, Sent, Server, TestDir, T};
 
 const SENDERS: usize = 4;
 const RECIPIENTS: [&str; 2] = ["r0", "r1"];
@@ -39,15 +40,6 @@ const TORN_ROUNDS: [(usize, TornTail); 2] = [(3, TornTail::BodyCutShort), (7, To
 const WINDOW: usize = 8;
 /// `received` after this many events.
 const CONFIRM_EVERY: u64 = 32;
-
-/// One message a sender has sent at least once.
-#[derive(Clone)]
-struct Sent {
-    id: String,
-    to: String,
-    conv: String,
-    body: String,
-}
 
 /// What one sender sent and what was acknowledged. Locked only between awaits.
 #[derive(Default)]
@@ -69,18 +61,6 @@ struct Shared {
     /// Set just before the kill: a socket that closes after this is expected to.
     killed: AtomicBool,
     odd: Mutex<Oddities>,
-}
-
-fn sender_name(i: usize) -> String {
-    format!("s{i}")
-}
-
-fn dm(a: &str, b: &str) -> String {
-    if a <= b {
-        format!("dm:{a}:{b}")
-    } else {
-        format!("dm:{b}:{a}")
-    }
 }
 
 /// Runs `conn` (one connection) again and again until the server is killed. A connection that
@@ -154,7 +134,7 @@ async fn sender_conn(
                     None => {
                         let k = l.msgs.len();
                         let to = if k % 4 == 3 { group.to_owned() } else { RECIPIENTS[seed % 2].to_owned() };
-                        let conv = if to.starts_with("g:") { to.clone() } else { dm(user, &to) };
+                        let conv = if to.starts_with("g:") { to.clone() } else { Conv::dm(user, &to).to_string() };
                         let body = dialog(seed * 100_003 + k, 1).remove(0);
                         l.msgs.push(Sent { id: format!("{user}-{k}"), to, conv, body });
                         k
@@ -320,7 +300,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_message() {
             conv.trim_start_matches("dm:").split(':').map(str::to_owned).collect()
         }
     };
-    let convs: Vec<String> = (0..SENDERS).map(|i| dm(&sender_name(i), RECIPIENTS[i % 2])).chain([group.clone()]).collect();
+    let convs: Vec<String> = (0..SENDERS).map(|i| Conv::dm(&sender_name(i), RECIPIENTS[i % 2]).to_string()).chain([group.clone()]).collect();
     // Everything sent, by (from, id).
     let mut sent: HashMap<(String, String), Sent> = HashMap::new();
     for (i, l) in ledgers.iter().enumerate() {

@@ -69,8 +69,27 @@ fn parse(text: &str) -> Vec<Call> {
         let (args, ret) = split_ret(after);
         out.push(Call { entry: pos, exit: pos, name: name.to_owned(), args: args.to_owned(), ret: ret.trim().to_owned() });
     }
-    out.sort_by_key(|c| c.exit);
+    // A call takes effect at its exit, except close: the kernel frees the fd number at entry,
+    // and another thread's openat may return that number (and be printed) before the close's
+    // `resumed` line. Sorted by exit, the close would then unmap the new file, and a later
+    // fsync of it (the log directory's, say) would go unseen.
+    out.sort_by_key(|c| if c.name == "close" { c.entry } else { c.exit });
     out
+}
+
+#[test]
+fn a_close_takes_effect_at_its_entry_so_a_reused_fd_keeps_its_new_file() {
+    // Thread 2 closes fd 27 while thread 1 opens the log directory and gets 27 back; the
+    // close's `resumed` line comes last. The fsync of 27 must stay the directory's.
+    let trace = "\
+1 00:00:00.000001 close(27 <unfinished ...>
+2 00:00:00.000002 openat(AT_FDCWD, \"/d/wal\", O_RDONLY|O_DIRECTORY) = 27
+1 00:00:00.000003 <... close resumed>) = 0
+2 00:00:00.000004 fsync(27) = 0
+";
+    let calls = parse(trace);
+    let order: Vec<&str> = calls.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(order, ["close", "openat", "fsync"]);
 }
 
 /// Splits `args) = ret` (strace pads the space before `=`).

@@ -792,3 +792,20 @@ where
         }
     }
 }
+
+/// One message a crash-test sender has sent at least once (`tests/it/crash.rs`,
+/// `tests/powerloss.rs`).
+#[derive(Clone, Debug)]
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub struct Sent {
+    pub id: String,
+    pub to: String,
+    pub conv: String,
+    pub body: String,
+}
+
+/// The user name of crash-test sender `i`.
+#[allow(dead_code)]
+pub fn sender_name(i: usize) -> String {
+    format!("s{i}")
+}
