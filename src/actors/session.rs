@@ -1048,7 +1048,11 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
             Err(e) => {
                 let (code, why) = match &e {
                     ProtocolError::Overflow => (close::TOO_BIG, "frame too big"),
-                    ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => (close::INVALID_PAYLOAD, "invalid UTF-8"),
+                    // actix-ws reports a text frame that is not UTF-8 as InvalidData wrapping
+                    // the Utf8Error (RFC 6455 §8.1: 1007); actix-http reports non-zero RSV
+                    // bits with no extension negotiated as InvalidData too (§5.2: fail, 1002).
+                    ProtocolError::Io(io) if io.get_ref().is_some_and(|e| e.is::<std::str::Utf8Error>()) => (close::INVALID_PAYLOAD, "invalid UTF-8"),
+                    ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => (close::PROTOCOL_ERROR, "WebSocket protocol error"),
                     ProtocolError::Io(_) => {
                         self.closing = true;
                         ctx.stop();

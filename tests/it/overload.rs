@@ -1395,6 +1395,20 @@ async fn a_slow_consumers_connection_is_released_even_if_it_never_reads_again() 
     drop(bob);
 }
 
+/// A raw TCP connection upgraded to a WebSocket at /v1/ws (the 101 read), for frames no
+/// client library would send.
+async fn raw_upgrade(addr: SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.expect("upgrade");
+    let mut head = vec![0u8; 4096];
+    let n = tcp.read(&mut head).await.expect("101");
+    assert!(head[..n].starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head[..n]));
+    tcp
+}
+
 /// A frame header that declares a huge payload is refused as soon as the header arrives (close
 /// 1009), before and after `hello`: the server must not buffer what follows it (actix-http's own
 /// parser would buffer up to the declared length before checking the size).
@@ -1406,15 +1420,7 @@ async fn a_frame_header_claiming_a_terabyte_closes_1009_without_buffering() {
     let pid = server_pid(&dir);
     for authed in [false, true] {
         let before = rss_kib(pid);
-        let mut tcp = TcpStream::connect(srv.addr).await.expect("connect");
-        let req = format!(
-            "GET /v1/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            srv.addr
-        );
-        tcp.write_all(req.as_bytes()).await.expect("upgrade");
-        let mut head = vec![0u8; 4096];
-        let n = tcp.read(&mut head).await.expect("101");
-        assert!(head[..n].starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head[..n]));
+        let mut tcp = raw_upgrade(srv.addr).await;
         if authed {
             let hello = json!({"type": "hello", "token": a}).to_string();
             let mut f = vec![0x81, 0x80 | 126];
@@ -1442,5 +1448,38 @@ async fn a_frame_header_claiming_a_terabyte_closes_1009_without_buffering() {
         assert_eq!(code, Some(close::TOO_BIG), "authed={authed}: close code");
         let after = rss_kib(pid);
         assert!(after < before + 32 * 1024, "authed={authed}: server RSS grew from {before} to {after} KiB");
+    }
+}
+
+/// A frame with a reserved bit set (no extension was negotiated) fails the connection with 1002
+/// (RFC 6455 §5.2), and a text frame that is not UTF-8 with 1007 (§8.1), before and after `hello`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_bits_close_1002_and_bad_utf8_closes_1007() {
+    let dir = TestDir::new();
+    let srv = Server::start(&dir).await;
+    let a = srv.user("alice").await;
+    // (first byte, payload, expected close code): RSV1 + text, RSV3 + binary, text with 0xff.
+    let cases: [(u8, &[u8], u16); 3] = [(0xC1, b"{}", close::PROTOCOL_ERROR), (0x92, b"{}", close::PROTOCOL_ERROR), (0x81, b"\xff\xfe", close::INVALID_PAYLOAD)];
+    for authed in [false, true] {
+        for (first, payload, want) in cases {
+            let mut tcp = raw_upgrade(srv.addr).await;
+            // Masked frames with a zero mask, so the payload goes as it is.
+            let frame = |first: u8, p: &[u8]| {
+                let mut f = vec![first, 0x80 | 126];
+                f.extend((p.len() as u16).to_be_bytes());
+                f.extend([0, 0, 0, 0]);
+                f.extend(p);
+                f
+            };
+            if authed {
+                tcp.write_all(&frame(0x81, json!({"type": "hello", "token": a}).to_string().as_bytes())).await.expect("hello");
+            }
+            tcp.write_all(&frame(first, payload)).await.expect("frame");
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(T, tcp.read_to_end(&mut buf)).await;
+            let close_at = buf.windows(2).rposition(|w| w[0] == 0x88);
+            let code = close_at.and_then(|i| buf.get(i + 2..i + 4)).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            assert_eq!(code, Some(want), "authed={authed}, first byte {first:#x}: close code");
+        }
     }
 }
