@@ -11,9 +11,12 @@
 //!   sled state machine ([`storage::state`]) with its trees ([`storage::trees`]).
 //! - [`actors`]: the Session actor per socket, the Registry, the presence hub.
 //! - [`http`]: register/login/logout, healthz, metrics, the WebSocket upgrade.
-//! - [`limits`]: token-bucket rate limits.
+//! - [`shared`]: [`shared::Shared`], the context every handler and session holds.
+//! - [`limits`]: token-bucket rate limits, a socket's frame-size cap.
+//! - [`tokens`]: session tokens and their stored hash.
+//! - [`retention`]: the retention job (purges through the log).
 //! - [`admin`]: `parley admin` (users, stats, verify, backup, restore).
-//! - [`server`]: wires it all and owns the shutdown sequence.
+//! - [`server`]: wires it all and owns the shutdown sequence (wiring only).
 //! - [`load`]: the load generator (`parley load`).
 //! - [`xmpp`]: the XMPP gateway (RFC 6120 TCP, RFC 7395 WebSocket) over the same commands.
 
@@ -27,6 +30,9 @@ pub mod http;
 pub mod limits;
 pub mod load;
 pub mod protocol;
+pub mod retention;
 pub mod server;
+pub mod shared;
 pub mod storage;
+pub mod tokens;
 pub mod xmpp;

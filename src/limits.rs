@@ -1,9 +1,22 @@
 //! Token-bucket rate limits (the classic algorithm: a bucket of `burst` tokens refilled at
-//! `rate` per second; each action takes one token or is refused).
+//! `rate` per second; each action takes one token or is refused), and [`FrameLimit`], a
+//! socket's frame-size cap.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Instant;
 
 use dashmap::DashMap;
+
+/// A socket's frame-size cap, shared between the frame guard on its raw bytes
+/// (`http::guard::FrameGuard`) and its session (native or XMPP), which raises the cap after
+/// authentication and closes with 1009 when the guard tripped.
+#[derive(Debug, Default)]
+pub struct FrameLimit {
+    /// Largest payload one frame may declare, bytes (the session raises it after `hello`).
+    pub cap: AtomicUsize,
+    /// Set when a frame was refused: the session closes with 1009.
+    pub tripped: AtomicBool,
+}
 
 /// One bucket.
 #[derive(Debug, Clone, Copy)]

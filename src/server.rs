@@ -9,44 +9,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
 use dashmap::DashMap;
-use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::actors::presence::{PresenceFlusher, PresenceHub};
 use crate::actors::registry::{Deliverer, Online, Registry};
 use crate::config::Config;
 use crate::limits::RateLimiter;
+use crate::shared::Shared;
 use crate::storage::{self, Pipeline, State};
-
-/// What every handler and session shares.
-pub struct Shared {
-    pub cfg: Arc<Config>,
-    /// Submits commands to the commit thread.
-    pub pipeline: Pipeline,
-    /// Reads (sync, history, auth).
-    pub state: Arc<State>,
-    /// Connect/disconnect go through this actor (under `actix::Supervisor`).
-    pub registry: Addr<Registry>,
-    /// Online devices, read directly.
-    pub online: Online,
-    /// Every open socket's session (authenticated or not), for `goaway` at shutdown.
-    pub sessions: DashMap<u64, actix::Recipient<crate::actors::messages::Kick>>,
-    pub presence: Arc<PresenceHub>,
-    /// Open sockets (any state).
-    pub sockets: AtomicUsize,
-    /// Session ids.
-    pub next_session: AtomicU64,
-    /// Set once recovery finished and the listener is serving.
-    pub ready: AtomicBool,
-    /// Set when shutdown begins: new upgrades get 503.
-    pub draining: AtomicBool,
-    pub metrics: Option<PrometheusHandle>,
-    /// Per-user send rate limit (PROTOCOL.md §5).
-    pub send_limiter: RateLimiter,
-    /// Failed logins per client IP.
-    pub login_limiter: RateLimiter,
-    /// WebSocket upgrades (one bucket for the whole server).
-    pub upgrade_limiter: RateLimiter,
-}
 
 /// A start-up failure that is the user's to fix (an address in use, a missing file named in the
 /// configuration): `parley serve` says it in one line and exits 2.
@@ -136,7 +105,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         login_limiter: RateLimiter::new(cfg.limits.failed_logins_per_min / 60.0, cfg.limits.failed_login_burst),
         upgrade_limiter: RateLimiter::new(cfg.admission.upgrades_per_s, cfg.admission.upgrade_burst),
     });
-    start_retention(&cfg, &pipeline);
+    crate::retention::start(&cfg, &pipeline);
     let addr = listener.local_addr()?;
     boot_handle.stop(false).await;
     let _ = boot_task.await;
@@ -188,48 +157,6 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
 /// The one tree outside the log: `presence_last_seen` (user → u64 BE ms), written lazily.
 fn sled_presence_tree(state: &State) -> anyhow::Result<sled::Tree> {
     Ok(state.db().open_tree("presence_last_seen")?)
-}
-
-/// Starts the retention job (unless `retention.mode` is `forever`): every `interval_ms`, purge
-/// entries of at most `batch` messages each, through the commit pipeline like any command, until
-/// a pass finds nothing more to delete. Small entries interleave with live traffic.
-fn start_retention(cfg: &Config, pipeline: &Pipeline) {
-    use crate::storage::records::{Command, PurgePolicy};
-    use crate::storage::Outcome;
-    let r = cfg.retention.clone();
-    if r.mode == "forever" {
-        return;
-    }
-    let pipeline = pipeline.clone();
-    let _ = std::thread::Builder::new().name("parley-retention".into()).spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(r.interval_ms));
-        let policy = if r.mode == "days" {
-            let now = crate::actors::presence::now_ms();
-            PurgePolicy::Before { ts: now.saturating_sub(r.days * 86_400_000) }
-        } else {
-            PurgePolicy::Delivered
-        };
-        let mut from = String::new();
-        let mut total = 0u64;
-        loop {
-            let Ok(rx) = pipeline.submit(Command::Purge { policy, max: r.batch, from: from.clone() }) else { break };
-            match rx.blocking_recv() {
-                Ok(Ok(Outcome::Purged { deleted, next })) => {
-                    total += u64::from(deleted);
-                    match next {
-                        Some(n) => from = n,
-                        None => break,
-                    }
-                }
-                Err(_) => return,
-                _ => break,
-            }
-        }
-        if total > 0 {
-            metrics::counter!("parley_retention_deleted_total").increment(total);
-            tracing::info!(deleted = total, mode = %r.mode, "retention pass");
-        }
-    });
 }
 
 /// Sends every open socket (authenticated or not) `goaway` with a reconnect delay drawn from

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::messages::{Relay, StopTyping};
 use crate::protocol::ids::{valid_client_id, Conv};
 use crate::protocol::{ErrorCode, ServerFrame, TypingState, MAX_BODY_BYTES};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::storage::records::AckRecord;
 
 /// What a `send` is, after the checks of [`check_send`].

@@ -41,7 +41,8 @@ use crate::protocol::{
     close, ClientFrame, Encoded, Encoding, ErrorCode, EventPayload, Request, ServerFrame, TypingState,
     HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, MAX_GROUP_NAME_CHARS, MAX_WATCH_USERS,
 };
-use crate::server::Shared;
+use crate::limits::FrameLimit;
+use crate::shared::Shared;
 use crate::storage::records::Command;
 use crate::storage::{Outcome, PipelineError, Refusal};
 
@@ -228,7 +229,7 @@ pub struct Session {
     /// The outbound queue to the writer task.
     out: OutQueue,
     /// The frame-size guard on this socket's incoming bytes (cap raised after `hello`).
-    limit: Arc<crate::http::guard::FrameLimit>,
+    limit: Arc<FrameLimit>,
     /// Malformed frames in the current minute: (window start, count).
     bad_frames: (Instant, u32),
     /// Chosen by the first frame's kind.
@@ -276,7 +277,7 @@ pub struct Session {
 
 impl Session {
     /// A session for a new socket; `out` leads to its writer task.
-    pub fn new(id: u64, shared: Arc<Shared>, out: OutQueue, limit: Arc<crate::http::guard::FrameLimit>) -> Self {
+    pub fn new(id: u64, shared: Arc<Shared>, out: OutQueue, limit: Arc<FrameLimit>) -> Self {
         Session {
             id,
             shared,
@@ -806,7 +807,7 @@ impl Session {
     // ------------------------------------------------------------------ hello and sync
 
     fn hello(&mut self, token: String, cursor: Option<u64>, ctx: &mut Context<Self>) {
-        let hash = crate::http::auth::token_hash(&token);
+        let hash = crate::tokens::token_hash(&token);
         let rec = match self.shared.state.token(&hash) {
             Ok(Some(r)) => r,
             Ok(None) => return self.close(close::UNAUTHORIZED, "unauthorized", ctx),

@@ -8,31 +8,18 @@ use std::sync::Arc;
 use actix_web::{web, HttpRequest, HttpResponse};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use rand::RngCore;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use super::{error, pipeline_error};
+pub use crate::tokens::{new_token, token_hash};
 use crate::protocol::ids::{valid_device_id, valid_user_id};
 use crate::protocol::ErrorCode;
-use crate::server::Shared;
-use crate::storage::records::{Command, TokenHash};
+use crate::shared::Shared;
+use crate::storage::records::Command;
 use crate::storage::{Outcome, Refusal};
 
 /// Shortest and longest password, in bytes.
 pub const PASSWORD_BYTES: std::ops::RangeInclusive<usize> = 8..=256;
-
-/// SHA-256 of a token: what the server stores.
-pub fn token_hash(token: &str) -> TokenHash {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-/// A new random token: 32 bytes (256 bits), hex.
-pub fn new_token() -> String {
-    let mut b = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
-}
 
 fn argon2(s: &Shared) -> Argon2<'static> {
     let a = &s.cfg.auth;

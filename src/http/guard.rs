@@ -9,7 +9,7 @@
 //! 1009. It never copies payload bytes.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -17,14 +17,7 @@ use actix_web::error::PayloadError;
 use bytes::Bytes;
 use futures_util::Stream;
 
-/// Shared between the guard and its session.
-#[derive(Debug, Default)]
-pub struct FrameLimit {
-    /// Largest payload one frame may declare, bytes (the session raises it after `hello`).
-    pub cap: AtomicUsize,
-    /// Set when a frame was refused: the session closes with 1009.
-    pub tripped: AtomicBool,
-}
+use crate::limits::FrameLimit;
 
 /// Where the guard is in the byte stream.
 #[derive(Debug)]
@@ -126,6 +119,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+
     use super::*;
 
     fn header(len: u64) -> Vec<u8> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix_web::{web, HttpResponse};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::server::Shared;
+use crate::shared::Shared;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 

@@ -17,7 +17,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::actors::session::{outbound, writer, ConnFd, Session};
 use crate::protocol::ErrorCode;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::storage::PipelineError;
 
 /// The HTTP status of an error code.
@@ -233,7 +233,7 @@ async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> 
     }
     // Frame headers are checked as the bytes arrive (see `guard`): actix-http would otherwise
     // buffer a frame up to its declared length before looking at its size.
-    let limit = Arc::new(guard::FrameLimit {
+    let limit = Arc::new(crate::limits::FrameLimit {
         cap: std::sync::atomic::AtomicUsize::new(s.cfg.session.unauth_max_frame_bytes),
         tripped: std::sync::atomic::AtomicBool::new(false),
     });

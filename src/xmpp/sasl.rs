@@ -13,7 +13,7 @@ use sasl::server::mechanisms::{Plain as PlainMech, Scram};
 use sasl::server::{Mechanism, Provider, ProviderError, Validator, ValidatorError};
 
 use crate::protocol::ids::valid_user_id;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::storage::records::{ScramRecord, ScramVerifier};
 
 /// PBKDF2 iterations of new SCRAM verifiers (RFC 7677 §4 asks for at least 4096).

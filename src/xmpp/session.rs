@@ -27,10 +27,10 @@ use super::parser::StreamError;
 use super::stanza::{archive_id, attr, build, delay, empty, error_reply, ns, parse_archive_id, stamp, text_el, to_string};
 use crate::actors::messages::*;
 use crate::actors::ops::{self, SendCheck};
-use crate::http::guard::FrameLimit;
+use crate::limits::FrameLimit;
 use crate::protocol::ids::{valid_device_id, valid_user_id, Conv};
 use crate::protocol::{ErrorCode, EventPayload, MessageView, ReceiptStatus, ServerFrame, TypingState};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::storage::records::{Command, TokenHash};
 use crate::storage::{Outcome, PipelineError, Refusal};
 

@@ -19,8 +19,8 @@ use tokio_rustls::TlsAcceptor;
 
 use super::parser::{StreamEvent, StreamParser};
 use super::session::{In, Link, Out, XmppSession};
-use crate::http::guard::FrameLimit;
-use crate::server::Shared;
+use crate::limits::FrameLimit;
+use crate::shared::Shared;
 
 /// Read buffer per connection, in bytes: small, since it is held by every idle session (a larger
 /// stanza simply takes several reads; the parser keeps its state between them).

@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 use super::parser::{parse_frame, StreamError};
 use super::session::{In, Link, Out, XmppSession};
 use super::stanza::ns;
-use crate::http::guard::{FrameGuard, FrameLimit};
-use crate::server::Shared;
+use crate::http::guard::FrameGuard;
+use crate::limits::FrameLimit;
+use crate::shared::Shared;
 
 /// `GET /xmpp-websocket`: the RFC 7395 upgrade; starts an [`XmppSession`].
 pub async fn route(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> Result<HttpResponse, actix_web::Error> {

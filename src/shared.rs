@@ -1,0 +1,48 @@
+//! [`Shared`]: what every HTTP handler, native session and XMPP session shares (the
+//! configuration, the commit pipeline, the state for reads, the registry and presence hub, the
+//! rate limits). `server::run` builds it once; `actors/`, `http/` and `xmpp/` take an
+//! `Arc<Shared>` without importing the entry point.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use dashmap::DashMap;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::actors::presence::PresenceHub;
+use crate::actors::registry::{Online, Registry};
+use crate::config::Config;
+use crate::limits::RateLimiter;
+use crate::storage::{Pipeline, State};
+
+/// What every handler and session shares.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    /// Submits commands to the commit thread.
+    pub pipeline: Pipeline,
+    /// Reads (sync, history, auth).
+    pub state: Arc<State>,
+    /// Connect/disconnect go through this actor (under `actix::Supervisor`).
+    pub registry: Addr<Registry>,
+    /// Online devices, read directly.
+    pub online: Online,
+    /// Every open socket's session (authenticated or not), for `goaway` at shutdown.
+    pub sessions: DashMap<u64, actix::Recipient<crate::actors::messages::Kick>>,
+    pub presence: Arc<PresenceHub>,
+    /// Open sockets (any state).
+    pub sockets: AtomicUsize,
+    /// Session ids.
+    pub next_session: AtomicU64,
+    /// Set once recovery finished and the listener is serving.
+    pub ready: AtomicBool,
+    /// Set when shutdown begins: new upgrades get 503.
+    pub draining: AtomicBool,
+    pub metrics: Option<PrometheusHandle>,
+    /// Per-user send rate limit (PROTOCOL.md §5).
+    pub send_limiter: RateLimiter,
+    /// Failed logins per client IP.
+    pub login_limiter: RateLimiter,
+    /// WebSocket upgrades (one bucket for the whole server).
+    pub upgrade_limiter: RateLimiter,
+}
