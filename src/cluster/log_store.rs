@@ -42,7 +42,12 @@
 //!
 //! All I/O is blocking and runs on tokio's blocking pool, one operation at a time (a mutex);
 //! the reader that openraft's replication uses ([`RaftLogStorage::get_log_reader`]) shares it.
+//! Replication reads the newest entries right after they are appended, and a WAL read scans a
+//! segment from its start, so the newest entries are also kept decoded in memory (at most
+//! [`TAIL_CACHE_ENTRIES`] entries and [`TAIL_CACHE_BYTES`] bytes of payload): a read that
+//! starts inside that tail never touches the disk.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
@@ -67,6 +72,10 @@ const META_TMP: &str = "meta.tmp";
 pub const FORMAT_VERSION: u8 = 1;
 /// Bytes of `meta`'s CRC-32 trailer.
 const CRC_LEN: usize = 4;
+/// Most entries the tail cache keeps.
+pub const TAIL_CACHE_ENTRIES: usize = 4096;
+/// Most payload bytes (as stored) the tail cache keeps.
+pub const TAIL_CACHE_BYTES: usize = 16 << 20;
 
 /// The Raft log store. Cheap to clone: clones share one log (openraft's log reader is a clone).
 #[derive(Clone)]
@@ -94,6 +103,12 @@ struct Inner {
     last: Option<LogId>,
     /// The committed log id openraft saved in this process (not durable; see the module docs).
     committed: Option<LogId>,
+    /// The newest entries after the purge mark, oldest first, each with its stored payload size:
+    /// consecutive indexes ending at `last` (or empty). Filled by appends, cut by truncate and
+    /// purge, emptied when the log restarts.
+    tail: VecDeque<(Entry, usize)>,
+    /// Sum of the sizes in `tail`, bytes.
+    tail_bytes: usize,
 }
 
 /// The content of `meta`.
@@ -234,7 +249,7 @@ impl LogStore {
             None => Meta::default(),
         };
         let (wal, _report) = Wal::open_on(disk.clone(), &dir.join(LOG_DIR), segment_bytes).map_err(log_error(ErrorVerb::Read))?;
-        let mut inner = Inner { disk, dir: dir.to_path_buf(), wal, meta, last: None, committed: None };
+        let mut inner = Inner { disk, dir: dir.to_path_buf(), wal, meta, last: None, committed: None, tail: VecDeque::new(), tail_bytes: 0 };
         if let Some(p) = inner.meta.purged {
             let mark = to_wal(p.index)?;
             if inner.wal.last_index() < mark {
@@ -322,6 +337,13 @@ impl Inner {
         if start >= end {
             return Ok(out);
         }
+        if let Some(front) = self.tail.front().map(|(e, _)| e.log_id.index) {
+            if start >= front {
+                let skip = (start - front) as usize;
+                out.extend(self.tail.iter().skip(skip).take((end - start) as usize).map(|(e, _)| e.clone()));
+                return Ok(out);
+            }
+        }
         for r in self.wal.read_from(to_wal(start)?).map_err(log_error(ErrorVerb::Read))? {
             let r = r.map_err(log_error(ErrorVerb::Read))?;
             if r.index > end {
@@ -342,6 +364,7 @@ impl Inner {
         let next = self.next_index();
         if first.index != next {
             if first.index > next && self.last.is_none() {
+                self.clear_tail();
                 self.wal.restart_at(to_wal(first.index)?).map_err(log_error(ErrorVerb::Write))?;
             } else {
                 let why = if first.index > next { "would leave a hole after" } else { "would overwrite (no truncate first) up to" };
@@ -352,10 +375,31 @@ impl Inner {
         for e in &entries {
             records.push(encode(e)?);
         }
-        self.wal.append(&records).map_err(log_error(ErrorVerb::Write))?;
-        self.wal.sync().map_err(log_error(ErrorVerb::Write))?;
+        if let Err(e) = self.wal.append(&records).and_then(|()| self.wal.sync()) {
+            // What reached the log is unknown now (the WAL refuses work until reopened).
+            self.clear_tail();
+            return Err(log_error(ErrorVerb::Write)(e));
+        }
         self.last = entries.last().map(|e| e.log_id);
+        for (e, r) in entries.into_iter().zip(&records) {
+            self.tail_bytes += r.payload.len();
+            self.tail.push_back((e, r.payload.len()));
+        }
+        while self.tail.len() > TAIL_CACHE_ENTRIES || self.tail_bytes > TAIL_CACHE_BYTES {
+            self.pop_tail_front();
+        }
         Ok(())
+    }
+
+    fn pop_tail_front(&mut self) {
+        if let Some((_, n)) = self.tail.pop_front() {
+            self.tail_bytes -= n;
+        }
+    }
+
+    fn clear_tail(&mut self) {
+        self.tail.clear();
+        self.tail_bytes = 0;
     }
 
     /// Removes the entries from `log_id.index` on, durably.
@@ -364,7 +408,15 @@ impl Inner {
         if from >= self.next_index() {
             return Ok(());
         }
-        self.wal.truncate_from(to_wal(from)?).map_err(log_error(ErrorVerb::Delete))?;
+        while self.tail.back().is_some_and(|(e, _)| e.log_id.index >= from) {
+            if let Some((_, n)) = self.tail.pop_back() {
+                self.tail_bytes -= n;
+            }
+        }
+        if let Err(e) = self.wal.truncate_from(to_wal(from)?) {
+            self.clear_tail();
+            return Err(log_error(ErrorVerb::Delete)(e));
+        }
         self.last = if from > self.purged_next() { self.read_entry(from - 1)?.map(|e| e.log_id) } else { None };
         Ok(())
     }
@@ -375,8 +427,12 @@ impl Inner {
             return Ok(());
         }
         self.save_meta(Meta { purged: Some(log_id), ..self.meta.clone() })?;
+        while self.tail.front().is_some_and(|(e, _)| e.log_id.index <= log_id.index) {
+            self.pop_tail_front();
+        }
         let mark = to_wal(log_id.index)?;
         if self.wal.last_index() < mark {
+            self.clear_tail();
             self.wal.restart_at(mark + 1).map_err(log_error(ErrorVerb::Delete))?;
         } else {
             self.wal.purge_upto(mark).map_err(log_error(ErrorVerb::Delete))?;

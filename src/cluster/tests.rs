@@ -359,3 +359,38 @@ async fn vote_truncate_and_purge_then_power_loss_keep_what_returned_ok_and_never
         s.blocking_append(vec![ent(3, next)]).await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
 }
+
+/// Every range of `0..=hi+2` read from `cached` (the store that appended, reading its tail
+/// cache where it can) and from `fresh` (reopened: every read from disk).
+async fn same_reads(cached: &mut LogStore, dir: &Path, hi: u64) {
+    let mut fresh = LogStore::open(dir, SEGMENT_BYTES).unwrap();
+    for start in 0..=hi + 2 {
+        for end in start..=hi + 2 {
+            let a = cached.try_get_log_entries(start..end).await.unwrap();
+            let b = fresh.try_get_log_entries(start..end).await.unwrap();
+            assert_eq!(shown(&a), shown(&b), "{start}..{end}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn reads_from_the_tail_cache_equal_reads_from_disk_after_appends_truncates_and_purges() {
+    let (_tmp, dir, mut s) = store_of_41().await;
+    same_reads(&mut s, &dir, 40).await;
+    s.truncate(lid(1, 30)).await.unwrap();
+    s.blocking_append(ents(2, 30..=35)).await.unwrap();
+    same_reads(&mut s, &dir, 35).await;
+    s.purge(lid(2, 32)).await.unwrap();
+    same_reads(&mut s, &dir, 35).await;
+    s.purge(lid(3, 50)).await.unwrap();
+    s.blocking_append(ents(3, 51..=53)).await.unwrap();
+    same_reads(&mut s, &dir, 53).await;
+    // Bounded: far more entries than the cache keeps.
+    let n = super::log_store::TAIL_CACHE_ENTRIES as u64 + 100;
+    for chunk in ents(3, 54..=53 + n).chunks(500) {
+        s.blocking_append(chunk.to_vec()).await.unwrap();
+    }
+    let all_of_it = s.try_get_log_entries(51..).await.unwrap();
+    assert_eq!(all_of_it.len() as u64, n + 3);
+    assert_eq!(shown(&all_of_it), shown(&LogStore::open(&dir, SEGMENT_BYTES).unwrap().try_get_log_entries(51..).await.unwrap()));
+}
