@@ -394,3 +394,31 @@ async fn reads_from_the_tail_cache_equal_reads_from_disk_after_appends_truncates
     assert_eq!(all_of_it.len() as u64, n + 3);
     assert_eq!(shown(&all_of_it), shown(&LogStore::open(&dir, SEGMENT_BYTES).unwrap().try_get_log_entries(51..).await.unwrap()));
 }
+
+#[test]
+fn the_raft_applied_state_is_stored_with_the_entry_it_describes_and_survives_as_it_does() {
+    use crate::storage::records::LogEntry;
+    use crate::storage::State;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let empty = LogEntry { ts: 1, commands: vec![] };
+    let st = State::open(&dir, 1 << 20).unwrap();
+    assert_eq!(st.raft_applied().unwrap(), None);
+    st.apply_recording(1, &empty, b"one".to_vec()).unwrap();
+    st.apply_recording(2, &empty, b"two".to_vec()).unwrap();
+    assert_eq!(st.raft_applied().unwrap().as_deref(), Some(&b"two"[..]), "read through the overlay at once");
+    assert_eq!(st.materialize().unwrap(), 2);
+    st.apply_recording(3, &empty, b"three".to_vec()).unwrap();
+    assert!(st.apply_recording(5, &empty, b"five".to_vec()).is_err(), "out of sequence");
+    assert_eq!(st.raft_applied().unwrap().as_deref(), Some(&b"three"[..]), "a refused entry stores nothing");
+    // A crash loses what was not materialized: the record goes back with the state it describes.
+    st.crash();
+    let st = State::open(&dir, 1 << 20).unwrap();
+    assert_eq!((st.applied(), st.raft_applied().unwrap().as_deref()), (2, Some(&b"two"[..])));
+    // A plain apply (the single node's) leaves it alone.
+    st.apply(3, &empty).unwrap();
+    st.checkpoint().unwrap();
+    drop(st);
+    let st = State::open(&dir, 1 << 20).unwrap();
+    assert_eq!((st.applied(), st.raft_applied().unwrap().as_deref()), (3, Some(&b"two"[..])));
+}
