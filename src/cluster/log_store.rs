@@ -37,7 +37,7 @@
 //! openraft never appends with a hole, but its storage suite does (`Suite::test_all` appends
 //! to an empty log at a later index, and appends entries a purge already covers). Entries at
 //! or below the purge mark are skipped (they are covered by the snapshot the purge was for);
-//! an append at a later index into a log with no entry after the mark restarts the log there;
+//! an append at another index into a log with no entry after the mark restarts the log there;
 //! any other hole, or an append over an entry without a `truncate` first, is refused.
 //!
 //! All I/O is blocking and runs on tokio's blocking pool, one operation at a time (a mutex);
@@ -363,7 +363,7 @@ impl Inner {
         };
         let next = self.next_index();
         if first.index != next {
-            if first.index > next && self.last.is_none() {
+            if self.last.is_none() {
                 self.clear_tail();
                 self.wal.restart_at(to_wal(first.index)?).map_err(log_error(ErrorVerb::Write))?;
             } else {
@@ -404,7 +404,10 @@ impl Inner {
 
     /// Removes the entries from `log_id.index` on, durably.
     fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let from = log_id.index.max(self.purged_next());
+        // Not below the first entry the WAL holds (an append into an empty log may have
+        // restarted it at a later index): entries that are not there are removed already.
+        let first_held = self.wal.first_index().map_or(self.next_index(), |w| w - 1);
+        let from = log_id.index.max(self.purged_next()).max(first_held);
         if from >= self.next_index() {
             return Ok(());
         }

@@ -282,6 +282,15 @@ async fn a_purge_survives_a_reopen_and_a_purge_past_the_end_restarts_the_log_aft
     drop(s);
     let mut s = LogStore::open(&dir, SEGMENT_BYTES).unwrap();
     assert_eq!(all(&mut s).await, shown(&ents(2, 61..=63)));
+    // A log restarted by an append at a later index into an empty log can be truncated below
+    // its first entry, and then starts wherever the next append says.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let mut g = LogStore::open(&tmp2.path().join("raft"), SEGMENT_BYTES).unwrap();
+    g.blocking_append(ents(1, 5..=7)).await.unwrap();
+    g.truncate(lid(1, 2)).await.unwrap();
+    assert_eq!(g.get_log_state().await.unwrap().last_log_id, None);
+    g.blocking_append(ents(2, 0..=1)).await.unwrap();
+    assert_eq!(all(&mut g).await, shown(&ents(2, 0..=1)));
     // A hole, and an append over entries without a truncate, are refused.
     assert!(s.blocking_append(ents(2, 65..=65)).await.is_err());
     assert!(s.blocking_append(ents(3, 62..=62)).await.is_err());

@@ -1063,13 +1063,13 @@ impl Wal {
     /// cluster log store keeps it with the vote) and restart again on open.
     ///
     /// # Errors
-    /// [`WalError::Io`] with kind `InvalidInput` when `next_index` is not above
-    /// `last_index()` (use [`Wal::truncate_from`]) or is 0; [`WalError::Io`] when an unlink,
+    /// [`WalError::Io`] with kind `InvalidInput` when `next_index` is 0, or is not above
+    /// `last_index()` while the log holds entries (use [`Wal::truncate_from`]); [`WalError::Io`] when an unlink,
     /// the new segment or an fsync fails (the `Wal` then refuses further work until
     /// [`Wal::reopen`]).
     pub fn restart_at(&mut self, next_index: u64) -> Result<(), WalError> {
         self.check_poisoned()?;
-        if next_index <= self.last_index() || next_index == 0 {
+        if (next_index <= self.last_index() && self.first_index().is_some()) || next_index == 0 {
             return Err(io_err(&self.dir)(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("cannot restart the log at entry {next_index}: it holds entries up to {}", self.last_index()),
@@ -2295,6 +2295,8 @@ mod tests {
         let dir = tmp.path();
         let mut wal = build(dir, 100, 30);
         assert!(wal.restart_at(30).is_err(), "not past the end");
+        wal.restart_at(200).unwrap();
+        // A log without entries may restart anywhere, lower too.
         wal.restart_at(100).unwrap();
         assert_eq!((wal.first_index(), wal.last_index(), seg_files(dir).len()), (None, 99, 1));
         drop(wal);
