@@ -46,6 +46,70 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub log: LogConfig,
     pub xmpp: XmppConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: the 3-node Raft cluster (issue 12). With `node_id = 0`, the default, there is no
+/// cluster at all and nothing else here is read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This server's Raft node id; 0 = a single node (no cluster), the default.
+    pub node_id: u64,
+    /// Node-to-node listener, `IP:port`; required when `node_id` is not 0.
+    pub listen: String,
+    /// Every node of the cluster, itself included, as `"ID=HOST:PORT"` (its node-to-node
+    /// address). From the environment (`PARLEY__CLUSTER__PEERS`) a comma-separated string.
+    pub peers: Peers,
+}
+
+/// `cluster.peers`: a TOML list of strings, or one comma-separated string (the environment).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peers(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Peers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            List(Vec<String>),
+            Csv(String),
+        }
+        Ok(Peers(match Form::deserialize(d)? {
+            Form::List(v) => v,
+            Form::Csv(s) => s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect(),
+        }))
+    }
+}
+
+impl ClusterConfig {
+    /// `peers` parsed: node id → `HOST:PORT`. The error says which entry is wrong and why
+    /// (an id that is not a u64 above 0, a repeated id, an address without `HOST:PORT`, or a
+    /// list that does not name `node_id` itself).
+    pub fn peer_map(&self) -> Result<std::collections::BTreeMap<u64, String>, String> {
+        let mut out = std::collections::BTreeMap::new();
+        for p in &self.peers.0 {
+            let Some((id, addr)) = p.split_once('=') else {
+                return Err(format!("`{p}` is not \"ID=HOST:PORT\""));
+            };
+            let id: u64 = match id.trim().parse() {
+                Ok(id) if id > 0 => id,
+                _ => return Err(format!("`{p}`: the id must be a whole number above 0")),
+            };
+            let addr = addr.trim();
+            let port_ok = addr.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0));
+            if !port_ok {
+                return Err(format!("`{p}`: `{addr}` is not HOST:PORT"));
+            }
+            if out.insert(id, addr.to_owned()).is_some() {
+                return Err(format!("node id {id} is listed twice"));
+            }
+        }
+        if !out.contains_key(&self.node_id) {
+            return Err(format!("must list this node itself (cluster.node_id = {})", self.node_id));
+        }
+        Ok(out)
+    }
 }
 
 /// `[xmpp]`: the XMPP gateway (RFC 6120 client-to-server TCP, RFC 7395 WebSocket at
@@ -391,6 +455,19 @@ impl Config {
         if self.xmpp.tls_cert.is_empty() != self.xmpp.tls_key.is_empty() {
             return bad("xmpp.tls_key", "xmpp.tls_cert and xmpp.tls_key are set together or not at all");
         }
+        let c = &self.cluster;
+        if c.node_id == 0 {
+            if !c.peers.0.is_empty() {
+                return bad("cluster.node_id", "must be set (above 0) when cluster.peers is set; 0 means a single node");
+            }
+        } else {
+            if c.listen.parse::<SocketAddr>().is_err() {
+                return bad("cluster.listen", format!("`{}` is not an address like 127.0.0.1:7001 (required when cluster.node_id is set)", c.listen));
+            }
+            if let Err(why) = c.peer_map() {
+                return bad("cluster.peers", why);
+            }
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("`{}` is neither \"text\" nor \"json\"", self.log.format));
         }
@@ -585,6 +662,50 @@ mod tests {
     }
 
     #[test]
+    fn cluster_keys_from_a_file_and_the_environment_and_their_errors() {
+        let c = Config::defaults().unwrap();
+        assert_eq!((c.cluster.node_id, c.cluster.peers.0.len()), (0, 0), "single node by default");
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[cluster]\nnode_id = 2\nlisten = \"127.0.0.1:7002\"\npeers = [\"1=127.0.0.1:7001\", \"2=127.0.0.1:7002\", \"3=node3:7003\"]\n")?;
+            let c = Config::load(Some(Path::new("c.toml"))).unwrap();
+            let m = c.cluster.peer_map().unwrap();
+            assert_eq!((c.cluster.node_id, m.len(), m[&3].as_str()), (2, 3, "node3:7003"));
+            jail.set_env("PARLEY__CLUSTER__NODE_ID", "1");
+            jail.set_env("PARLEY__CLUSTER__LISTEN", "127.0.0.1:7101");
+            jail.set_env("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:7101, 2=127.0.0.1:7102,3=127.0.0.1:7103");
+            let c = Config::load(None).unwrap();
+            let m = c.cluster.peer_map().unwrap();
+            assert_eq!((c.cluster.node_id, c.cluster.listen.as_str()), (1, "127.0.0.1:7101"));
+            assert_eq!(m.into_iter().collect::<Vec<_>>(), vec![(1, "127.0.0.1:7101".into()), (2, "127.0.0.1:7102".into()), (3, "127.0.0.1:7103".into())]);
+            jail.set_env("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:7101");
+            assert_eq!(Config::load(None).unwrap().cluster.peers.0, vec!["1=127.0.0.1:7101".to_string()], "a single entry");
+            for (peers, says) in [
+                ("2=127.0.0.1:7102,3=127.0.0.1:7103", "must list this node itself"),
+                ("1=127.0.0.1:7101,1=127.0.0.1:7102", "listed twice"),
+                ("1=127.0.0.1", "is not HOST:PORT"),
+                ("one=127.0.0.1:7101", "whole number above 0"),
+                ("127.0.0.1:7101", "ID=HOST:PORT"),
+            ] {
+                jail.set_env("PARLEY__CLUSTER__PEERS", peers);
+                let e = Config::load(None).unwrap_err().to_string();
+                assert!(e.contains("cluster.peers") && e.contains(says), "{peers}: {e}");
+            }
+            jail.set_env("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:7101");
+            jail.set_env("PARLEY__CLUSTER__LISTEN", "");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("cluster.listen"), "{e}");
+            jail.set_env("PARLEY__CLUSTER__LISTEN", "127.0.0.1:7101");
+            jail.set_env("PARLEY__CLUSTER__NODE_ID", "first");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("cluster.node_id") && e.contains("PARLEY__CLUSTER__NODE_ID"), "{e}");
+            jail.set_env("PARLEY__CLUSTER__NODE_ID", "0");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("cluster.node_id") && e.contains("cluster.peers"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_double_underscore_variables_are_refused() {
         figment::Jail::expect_with(|jail| {
             for (var, word) in [("PARLEY__NO_SECTION__KEY", "no_section"), ("PARLEY__SESSION__HELLO__TIMEOUT_MS", "hello")] {
@@ -605,6 +726,6 @@ mod tests {
         assert!(w[0].contains("PARLEY_SESSION_HELLO_TIMEOUT_MS") && w[0].contains("did you mean PARLEY__SESSION__HELLO_TIMEOUT_MS?"), "{w:?}");
         assert!(w[1].contains("did you mean PARLEY__SERVER__LISTEN?"), "{w:?}");
         assert!(Config::env_warnings(vars(NON_CONFIG_VARS)).is_empty(), "the tests' and tools' variables");
-        assert_eq!(Config::keys().len(), 52, "{:?}", Config::keys());
+        assert_eq!(Config::keys().len(), 55, "{:?}", Config::keys());
     }
 }

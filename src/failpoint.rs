@@ -16,7 +16,9 @@
 //! not yet fsync'd), `commit.after_sync` (durable, not applied), `commit.after_apply`
 //! (applied, not answered), `wal.roll.after_sync_old`, `wal.roll.after_create`,
 //! `wal.sync.after_fdatasync` (data durable, directory not yet fsync'd),
-//! `wal.open.after_tail_sync`, `wal.purge.before_unlink`, `checkpoint.before`,
+//! `wal.open.after_tail_sync`, `wal.purge.before_unlink`, `wal.truncate.before_cut` (later
+//! segments deleted, the cut not made), `wal.restart.before_create` (every segment deleted, the
+//! new one not created), `checkpoint.before`,
 //! `checkpoint.after_sync` (sled fsync'd, purge not yet allowed), `purge.before`.
 
 #[cfg(feature = "failpoints")]

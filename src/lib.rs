@@ -9,6 +9,8 @@
 //! - [`protocol`]: wire types, ids, JSON and postcard codecs. No I/O.
 //! - [`storage`]: write-ahead log ([`storage::wal`]), group commit ([`storage::pipeline`]), the
 //!   sled state machine ([`storage::state`]) with its trees ([`storage::trees`]).
+//! - [`cluster`]: the replicated log on openraft (so far: its types and the Raft log store on
+//!   the write-ahead log; no cluster runs yet).
 //! - [`actors`]: the Session actor per socket, the Registry, the presence hub.
 //! - [`http`]: register/login/logout, healthz, metrics, the WebSocket upgrade.
 //! - [`shared`]: [`shared::Shared`], the context every handler and session holds.
@@ -24,6 +26,7 @@
 pub mod failpoint;
 pub mod actors;
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod data_dir;
 pub mod http;

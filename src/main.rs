@@ -118,6 +118,9 @@ fn serve(listen: Option<String>, data: Option<PathBuf>, config: Option<PathBuf>,
     if let Err(e) = cfg.validate() {
         fail(EXIT_USAGE, e);
     }
+    if let Err(e) = parley::server::check_supported(&cfg) {
+        fail(EXIT_USAGE, e);
+    }
     if let Err(e) = parley::data_dir::check(&cfg.server.data_dir) {
         fail(EXIT_USAGE, e);
     }

@@ -23,12 +23,30 @@ use crate::storage::{self, Pipeline, State};
 #[error("{0}")]
 pub struct UserError(pub String);
 
+/// Refuses what this build cannot run yet: a cluster (`cluster.node_id` above 0). The
+/// node-to-node wiring does not exist; a node that started anyway would be a lone single node
+/// that its operator believes replicated.
+pub fn check_supported(cfg: &Config) -> Result<(), UserError> {
+    if cfg.cluster.node_id != 0 {
+        return Err(UserError(format!(
+            "cluster.node_id = {}: clustering is not implemented yet; leave cluster.node_id at 0 (the default) to run a single node",
+            cfg.cluster.node_id
+        )));
+    }
+    Ok(())
+}
+
 /// Runs the server on `listener` until `shutdown` completes, then shuts down in order: stop
 /// accepting upgrades → `goaway` to every session (retry delays spread over the shutdown window)
 /// → wait for sockets to drain up to `shutdown_timeout_ms` → stop HTTP → final checkpoint.
 ///
 /// Must run inside an actix `System`.
+///
+/// # Errors
+/// [`UserError`] for a cluster configuration ([`check_supported`]), a bad or busy XMPP address,
+/// a missing TLS file; storage and bind errors otherwise.
 pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    check_supported(&cfg)?;
     let cfg = Arc::new(cfg);
     // The XMPP gateway's TCP listener (RFC 6120), unless `xmpp.listen` is empty, and its TLS
     // files: before storage recovery, so a port in use or a missing file is said at once.

@@ -192,6 +192,29 @@ impl State {
 
     /// Applies log entry `index` (which must be `applied() + 1`). Returns one outcome per command.
     pub fn apply(&self, index: u64, entry: &LogEntry) -> Result<(Vec<Outcome>, Effects), StorageError> {
+        self.apply_with(index, entry, None)
+    }
+
+    /// Applies log entry `index` like [`apply`](Self::apply), and stores `raft` (opaque bytes)
+    /// under `meta` `b"raft"` in the same layer as the entry's own writes. The cluster's state
+    /// machine keeps there the Raft log id it applied last and the membership (openraft's
+    /// `RaftStateMachine::applied_state`), so they are durable exactly when the state they
+    /// describe is: with the applied index, in the overlay, in sled, in snapshots. A single
+    /// node never calls it.
+    ///
+    /// # Errors
+    /// As [`apply`](Self::apply); then `raft` is not stored either.
+    pub fn apply_recording(&self, index: u64, entry: &LogEntry, raft: Vec<u8>) -> Result<(Vec<Outcome>, Effects), StorageError> {
+        self.apply_with(index, entry, Some(raft))
+    }
+
+    /// What [`apply_recording`](Self::apply_recording) stored last, as of the last applied
+    /// entry; `None` if it never ran.
+    pub fn raft_applied(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.store.get(TreeId::Meta, super::trees::RAFT_APPLIED_KEY)?.map(|v| v.to_vec()))
+    }
+
+    fn apply_with(&self, index: u64, entry: &LogEntry, raft: Option<Vec<u8>>) -> Result<(Vec<Outcome>, Effects), StorageError> {
         let applied = self.applied();
         if index != applied + 1 {
             return Err(StorageError::Sequence { applied, got: index });
@@ -218,7 +241,11 @@ impl State {
             return Err(e);
         }
         let Applier { tx, effects, .. } = a;
-        self.store.merge(index, tx.writes.into_iter().collect());
+        let mut writes = tx.writes;
+        if let Some(raft) = raft {
+            writes.insert(full_key(TreeId::Meta, super::trees::RAFT_APPLIED_KEY), Some(IVec::from(raft)));
+        }
+        self.store.merge(index, writes.into_iter().collect());
         if self.store.dirty_keys() > store::MAX_DIRTY_KEYS {
             // The materializer is behind: catch up here rather than grow without bound. The entry
             // is applied already, so a failure here is not the entry's: the materializer retries.

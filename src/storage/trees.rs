@@ -6,6 +6,7 @@
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | `meta` | `b"applied"` | u64 BE: index of the last applied log entry |
+//! | `meta` | `b"raft"` | cluster only (`cluster/`): the Raft log id applied last and the membership, as the cluster's state machine encodes them; written in the same layer as the entry it describes ([`State::apply_recording`](super::state::State::apply_recording)) |
 //! | `users` | user | [`UserRecord`](super::records::UserRecord) |
 //! | `tokens` | sha256(token) (32 bytes) | [`TokenRecord`](super::records::TokenRecord) |
 //! | `user_head` | user | u64 BE: the user's latest ev |
@@ -79,3 +80,5 @@ pub const TREES: [&str; 13] = [
 
 /// `meta` key of the applied index.
 pub const APPLIED_KEY: &[u8] = b"applied";
+/// `meta` key of the cluster's Raft applied state (never written by a single node).
+pub const RAFT_APPLIED_KEY: &[u8] = b"raft";

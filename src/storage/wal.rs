@@ -976,6 +976,133 @@ impl Wal {
         Ok(deleted)
     }
 
+    /// Removes every entry with index `>= from` (Raft's log truncation, §5.3: a follower drops
+    /// the conflicting suffix of its log), durably: when this returns `Ok`, a reopen finds the
+    /// log ending at `from - 1`, and the next append gets index `from`. `from` past
+    /// `last_index()` is a no-op.
+    ///
+    /// Crash safety: the segments wholly at or after `from` are deleted newest first, each
+    /// unlink made durable (directory fsync) before the next, so a power loss leaves the log a
+    /// contiguous prefix of what it was; then the segment holding `from` is cut at that
+    /// record's start (ftruncate + fdatasync). A crash in between leaves a longer log than
+    /// asked for, never a hole; the caller was not told it was done and truncates again. A
+    /// segment cut to its header stays as the (empty) active segment.
+    ///
+    /// # Errors
+    /// [`WalError::Io`] with kind `InvalidInput` when `from` is below `first_index()` (those
+    /// entries were purged; nothing changed); [`WalError::Io`] when an unlink, the cut or an
+    /// fsync fails (the `Wal` then refuses further work until [`Wal::reopen`]);
+    /// [`WalError::Corrupt`] when the segment holding `from` cannot be read back.
+    pub fn truncate_from(&mut self, from: u64) -> Result<(), WalError> {
+        self.check_poisoned()?;
+        if from > self.last_index() {
+            return Ok(());
+        }
+        let Some(k) = self.segments.iter().rposition(|s| s.first_index <= from) else {
+            return Err(io_err(&self.dir)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot truncate the log from entry {from}: it starts at a later entry (purged)"),
+            )));
+        };
+        // Where entry `from` starts in segment k, and the term of the entry kept before it.
+        let seg = self.segments[k].clone();
+        let (cut, last_term) = if from > seg.first_index {
+            let mut cur = SegCursor::open(&*self.disk, seg.clone())?;
+            let prev = cur
+                .next_entry(from - 1)?
+                .ok_or_else(|| corrupt(&seg.path, cur.off, format!("segment ends before entry {}", from - 1)))?;
+            (cur.off, prev.term)
+        } else if k > 0 {
+            let before = self.segments[k - 1].clone();
+            let mut cur = SegCursor::open(&*self.disk, before.clone())?;
+            let prev = cur
+                .next_entry(before.last_index)?
+                .ok_or_else(|| corrupt(&before.path, cur.off, format!("segment ends before entry {}", before.last_index)))?;
+            (HEADER_LEN, prev.term)
+        } else {
+            (HEADER_LEN, 0)
+        };
+        // From here on a failure leaves the in-memory view unsure: poison until reopened.
+        self.poisoned = true;
+        self.active = None;
+        while self.segments.len() > k + 1 {
+            let Some(newest) = self.segments.last() else { break };
+            match self.disk.remove_file(&newest.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&newest.path)(e)),
+            }
+            self.segments.pop();
+            sync_dir(&*self.disk, &self.dir)?;
+        }
+        failpoint!("wal.truncate.before_cut", e => Err(io_err(&seg.path)(e)));
+        let mut f = self.disk.open(&seg.path, OpenMode::ReadWrite).map_err(io_err(&seg.path))?;
+        f.set_len(cut).map_err(io_err(&seg.path))?;
+        f.sync_data().map_err(io_err(&seg.path))?;
+        if let Some(s) = self.segments.last_mut() {
+            s.len = cut;
+            s.last_index = from - 1;
+        }
+        self.active = Some(f);
+        self.synced_len = cut;
+        self.next_index = from;
+        self.last_term = last_term;
+        self.active_dirty = false;
+        self.dir_dirty = false;
+        self.poisoned = false;
+        Ok(())
+    }
+
+    /// Empties the log and starts it again at `next_index`, durably: every segment is deleted
+    /// (oldest first, a directory fsync after each, so a power loss leaves a contiguous suffix
+    /// of the old log), then an empty, header-only segment named after `next_index` is created
+    /// and fsync'd with its directory. For a log whose every entry is covered by a snapshot
+    /// that reaches past its end (Raft §7: a follower that installed a leader's snapshot
+    /// continues its log after the snapshot's last entry). A crash in between leaves the old
+    /// suffix or an empty log; the caller must record `next_index - 1` elsewhere first (the
+    /// cluster log store keeps it with the vote) and restart again on open.
+    ///
+    /// # Errors
+    /// [`WalError::Io`] with kind `InvalidInput` when `next_index` is 0, or is not above
+    /// `last_index()` while the log holds entries (use [`Wal::truncate_from`]); [`WalError::Io`] when an unlink,
+    /// the new segment or an fsync fails (the `Wal` then refuses further work until
+    /// [`Wal::reopen`]).
+    pub fn restart_at(&mut self, next_index: u64) -> Result<(), WalError> {
+        self.check_poisoned()?;
+        if (next_index <= self.last_index() && self.first_index().is_some()) || next_index == 0 {
+            return Err(io_err(&self.dir)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot restart the log at entry {next_index}: it holds entries up to {}", self.last_index()),
+            )));
+        }
+        self.poisoned = true;
+        self.active = None;
+        while let Some(oldest) = self.segments.first() {
+            match self.disk.remove_file(&oldest.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&oldest.path)(e)),
+            }
+            self.segments.remove(0);
+            sync_dir(&*self.disk, &self.dir)?;
+        }
+        failpoint!("wal.restart.before_create", e => Err(io_err(&self.dir)(e)));
+        let path = segment_path(&self.dir, next_index);
+        let mut f = self.disk.open(&path, OpenMode::CreateTruncate).map_err(io_err(&path))?;
+        f.write_all_at(&HEADER, 0).map_err(io_err(&path))?;
+        f.sync_data().map_err(io_err(&path))?;
+        sync_dir(&*self.disk, &self.dir)?;
+        self.segments.push(SegMeta { first_index: next_index, last_index: next_index - 1, len: HEADER_LEN, path });
+        self.active = Some(f);
+        self.synced_len = HEADER_LEN;
+        self.next_index = next_index;
+        self.last_term = 0;
+        self.active_dirty = false;
+        self.dir_dirty = false;
+        self.poisoned = false;
+        Ok(())
+    }
+
     /// Total size in bytes of all segment files (headers included).
     pub fn size_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len).sum()
@@ -2059,18 +2186,25 @@ mod tests {
         assert_eq!(read_all(&wal, 1), entries(1..=4));
     }
 
+    /// A log in `/log` on a fresh simulated disk (`seed`), 100-byte segments, entries 1..=40
+    /// appended in batches of 3 and synced.
+    fn sim_log_of_40(seed: u64) -> (disk::SimDisk, Wal) {
+        let disk = disk::SimDisk::new(seed);
+        let (mut wal, _) = Wal::open_on(Arc::new(disk.clone()), Path::new("/log"), 100).unwrap();
+        for chunk in entries(1..=40).chunks(3) {
+            wal.append(chunk).unwrap();
+        }
+        wal.sync().unwrap();
+        (disk, wal)
+    }
+
     #[test]
     fn purge_then_power_loss_never_leaves_a_gap() {
         // Seed 2252986785 of the crash rounds: unlinks fsync'd only at the end could come back
         // in any subset.
         for seed in 0..64 {
-            let disk = disk::SimDisk::new(seed);
+            let (disk, mut wal) = sim_log_of_40(seed);
             let dir = Path::new("/log");
-            let (mut wal, _) = Wal::open_on(Arc::new(disk.clone()), dir, 100).unwrap();
-            for chunk in entries(1..=40).chunks(3) {
-                wal.append(chunk).unwrap();
-            }
-            wal.sync().unwrap();
             assert!(wal.segment_count() > 5);
             let last_first = wal.segments.last().unwrap().first_index;
             disk.fail_after(seed % 7);
@@ -2094,5 +2228,116 @@ mod tests {
         let got: Vec<u64> = reader.map(|e| e.unwrap().index).collect();
         assert_eq!(got, vec![1, 2, 3]);
         assert_eq!(read_all(&wal, 1), entries(1..=5));
+    }
+
+    /// Entry `i` written in term `t` (a truncated suffix is rewritten in a later term).
+    fn entry_in(i: u64, t: u64) -> Entry {
+        Entry { index: i, term: t, payload: payload(i * 31 + t) }
+    }
+
+    #[test]
+    fn truncate_from_cuts_mid_segment_at_a_segment_start_and_everything_and_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut wal = build(dir, 100, 30);
+        assert!(wal.segment_count() > 4);
+        let starts: Vec<u64> = wal.segments.iter().map(|s| s.first_index).collect();
+        // Mid-segment (not a segment start), then exactly at a later segment's start.
+        let mid = (2..30).find(|i| !starts.contains(i) && *i > starts[1]).unwrap();
+        wal.truncate_from(mid).unwrap();
+        assert_eq!((wal.last_index(), wal.last_term()), (mid - 1, 1));
+        let (mut wal, _) = Wal::open(dir, 100).unwrap();
+        assert_eq!(read_all(&wal, 1), entries(1..=mid - 1));
+        wal.truncate_from(starts[1]).unwrap();
+        assert_eq!(wal.last_index(), starts[1] - 1);
+        // New entries in a later term continue at the cut, durable after sync.
+        let again: Vec<Entry> = (starts[1]..starts[1] + 5).map(|i| entry_in(i, 2)).collect();
+        wal.append(&again).unwrap();
+        wal.sync().unwrap();
+        assert_eq!(wal.last_term(), 2);
+        let (mut wal, rep) = Wal::open(dir, 100).unwrap();
+        assert_eq!(rep.torn_tail_bytes, 0);
+        let mut want = entries(1..=starts[1] - 1);
+        want.extend(again);
+        assert_eq!(read_all(&wal, 1), want);
+        // Past the end: nothing; the whole log: an empty log that continues at 1.
+        wal.truncate_from(1000).unwrap();
+        assert_eq!(wal.last_index(), starts[1] + 4);
+        wal.truncate_from(1).unwrap();
+        assert_eq!((wal.last_index(), wal.last_term(), wal.first_index()), (0, 0, None));
+        drop(wal);
+        let (mut wal, _) = Wal::open(dir, 100).unwrap();
+        assert_eq!((wal.last_index(), seg_files(dir).len()), (0, 1));
+        wal.append(&entries(1..=2)).unwrap();
+        wal.sync().unwrap();
+        assert_eq!(read_all(&Wal::open(dir, 100).unwrap().0, 1), entries(1..=2));
+    }
+
+    #[test]
+    fn truncate_below_the_first_entry_is_refused_and_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut wal = build(dir, 100, 30);
+        wal.purge_upto(10).unwrap();
+        let first = wal.first_index().unwrap();
+        assert!(first > 1);
+        let before = snapshot(dir);
+        let e = wal.truncate_from(first - 1).unwrap_err();
+        assert!(matches!(&e, WalError::Io { source, .. } if source.kind() == io::ErrorKind::InvalidInput), "{e}");
+        assert_eq!(snapshot(dir), before);
+        wal.append_next(1, &payload(31)).unwrap();
+        wal.sync().unwrap();
+    }
+
+    #[test]
+    fn restart_at_empties_the_log_and_continues_there_after_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut wal = build(dir, 100, 30);
+        assert!(wal.restart_at(30).is_err(), "not past the end");
+        wal.restart_at(200).unwrap();
+        // A log without entries may restart anywhere, lower too.
+        wal.restart_at(100).unwrap();
+        assert_eq!((wal.first_index(), wal.last_index(), seg_files(dir).len()), (None, 99, 1));
+        drop(wal);
+        let (mut wal, _) = Wal::open(dir, 100).unwrap();
+        assert_eq!((wal.first_index(), wal.last_index()), (None, 99));
+        wal.append(&[entry_in(100, 3), entry_in(101, 3)]).unwrap();
+        wal.sync().unwrap();
+        let (wal, _) = Wal::open(dir, 100).unwrap();
+        assert_eq!(read_all(&wal, 1), vec![entry_in(100, 3), entry_in(101, 3)]);
+    }
+
+    #[test]
+    fn truncate_and_restart_then_power_loss_leave_a_contiguous_log_and_what_returned_ok_holds() {
+        for seed in 0..96 {
+            let (disk, mut wal) = sim_log_of_40(seed);
+            let dir = Path::new("/log");
+            let restart = seed % 2 == 1;
+            let from = 3 + seed % 30;
+            disk.fail_after(seed % 9);
+            let done = if restart { wal.restart_at(60).is_ok() } else { wal.truncate_from(from).is_ok() };
+            drop(wal);
+            disk.power_loss();
+            let (wal, _) = Wal::open_on(Arc::new(disk.clone()), dir, 100).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let got = read_all(&wal, 1);
+            if restart {
+                if done {
+                    assert_eq!((got.len(), wal.last_index()), (0, 59), "seed {seed}");
+                } else {
+                    // A suffix of the old log (or nothing, or the new empty log).
+                    let first = got.first().map_or(41, |e| e.index);
+                    assert_eq!(got, entries(first..=40).into_iter().take(got.len()).collect::<Vec<_>>(), "seed {seed}");
+                    assert!(got.is_empty() || got.last().unwrap().index == 40, "seed {seed}");
+                }
+            } else {
+                let last = got.last().map_or(0, |e| e.index);
+                assert_eq!(got, entries(1..=last), "seed {seed}");
+                assert!(last >= from - 1 && last <= 40, "seed {seed}: {last}");
+                if done {
+                    assert_eq!(last, from - 1, "seed {seed}");
+                }
+            }
+        }
     }
 }

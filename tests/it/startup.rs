@@ -124,3 +124,20 @@ async fn a_second_server_on_one_directory_is_refused_and_start_up_says_what_it_d
     srv.sigterm();
     assert_eq!(srv.wait_exit().await.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_id_is_refused_until_clustering_exists_and_bad_cluster_keys_are_named() {
+    let dir = TestDir::new();
+    let cluster = [
+        ("PARLEY__CLUSTER__NODE_ID", "1"),
+        ("PARLEY__CLUSTER__LISTEN", "127.0.0.1:0"),
+        ("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103"),
+    ];
+    let e = serve(&dir.data(), "127.0.0.1:0", &[], &cluster).await;
+    refused(&e, "cluster.node_id = 1: clustering is not implemented yet");
+    assert!(!dir.data().exists(), "it created the data directory");
+    let e = serve(&dir.data(), "127.0.0.1:0", &[], &[("PARLEY__CLUSTER__NODE_ID", "2")]).await;
+    refused(&e, "cluster.listen");
+    let e = serve(&dir.data(), "127.0.0.1:0", &[], &[("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:7101")]).await;
+    refused(&e, "cluster.node_id");
+}

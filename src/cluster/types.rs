@@ -1,0 +1,54 @@
+//! The Raft types of parley's cluster (openraft 0.9's `RaftTypeConfig`, declared with
+//! `openraft::declare_raft_types!`).
+//!
+//! - Node ids are `u64` (`cluster.node_id`; 0 is "no cluster" and never a Raft node).
+//! - A node is [`openraft::BasicNode`]: its node-to-node address, `HOST:PORT` as in
+//!   `cluster.peers`.
+//! - The application data of one Raft entry is one group-commit [`Batch`], so group commit
+//!   still decides the fsync rate (one entry, one fsync, however many commands).
+//! - Snapshot data is a file ([`tokio::fs::File`]): a snapshot is never held whole in memory.
+
+use serde::{Deserialize, Serialize};
+
+/// One group-commit batch of parley commands: the bytes of a `storage::records::LogEntry`
+/// exactly as the single-node log stores them as a record's payload (a format version byte,
+/// then postcard; see `storage/records.rs`). Carried opaque through Raft, so the stored formats
+/// stay parley's own and a change to openraft's types cannot change them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<u8>);
+
+/// What the state machine answers for one applied entry: how many commands it held.
+///
+/// The commands' own outcomes (an ack with its seq, a refusal) are not carried back through
+/// Raft: every node applies every entry, and each node answers the clients connected to it
+/// from its own apply (an ack goes out after the entry is committed on a quorum *and* applied
+/// on the client's node, issue 12).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Commands in the entry (0 for a blank or membership entry).
+    pub commands: u32,
+}
+
+openraft::declare_raft_types!(
+    /// parley's Raft type configuration.
+    pub TypeConfig:
+        D = Batch,
+        R = Applied,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A Raft node id.
+pub type NodeId = u64;
+/// A Raft log id: (term, leader node id, index); openraft's default (not `single-term-leader`)
+/// keeps the leader's node id in the committed leader id.
+pub type LogId = openraft::LogId<NodeId>;
+/// A Raft vote (term, node voted for, committed).
+pub type Vote = openraft::Vote<NodeId>;
+/// One Raft log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// openraft's storage error for this configuration.
+pub type StorageError = openraft::StorageError<NodeId>;
