@@ -489,6 +489,10 @@ impl XmppSession {
                     return failure(self, "temporary-auth-failure");
                 }
                 let name = attr!(el, "mechanism").unwrap_or("").to_owned();
+                if super::sasl::foreign_authzid(&name, &payload, self.domain()) {
+                    metrics::counter!("parley_logins_total", "result" => "failed").increment(1);
+                    return failure(self, "invalid-authzid");
+                }
                 let users = super::sasl::Users { shared: self.shared.clone() };
                 let Some(mech) = super::sasl::mechanism(&name, users, &payload) else { return failure(self, "invalid-mechanism") };
                 self.mech_name = name;
@@ -1066,9 +1070,6 @@ impl XmppSession {
         self.sends_pending += 1;
         ctx.spawn(rx.into_actor(self).map(move |res, act, _| {
             act.sends_pending -= 1;
-            if act.sends_pending == 0 && act.ack_wanted {
-                act.answer_ack();
-            }
             let res = res.unwrap_or(Err(PipelineError::Unavailable));
             match &res {
                 Ok(Outcome::Sent { duplicate, .. }) => {
@@ -1077,6 +1078,11 @@ impl XmppSession {
                     }
                 }
                 _ => act.refuse_send(&el, res),
+            }
+            // After the refusal, if any: a client reads the error before the <a/> that counts
+            // the stanza as handled, so it never takes a refused message for a stored one.
+            if act.sends_pending == 0 && act.ack_wanted {
+                act.answer_ack();
             }
         }));
     }

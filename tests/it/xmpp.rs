@@ -119,6 +119,11 @@ async fn bad_input_gets_a_stream_error_and_a_closed_stream() {
         ("a huge stanza", [header, huge.as_bytes()].concat(), "policy-violation"),
         ("a stanza before auth", [header, b"<message to='alice@localhost' type='chat'><body>x</body></message>"].concat(), "not-authorized"),
         ("a stanza before the header", b"<message xmlns='jabber:client'/>".to_vec(), "invalid-namespace"),
+        // RFC 6120 §4.9.3.10: a client stream's content namespace is jabber:client.
+        ("a jabber:server stream", HEADER.replace("jabber:client", "jabber:server").into_bytes(), "invalid-namespace"),
+        // Junk that never contains '<': refused as it arrives (not after the login timeout).
+        ("bytes that are not XML", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "not-well-formed"),
+        ("text between stanzas", [header, b" hello"].concat(), "not-well-formed"),
     ];
     for (what, bytes, cond) in cases {
         let mut r = Raw::connect(x).await;
@@ -145,6 +150,34 @@ async fn bad_input_gets_a_stream_error_and_a_closed_stream() {
     assert!(alice.history_all("dm:alice:bob").await.is_empty());
     let ServerFrame::Conversations { items, .. } = alice.request("c", ClientFrame::Conversations).await else { panic!("conversations") };
     assert_eq!(items.iter().map(|i| i.conv.as_str()).collect::<Vec<_>>(), ["dm:alice:mallory"]);
+}
+
+/// SASL PLAIN's authorization identity (RFC 4616 §2): honoured only when it is the user itself
+/// (its name or bare JID); another user's is refused with `invalid-authzid` (RFC 6120 §6.5.6),
+/// and the stream stays usable for a correct attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_with_another_users_authzid_is_refused() {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = TestDir::new();
+    let server = Server::start(&dir).await;
+    server.register("alice").await;
+    server.register("mallory").await;
+    let x = server.xmpp.expect("xmpp address");
+    let mut r = Raw::connect(x).await;
+    r.write(HEADER.as_bytes()).await;
+    assert!(r.until("</features>").await, "{}", r.got);
+    for authzid in ["alice", "alice@localhost"] {
+        r.got.clear();
+        let creds = b64.encode(format!("{authzid}\0mallory\0{PASSWORD}"));
+        r.write(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>").as_bytes()).await;
+        assert!(r.until("<invalid-authzid/>").await, "{authzid}: {}", r.got);
+        assert!(!r.got.contains("<success"), "{}", r.got);
+    }
+    // Its own bare JID as authzid is the same identity: accepted.
+    r.got.clear();
+    let creds = b64.encode(format!("mallory@localhost\0mallory\0{PASSWORD}"));
+    r.write(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>").as_bytes()).await;
+    assert!(r.until("<success").await, "{}", r.got);
 }
 
 /// A message from a raw TCP XMPP client reaches a native client, and back.
