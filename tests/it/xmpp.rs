@@ -469,6 +469,13 @@ async fn slixmpp_muc_round_trip() {
     slix("muc").await;
 }
 
+/// XEP-0313 without `with`: every direct conversation in the documented global order, paged
+/// with RSM both ways (pages chronological), `start`/`end`, and no carbons of the results.
+#[tokio::test(flavor = "multi_thread")]
+async fn slixmpp_mam_across_conversations() {
+    slix("mam_all").await;
+}
+
 /// A self-signed certificate for `localhost` in `dir` (openssl): (cert, key) paths.
 fn test_cert(dir: &Path) -> Option<(String, String)> {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));

@@ -316,6 +316,58 @@ async def scenario_muc(host, port, url):
     carol.disconnect()
 
 
+async def scenario_mam_all(host, port, url):
+    """XEP-0313 without `with`: every direct conversation of the user, in the global order
+    (ts, conv, seq); RSM paging both ways (each page chronological); start/end; no carbons of
+    results."""
+    import datetime
+    st, _ = http(url, "/v1/register", {"user": "alice", "password": PASSWORD})
+    assert st == 201
+    bob = await Native(url, "bob").open()
+    carol = await Native(url, "carol").open()
+    sent = []  # (id, ts)
+    for sender, mid in [(bob, "b1"), (carol, "c1"), (bob, "b2"), (carol, "c2"), (bob, "b3")]:
+        await sender.send({"type": "send", "id": mid, "to": "alice", "body": "text " + mid})
+        a = await sender.until(lambda f: f["type"] == "ack" and f["id"] == mid, "ack " + mid)
+        sent.append((mid, a["ts"]))
+        # distinct milliseconds, so the expected order is the sending order
+        for _ in range(100):
+            if datetime.datetime.now().timestamp() * 1000 > a["ts"] + 1:
+                break
+            await asyncio.sleep(0.002)
+    order = [m for m, _ in sent]
+    alice = await online(host, port, f"alice@{DOMAIN}/phone")
+    for _ in range(5):
+        await get(alice.messages, "the backlog")
+    other = await online(host, port, f"alice@{DOMAIN}/laptop")
+    for _ in range(5):
+        await get(other.messages, "the backlog at the second resource")
+    await other.plugin["xep_0280"].enable()
+    await alice.plugin["xep_0280"].enable()
+    mam = alice.plugin["xep_0313"]
+    ids = lambda page: [r["mam_result"]["forwarded"]["stanza"]["id"] for r in page["mam"]["results"]]
+    iq = await mam.retrieve(rsm={"max": 10}, timeout=T)
+    assert ids(iq) == order, ids(iq)
+    assert iq["mam_fin"]["complete"], iq
+    pages = [ids(p) async for p in mam.retrieve(iterator=True, reverse=True, rsm={"max": 2})]
+    assert pages == [["c2", "b3"], ["c1", "b2"], ["b1"]], pages
+    pages = [ids(p) async for p in mam.retrieve(iterator=True, rsm={"max": 2})]
+    assert pages == [["b1", "c1"], ["b2", "c2"], ["b3"]], pages
+    ts = dict(sent)
+    at = lambda ms: datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
+    iq = await mam.retrieve(start=at(ts["c1"]), end=at(ts["c2"]), rsm={"max": 10}, timeout=T)
+    assert ids(iq) == ["c1", "b2", "c2"], ids(iq)
+    # still per conversation with `with`
+    iq = await mam.retrieve(with_jid=slixmpp.JID(f"carol@{DOMAIN}"), rsm={"max": 10}, timeout=T)
+    assert ids(iq) == ["c1", "c2"], ids(iq)
+    # results go to the querying resource only: no carbons, no messages at the other resource
+    await asyncio.sleep(0.3)
+    assert other.messages.empty() and other.carbons.empty(), "MAM results were copied"
+    assert alice.messages.empty(), "MAM results came as messages"
+    alice.disconnect()
+    other.disconnect()
+
+
 async def scenario_starttls(host, port, url):
     import ssl
     st, _ = http(url, "/v1/register", {"user": "tina", "password": PASSWORD})
