@@ -1000,6 +1000,9 @@ impl XmppSession {
         if attr!(el, "type") == Some("error") {
             return;
         }
+        if target.starts_with("g:") && super::muc::invite(self, &el, ctx) {
+            return;
+        }
         if let Some(body) = el.get_child("body", ns::CLIENT).map(|b| b.text()) {
             return self.send_body(el, &me, &target, body, ctx);
         }
@@ -1251,7 +1254,10 @@ impl XmppSession {
             }
             ("set", "session", ns::SESSION) => Some(result(&iq, None)),
             ("set", "query", ns::MAM) => return super::mam::query(self, iq, child),
-            ("get", "query", ns::MUC) | ("get", "query", "http://jabber.org/protocol/muc#owner") => None,
+            (_, "query", super::muc::NS_OWNER) | (_, "query", super::muc::NS_ADMIN) => match super::muc::iq(self, &iq, &child, ctx) {
+                Some(()) => return,
+                None => None,
+            },
             ("set", "query", ns::REGISTER) => return super::register::in_band(self, iq, child, ctx),
             _ => None,
         };

@@ -469,6 +469,15 @@ async fn slixmpp_muc_round_trip() {
     slix("muc").await;
 }
 
+/// XEP-0045: a room created by joining it (a new parley group, the joiner its admin), an
+/// instant-room configuration, a mediated invitation adding a member, a message to the room
+/// received once by the invitee's XMPP and native clients, affiliations under the group admin
+/// rule, and leaving the group.
+#[tokio::test(flavor = "multi_thread")]
+async fn slixmpp_muc_creation_invite_and_affiliations() {
+    slix("muc_create").await;
+}
+
 /// XEP-0313 without `with`: every direct conversation in the documented global order, paged
 /// with RSM both ways (pages chronological), `start`/`end`, and no carbons of the results.
 #[tokio::test(flavor = "multi_thread")]
