@@ -713,7 +713,7 @@ async fn xmpp_reader(u: Arc<User>, mut stream: SplitStream<Ws>, stats: Arc<Stats
                 continue;
             }
             ("a", ns::SM) => {
-                let Some(h) = el.attr(rxml::xml_ncname!("h")).and_then(|h| h.parse::<u32>().ok()) else {
+                let Ok(xmpp_parsers::sm::A { h }) = xmpp_parsers::sm::A::try_from(el) else {
                     stats.error("bad_sm_ack");
                     continue;
                 };

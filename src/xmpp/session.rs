@@ -799,14 +799,21 @@ impl XmppSession {
     // ------------------------------------------------------------------ XEP-0198
 
     fn sm_element(&mut self, el: Element, ctx: &mut Context<Self>) {
-        match el.name() {
+        let name = el.name().to_owned();
+        match name.as_str() {
             "enable" => {
                 if self.sm.is_some() {
                     let f = build!("failed", ns::SM).append(empty("unexpected-request", ns::STANZAS)).build();
                     self.write(&f, 0);
                     return;
                 }
-                let resume = matches!(attr!(el, "resume"), Some("true" | "1"));
+                // XEP-0198 §3, parsed with xmpp-parsers: `resume` is an xs:boolean.
+                let Ok(enable) = xmpp_parsers::sm::Enable::try_from(el) else {
+                    let f = build!("failed", ns::SM).append(empty("bad-request", ns::STANZAS)).build();
+                    self.write(&f, 0);
+                    return;
+                };
+                let resume = enable.resume;
                 let id = resume.then(|| crate::http::auth::new_token()[..32].to_owned());
                 let mut e = build!("enabled", ns::SM);
                 if let Some(id) = &id {
@@ -836,8 +843,8 @@ impl XmppSession {
                 self.maybe_answer_ack();
             }
             "a" => {
-                let Some(h) = attr!(el, "h").and_then(|h| h.parse::<u32>().ok()) else {
-                    return self.stream_error("invalid-xml", "<a/> needs h", ctx);
+                let Ok(xmpp_parsers::sm::A { h }) = xmpp_parsers::sm::A::try_from(el) else {
+                    return self.stream_error("invalid-xml", "<a/> needs h (0 to 2^32-1)", ctx);
                 };
                 let Some(sm) = &mut self.sm else { return };
                 match sm.ack(h) {
@@ -930,11 +937,12 @@ impl XmppSession {
     /// `<resume previd h/>` instead of binding: the parked stream's device, confirmed up to `h`;
     /// then only the events after that are sent again, from the log.
     fn resume(&mut self, el: Element, ctx: &mut Context<Self>) {
-        let (Some(id), Some(h)) = (attr!(el, "previd").map(str::to_owned), attr!(el, "h").and_then(|h| h.parse::<u32>().ok())) else {
+        let Ok(xmpp_parsers::sm::Resume { h, previd }) = xmpp_parsers::sm::Resume::try_from(el) else {
             let f = build!("failed", ns::SM).append(empty("bad-request", ns::STANZAS)).build();
             self.write(&f, 0);
             return;
         };
+        let id = previd.0;
         // The old connection may not have been noticed as gone yet: park it first.
         let live = super::sm::LIVE.get(&id).map(|r| r.clone());
         let fut = async move {
