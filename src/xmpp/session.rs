@@ -98,9 +98,6 @@ enum Phase {
     Ready,
 }
 
-/// Most XEP-0198 `<r/>`s waiting for their answer.
-const ACKS_WANTED: usize = 64;
-
 /// Most own message ids remembered to recognise the echo of this resource's own messages.
 const OWN_IDS: usize = 4096;
 
@@ -141,15 +138,8 @@ pub struct XmppSession {
     closing: bool,
     /// The stream runs over TLS (after STARTTLS).
     secure: bool,
-    /// Sends submitted and not yet answered by the commit pipeline: serial → the XEP-0198
-    /// inbound count of the message (0 without stream management).
-    sends_pending: std::collections::BTreeMap<u64, u32>,
-    /// Serial of the next send.
-    next_send: u64,
-    /// XEP-0198: the inbound counts of the `<r/>`s not yet answered, oldest first (each asks
-    /// about the stanzas before it; sends after it do not hold its answer back). At most
-    /// [`ACKS_WANTED`]: past that the oldest is dropped, the answer to a later one covers it.
-    ack_wanted: VecDeque<u32>,
+    /// XEP-0198: the messages in the commit pipeline and the `<r/>`s waiting for them.
+    acks: super::sm::AckGate,
     /// XEP-0198 stream management, once enabled.
     sm: Option<super::sm::Counters>,
     /// The client ended the stream itself (`</stream>`, `<close/>`): nothing to park.
@@ -224,9 +214,7 @@ impl XmppSession {
             reported: HashMap::new(),
             closing: false,
             secure: false,
-            sends_pending: std::collections::BTreeMap::new(),
-            next_send: 0,
-            ack_wanted: VecDeque::new(),
+            acks: super::sm::AckGate::default(),
             sm: None,
             clean_end: false,
         }
@@ -835,10 +823,7 @@ impl XmppSession {
                 // same promise as a native `ack`), so wait for the sends before this <r/> that
                 // are still in the pipeline.
                 if let Some(sm) = &self.sm {
-                    if self.ack_wanted.len() >= ACKS_WANTED {
-                        self.ack_wanted.pop_front();
-                    }
-                    self.ack_wanted.push_back(sm.inbound);
+                    self.acks.requested(sm.inbound);
                 }
                 self.maybe_answer_ack();
             }
@@ -866,34 +851,13 @@ impl XmppSession {
         }
     }
 
-    /// Stanzas handled (XEP-0198 `h`): every stanza received, up to the first message still in
-    /// the commit pipeline (stanzas are handled in order; a message only once it is durable).
-    fn handled(&self) -> u32 {
-        let inbound = self.sm.as_ref().map_or(0, |s| s.inbound);
-        match self.sends_pending.values().next() {
-            Some(&count) => count.wrapping_sub(1),
-            None => inbound,
-        }
-    }
-
     /// Answers the outstanding `<r/>`s whose stanzas are all handled, with one `<a/>`.
     fn maybe_answer_ack(&mut self) {
-        let h = self.handled();
-        // `h - wanted` is "not negative" in the counters' wrapping arithmetic.
-        let mut answered = false;
-        while self.ack_wanted.front().is_some_and(|w| h.wrapping_sub(*w) < 1 << 31) {
-            self.ack_wanted.pop_front();
-            answered = true;
+        let inbound = self.sm.as_ref().map_or(0, |s| s.inbound);
+        if let Some(h) = self.acks.answer(inbound) {
+            let a = build!("a", ns::SM, "h" => h.to_string()).build();
+            self.write(&a, 0);
         }
-        if answered {
-            self.answer_ack();
-        }
-    }
-
-    fn answer_ack(&mut self) {
-        let h = self.handled();
-        let a = build!("a", ns::SM, "h" => h.to_string()).build();
-        self.write(&a, 0);
     }
 
     /// Moves the device cursor to `ev` (confirmed by an ack).
@@ -1113,13 +1077,12 @@ impl XmppSession {
             Ok(rx) => rx,
             Err(e) => return self.refuse_send(&el, Err(e)),
         };
-        let serial = self.next_send;
-        self.next_send += 1;
-        if let Some(sm) = &self.sm {
-            self.sends_pending.insert(serial, sm.inbound);
-        }
+        // Without stream management nothing waits for the answer.
+        let serial = self.sm.as_ref().map(|sm| self.acks.submitted(sm.inbound));
         ctx.spawn(rx.into_actor(self).map(move |res, act, _| {
-            act.sends_pending.remove(&serial);
+            if let Some(serial) = serial {
+                act.acks.answered(serial);
+            }
             let res = res.unwrap_or(Err(PipelineError::Unavailable));
             match &res {
                 Ok(Outcome::Sent { duplicate, .. }) => {
