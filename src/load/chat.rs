@@ -14,8 +14,15 @@
 //!
 //! Integrity: each user's stream must carry the conversation's messages with seq 1, 2, 3, ...
 //! (its own and its peer's), each exactly once and in order, and its ev numbers without gaps.
-//! At the end every message the sender saw acked (seq, id, body hash) must be among the ones the
-//! recipient received, exactly once.
+//! At the end every message the sender saw acked (id, body hash, and seq where the ack says it)
+//! must be among the ones the recipient received, exactly once, with the same id and body.
+//!
+//! Over XMPP ([`Protocol::Xmpp`], the wire in [`super::xmpp`]) the same users, scripts, rates and
+//! checks run over XMPP-over-WebSocket: a send is a `<message/>` and `<r/>`, its ack the
+//! gateway's XEP-0198 `<a h/>` covering it (no seq in it: acked messages are matched by id), a
+//! delivery a `<message/>` whose XEP-0359 stanza-id gives the seq. A user's own messages are not
+//! echoed to the resource that sent them, so its stream holds only its peer's: their seqs must
+//! increase (not step by 1), and there are no ev numbers to check.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -42,6 +49,15 @@ use super::ws::{self, Ws};
 use crate::protocol::ids::Conv;
 use crate::protocol::{ClientFrame, Encoding, ErrorCode, EventPayload, ServerFrame};
 
+/// The wire protocol of the simulated clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The native protocol over `/v1/ws` (PROTOCOL.md).
+    Native,
+    /// XMPP over WebSocket (RFC 7395) at `/xmpp-websocket`, with XEP-0198 acks.
+    Xmpp,
+}
+
 /// How a user paces its sends.
 #[derive(Debug, Clone, Copy)]
 pub enum Mode {
@@ -55,6 +71,11 @@ pub enum Mode {
 #[derive(Clone)]
 pub struct ChatConfig {
     pub enc: Encoding,
+    pub protocol: Protocol,
+    /// XMPP: the server's domain (`xmpp.domain`), for the JIDs.
+    pub xmpp_domain: String,
+    /// XMPP: the users' password (SASL PLAIN).
+    pub password: String,
     pub mode: Mode,
     /// Open loop: each user's rate, in thousandths of a message per second; 0 pauses. Shared
     /// so that `ramp` can change it while the run goes on.
@@ -78,11 +99,22 @@ struct Pending {
     attempts: u32,
 }
 
+/// XMPP: the client side of the XEP-0198 counters.
+#[derive(Default)]
+struct SmOut {
+    /// Stanzas sent after `<enable/>`, mod 2^32.
+    out: u32,
+    /// The last `h` the server acked.
+    acked: u32,
+    /// (count after the stanza, message id, attempt) of messages not yet covered by an `<a/>`.
+    sent: std::collections::VecDeque<(u32, String, u32)>,
+}
+
 /// What one user saw, for the final check.
 #[derive(Default)]
 struct Ledger {
-    /// Own messages acked: seq → (id, body hash).
-    acked: HashMap<u64, (String, u64)>,
+    /// Own messages acked: id → (seq when the ack gives it, body hash).
+    acked: HashMap<String, (Option<u64>, u64)>,
     /// The peer's messages as delivered, in arrival order: (seq, id, body hash).
     got: Vec<(u64, String, u64)>,
     /// Conversation messages whose seq was not the previous one + 1.
@@ -108,6 +140,28 @@ struct User {
     /// Closed loop: permits for new sends; the reader returns one per answered send.
     window: Semaphore,
     ledger: Mutex<Ledger>,
+    /// XMPP: stanza counting (messages are queued to the writer under this lock, so the count
+    /// follows the wire order).
+    sm: Mutex<SmOut>,
+}
+
+impl User {
+    /// XMPP: queues message `id` (attempt `attempt`) and an `<r/>`, counted.
+    fn send_xmpp(&self, id: &str, attempt: u32, msg: Message) -> bool {
+        let mut sm = self.sm.lock();
+        sm.out = sm.out.wrapping_add(1);
+        let n = sm.out;
+        sm.sent.push_back((n, id.to_owned(), attempt));
+        self.tx.send(msg).is_ok() && self.tx.send(super::xmpp::request_ack()).is_ok()
+    }
+
+    /// Queues a first send or a resend on the user's socket.
+    fn resend(&self, protocol: Protocol, id: &str, attempt: u32, msg: Message) -> bool {
+        match protocol {
+            Protocol::Native => self.tx.send(msg).is_ok(),
+            Protocol::Xmpp => self.send_xmpp(id, attempt, msg),
+        }
+    }
 }
 
 /// A running chat load.
@@ -209,12 +263,21 @@ impl Engine {
         let sem = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
         let mut conns = Vec::new();
         for a in accounts {
-            let (sem, target, token, enc) = (sem.clone(), target.clone(), a.token.clone(), cfg.enc);
+            let (sem, target, token, cfg, user) = (sem.clone(), target.clone(), a.token.clone(), cfg.clone(), a.user.clone());
             conns.push(tokio::spawn(async move {
                 let _p = sem.acquire().await;
-                let mut w = ws::connect(&target, None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
-                let s = ws::hello(&mut w, &token, None, enc, false).await?;
-                Ok::<_, anyhow::Error>((w, s.head))
+                match cfg.protocol {
+                    Protocol::Native => {
+                        let mut w = ws::connect(&target, None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
+                        let s = ws::hello(&mut w, &token, None, cfg.enc, false).await?;
+                        Ok::<_, anyhow::Error>((w, s.head, super::xmpp::LoggedIn::default()))
+                    }
+                    Protocol::Xmpp => {
+                        let mut w = super::xmpp::connect(&target, None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
+                        let l = super::xmpp::login(&mut w, &cfg.xmpp_domain, &user, &cfg.password, "load", true).await?;
+                        Ok((w, 0, l))
+                    }
+                }
             }));
         }
         let (go, _) = watch::channel(false);
@@ -224,7 +287,7 @@ impl Engine {
         let mut users = Vec::new();
         let mut tasks = Vec::new();
         for (i, c) in conns.into_iter().enumerate() {
-            let (w, head) = c.await.map_err(|e| anyhow!("connect task: {e}"))?.with_context(|| format!("user {}", accounts[i].user))?;
+            let (w, head, logged) = c.await.map_err(|e| anyhow!("connect task: {e}"))?.with_context(|| format!("user {}", accounts[i].user))?;
             let me = &accounts[i].user;
             let peer = &accounts[i ^ 1].user;
             let (sink, stream) = w.split();
@@ -241,9 +304,15 @@ impl Engine {
                 pending: Mutex::new(HashMap::new()),
                 window: Semaphore::new(window),
                 ledger: Mutex::new(Ledger { last_ev: head, ..Default::default() }),
+                sm: Mutex::new(SmOut { out: logged.outbound, acked: logged.outbound, ..Default::default() }),
             });
             tasks.push(tokio::spawn(writer(sink, rx)));
-            tasks.push(tokio::spawn(reader(u.clone(), stream, stats.clone(), cfg.clone(), closing.subscribe())));
+            match cfg.protocol {
+                Protocol::Native => tasks.push(tokio::spawn(reader(u.clone(), stream, stats.clone(), cfg.clone(), closing.subscribe()))),
+                Protocol::Xmpp => {
+                    tasks.push(tokio::spawn(xmpp_reader(u.clone(), stream, stats.clone(), cfg.clone(), closing.subscribe(), logged.inbound)))
+                }
+            }
             let script = Script::new(dialogs.clone(), Script::start_of(&dialogs, i / 2, pairs), Some(i % 2));
             tasks.push(tokio::spawn(sender(
                 u.clone(),
@@ -312,19 +381,21 @@ fn verify(users: &[Arc<User>]) -> Verdict {
     for pair in users.chunks(2) {
         let (a, b) = (pair[0].ledger.lock(), pair[1].ledger.lock());
         for (sender, recipient) in [(&a, &b), (&b, &a)] {
-            let mut got: HashMap<u64, Vec<(&String, u64)>> = HashMap::new();
+            // By id: an XMPP ack carries no seq. A message delivered under another seq than its
+            // ack said, or with another body, is mismatched.
+            let mut got: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
             for (seq, id, h) in &recipient.got {
-                got.entry(*seq).or_default().push((id, *h));
+                got.entry(id.as_str()).or_default().push((*seq, *h));
             }
-            for (seq, (id, h)) in &sender.acked {
+            for (id, (seq, h)) in &sender.acked {
                 v.acked += 1;
-                match got.get(seq) {
+                match got.get(id.as_str()) {
                     None => v.lost += 1,
                     Some(list) => {
                         if list.len() > 1 {
                             v.duplicated += list.len() as u64 - 1;
                         }
-                        if list[0] != (id, *h) {
+                        if list[0].1 != *h || seq.is_some_and(|s| s != list[0].0) {
                             v.mismatched += 1;
                         } else if list.len() == 1 {
                             v.delivered_ok += 1;
@@ -332,7 +403,7 @@ fn verify(users: &[Arc<User>]) -> Verdict {
                     }
                 }
             }
-            v.delivered_unacked += got.keys().filter(|s| !sender.acked.contains_key(s)).count() as u64;
+            v.delivered_unacked += got.keys().filter(|id| !sender.acked.contains_key(**id)).count() as u64;
         }
         for l in [&a, &b] {
             v.out_of_order += l.out_of_order;
@@ -386,11 +457,14 @@ async fn sender(
         let body = script.next_turn();
         let id = format!("{k}.{t}");
         let hash = body_hash(&body);
-        let msg = ws::encode(ClientFrame::Send { id: id.clone(), to: u.peer.clone(), body }, cfg.enc);
-        u.pending.lock().insert(id, Pending { t0: t, hash, msg: msg.clone(), attempts: 0 });
+        let msg = match cfg.protocol {
+            Protocol::Native => ws::encode(ClientFrame::Send { id: id.clone(), to: u.peer.clone(), body }, cfg.enc),
+            Protocol::Xmpp => super::xmpp::chat(&format!("{}@{}", u.peer, cfg.xmpp_domain), &id, &body),
+        };
+        u.pending.lock().insert(id.clone(), Pending { t0: t, hash, msg: msg.clone(), attempts: 0 });
         stats.inflight.fetch_add(1, Ordering::Relaxed);
         stats.sent.fetch_add(1, Ordering::Relaxed);
-        u.tx.send(msg).is_ok()
+        u.resend(cfg.protocol, &id, 0, msg)
     };
     match cfg.mode {
         Mode::Closed { .. } => loop {
@@ -442,6 +516,36 @@ async fn sender(
                 next += (1_000_000_000 / r).max(1);
             }
         }
+    }
+}
+
+/// A send the server refused: sent again after a jittered backoff when the refusal is
+/// retryable (at most 100 attempts), else given up (its window permit returned).
+fn refused(u: &Arc<User>, stats: &Stats, protocol: Protocol, id: &str, retry: bool) {
+    let mut pending = u.pending.lock();
+    let give_up = match pending.get_mut(id) {
+        Some(p) if retry && p.attempts < 100 => {
+            p.attempts += 1;
+            let delay = (5u64 << p.attempts.min(7)).min(500) + rand::thread_rng().gen_range(0..5);
+            let (u2, m, attempt, id2) = (u.clone(), p.msg.clone(), p.attempts, id.to_owned());
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                u2.resend(protocol, &id2, attempt, m);
+            });
+            false
+        }
+        Some(_) => true,
+        None => false,
+    };
+    if give_up {
+        pending.remove(id);
+        drop(pending);
+        if retry {
+            stats.error("gave_up");
+        }
+        stats.inflight.fetch_sub(1, Ordering::Relaxed);
+        u.window.add_permits(1);
     }
 }
 
@@ -514,7 +618,7 @@ async fn reader(u: Arc<User>, mut stream: SplitStream<Ws>, stats: Arc<Stats>, cf
                         stats.ack.lock().record(stats.now_us().saturating_sub(p.t0));
                         stats.acked.fetch_add(1, Ordering::Relaxed);
                         stats.inflight.fetch_sub(1, Ordering::Relaxed);
-                        u.ledger.lock().acked.insert(seq, (id, p.hash));
+                        u.ledger.lock().acked.insert(id, (Some(seq), p.hash));
                         u.window.add_permits(1);
                     }
                     None => u.ledger.lock().stray_acks += 1,
@@ -523,31 +627,7 @@ async fn reader(u: Arc<User>, mut stream: SplitStream<Ws>, stats: Arc<Stats>, cf
             ServerFrame::Error { code, id: Some(id), .. } => {
                 stats.error(code.as_str());
                 let retry = matches!(code, ErrorCode::RateLimited | ErrorCode::Overloaded | ErrorCode::Unavailable);
-                let mut pending = u.pending.lock();
-                let give_up = match pending.get_mut(&id) {
-                    Some(p) if retry && p.attempts < 100 => {
-                        p.attempts += 1;
-                        let delay = (5u64 << p.attempts.min(7)).min(500) + rand::thread_rng().gen_range(0..5);
-                        let (tx, m) = (u.tx.clone(), p.msg.clone());
-                        stats.retries.fetch_add(1, Ordering::Relaxed);
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(delay)).await;
-                            let _ = tx.send(m);
-                        });
-                        false
-                    }
-                    Some(_) => true,
-                    None => false,
-                };
-                if give_up {
-                    pending.remove(&id);
-                    drop(pending);
-                    if retry {
-                        stats.error("gave_up");
-                    }
-                    stats.inflight.fetch_sub(1, Ordering::Relaxed);
-                    u.window.add_permits(1);
-                }
+                refused(&u, &stats, Protocol::Native, &id, retry);
             }
             ServerFrame::Error { code, .. } => stats.error(code.as_str()),
             ServerFrame::Event { ev, payload } => {
@@ -584,6 +664,144 @@ async fn reader(u: Arc<User>, mut stream: SplitStream<Ws>, stats: Arc<Stats>, cf
     }
 }
 
+/// XMPP: handles what the gateway sends one user (see [`super::xmpp`] for the mapping): counts
+/// the stanzas (XEP-0198) and answers every `<r/>`, takes the gateway's `<a h/>` as the acks of
+/// the messages it covers, stanza errors as refusals (retried when of type `wait`), and the
+/// peer's messages as deliveries. `inbound` is the count after the login.
+async fn xmpp_reader(u: Arc<User>, mut stream: SplitStream<Ws>, stats: Arc<Stats>, cfg: ChatConfig, mut closing: watch::Receiver<bool>, mut inbound: u32) {
+    use super::xmpp;
+    use crate::xmpp::stanza::ns;
+    let mut last_seq = 0u64;
+    let peer_jid = format!("{}@{}", u.peer, cfg.xmpp_domain);
+    let mut ending: Option<tokio::time::Instant> = None;
+    loop {
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            _ = closing.wait_for(|c| *c), if ending.is_none() => {
+                // The last confirmation, then an orderly end of the stream (RFC 7395 §3.6).
+                let _ = u.tx.send(xmpp::answer_ack(inbound));
+                let _ = u.tx.send(xmpp::close());
+                let _ = u.tx.send(Message::Close(None));
+                ending = Some(tokio::time::Instant::now() + Duration::from_secs(3));
+                continue;
+            }
+            _ = async { tokio::time::sleep_until(ending.unwrap_or_else(tokio::time::Instant::now)).await }, if ending.is_some() => return,
+        };
+        let lost = |why: String| {
+            if ending.is_none() {
+                stats.error(&why);
+                u.ledger.lock().lost_socket = Some(why);
+            }
+        };
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Close(c))) => return lost(c.map_or("close:none".into(), |c| format!("close:{}", u16::from(c.code)))),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) => return lost("socket_error".into()),
+            None => return lost("socket_eof".into()),
+        };
+        let el = match crate::xmpp::parser::parse_frame(text.as_str()) {
+            Ok(el) => el,
+            Err(_) => {
+                stats.error("undecodable_frame");
+                continue;
+            }
+        };
+        match (el.name(), el.ns().as_str()) {
+            ("r", ns::SM) => {
+                let _ = u.tx.send(xmpp::answer_ack(inbound));
+                continue;
+            }
+            ("a", ns::SM) => {
+                let Ok(xmpp_parsers::sm::A { h }) = xmpp_parsers::sm::A::try_from(el) else {
+                    stats.error("bad_sm_ack");
+                    continue;
+                };
+                let covered: Vec<(String, u32)> = {
+                    let mut sm = u.sm.lock();
+                    let newly = h.wrapping_sub(sm.acked);
+                    if newly > sm.out.wrapping_sub(sm.acked) {
+                        drop(sm);
+                        stats.error("sm_ack_too_high");
+                        continue;
+                    }
+                    let base = sm.acked;
+                    let mut v = Vec::new();
+                    while let Some((c, _, _)) = sm.sent.front() {
+                        if c.wrapping_sub(base) > newly {
+                            break;
+                        }
+                        if let Some((_, id, attempt)) = sm.sent.pop_front() {
+                            v.push((id, attempt));
+                        }
+                    }
+                    sm.acked = h;
+                    v
+                };
+                for (id, attempt) in covered {
+                    let mut pending = u.pending.lock();
+                    // An attempt that was refused (its error came before this <a/>) is not acked.
+                    if pending.get(&id).is_some_and(|p| p.attempts == attempt) {
+                        let p = pending.remove(&id).expect("checked");
+                        drop(pending);
+                        stats.ack.lock().record(stats.now_us().saturating_sub(p.t0));
+                        stats.acked.fetch_add(1, Ordering::Relaxed);
+                        stats.inflight.fetch_sub(1, Ordering::Relaxed);
+                        u.ledger.lock().acked.insert(id, (None, p.hash));
+                        u.window.add_permits(1);
+                    }
+                }
+                continue;
+            }
+            ("close", ns::FRAMING) => return lost("stream_closed".into()),
+            _ => {}
+        }
+        if !xmpp::is_stanza(&el) {
+            continue;
+        }
+        inbound = inbound.wrapping_add(1);
+        if el.name() != "message" {
+            continue;
+        }
+        let id = el.attr(rxml::xml_ncname!("id")).unwrap_or("").to_owned();
+        if el.attr(rxml::xml_ncname!("type")) == Some("error") {
+            let (cond, kind) = xmpp::stanza_error(&el);
+            stats.error(&cond);
+            let retry = kind == "wait";
+            refused(&u, &stats, Protocol::Xmpp, &id, retry);
+            continue;
+        }
+        let Some(body) = el.get_child("body", ns::CLIENT).map(|b| b.text()) else { continue };
+        let from = el.attr(rxml::xml_ncname!("from")).unwrap_or("");
+        let bare = from.split('/').next().unwrap_or("");
+        let Some((conv, seq)) = xmpp::stanza_seq(&el) else {
+            stats.error("message_without_stanza_id");
+            continue;
+        };
+        if conv != u.conv {
+            continue;
+        }
+        if bare != peer_jid {
+            stats.error("message_from_stranger");
+            continue;
+        }
+        let mut l = u.ledger.lock();
+        let first = seq > last_seq;
+        // Only the peer's messages come to this resource: seqs rise, with gaps for our own.
+        if !first {
+            l.out_of_order += 1;
+        }
+        last_seq = last_seq.max(seq);
+        if first {
+            stats.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(t) = sent_at(&id) {
+            stats.delivery.lock().record(stats.now_us().saturating_sub(t));
+        }
+        l.got.push((seq, id, body_hash(&body)));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,6 +823,7 @@ mod tests {
             pending: Mutex::new(HashMap::new()),
             window: Semaphore::new(1),
             ledger: Mutex::new(Ledger::default()),
+            sm: Mutex::new(SmOut::default()),
         })
     }
 
@@ -613,10 +832,10 @@ mod tests {
         let (a, b) = (user("a", "b"), user("b", "a"));
         {
             let mut la = a.ledger.lock();
-            la.acked.insert(1, ("1.0".into(), 11));
-            la.acked.insert(2, ("2.0".into(), 22));
-            la.acked.insert(3, ("3.0".into(), 33));
-            la.acked.insert(4, ("4.0".into(), 44));
+            la.acked.insert("1.0".into(), (Some(1), 11));
+            la.acked.insert("2.0".into(), (Some(2), 22));
+            la.acked.insert("3.0".into(), (None, 33));
+            la.acked.insert("4.0".into(), (Some(4), 44));
             let mut lb = b.ledger.lock();
             lb.got.push((1, "1.0".into(), 11));
             lb.got.push((2, "2.0".into(), 22));
@@ -631,9 +850,9 @@ mod tests {
     #[test]
     fn verify_accepts_a_clean_run() {
         let (a, b) = (user("a", "b"), user("b", "a"));
-        a.ledger.lock().acked.insert(1, ("1.0".into(), 11));
+        a.ledger.lock().acked.insert("1.0".into(), (Some(1), 11));
         b.ledger.lock().got.push((1, "1.0".into(), 11));
-        b.ledger.lock().acked.insert(2, ("1.5".into(), 12));
+        b.ledger.lock().acked.insert("1.5".into(), (None, 12));
         a.ledger.lock().got.push((2, "1.5".into(), 12));
         let v = verify(&[a, b]);
         assert!(v.ok(), "{v:?}");
@@ -701,10 +920,13 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
         None => format!("closed loop, {} in flight per user", a.window.max(1)),
         Some(r) => format!("{r} msg/s per user ({} msg/s offered)", r * users as f64),
     };
+    let wire = match a.chat_protocol() {
+        Protocol::Native => format!("{:?} frames", ctx.enc),
+        Protocol::Xmpp => "XMPP over WebSocket (XEP-0198 acks)".to_owned(),
+    };
     ctx.progress(&format!(
-        "chat: {users} users ({} pairs), {rate_desc}, {secs} s, {:?} frames, {} dialogs ({} turns) from {}",
+        "chat: {users} users ({} pairs), {rate_desc}, {secs} s, {wire}, {} dialogs ({} turns) from {}",
         users / 2,
-        ctx.enc,
         dialogs.dialogs.len(),
         dialogs.turns,
         dialogs.path.display()
@@ -714,6 +936,9 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let setup_s = t_setup.elapsed().as_secs_f64();
     let cfg = ChatConfig {
         enc: ctx.enc,
+        protocol: a.chat_protocol(),
+        xmpp_domain: a.xmpp_domain.clone(),
+        password: ctx.password.clone(),
         mode,
         rate_milli: Arc::new(AtomicU64::new(rate.map_or(0, |r| (r * 1000.0).round().max(1.0) as u64))),
         received_every: Duration::from_millis(a.received_ms.max(1)),
@@ -740,9 +965,9 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let (sent, acked, delivered) = (Stats::load(&stats.sent), Stats::load(&stats.acked), Stats::load(&stats.delivered));
     let ack = stats.ack.lock().total.clone();
     let dlv = stats.delivery.lock().total.clone();
-    let rate_limited = stats.errors.lock().get("rate_limited").copied().unwrap_or(0);
+    let rate_limited = stats.errors.lock().iter().filter(|(k, _)| *k == "rate_limited" || *k == "resource-constraint").map(|(_, v)| *v).sum::<u64>();
     let mut human = format!(
-        "chat: {users} users, {rate_desc}, {run_s:.1} s of sending (+{drain_s:.1} s drain{})\n\
+        "chat: {users} users, {wire}, {rate_desc}, {run_s:.1} s of sending (+{drain_s:.1} s drain{})\n\
          \x20 sent       {:>10}  ({:.0}/s)\n\
          \x20 acked      {:>10}  ({:.0}/s; per second: median {:.0}, min {:.0}, max {:.0})\n\
          \x20 delivered  {:>10}  ({:.0}/s)\n\
@@ -777,6 +1002,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     }
     let json = json!({
         "scenario": "chat",
+        "protocol": match a.chat_protocol() { Protocol::Native => "native", Protocol::Xmpp => "xmpp" },
         "users": users,
         "mode": match rate { None => json!({"closed_loop": true, "window": a.window.max(1)}), Some(r) => json!({"rate_per_user": r}) },
         "encoding": format!("{:?}", ctx.enc).to_lowercase(),

@@ -1,4 +1,4 @@
-//! Many sockets at once, for `idle` and `storm`: connecting from a spread of loopback source
+//! Many sockets at once, for `idle` and `storm` (native or, for `idle`, XMPP): connecting from a spread of loopback source
 //! addresses, with retries, and holding each socket in a small task that only reads (which also
 //! answers the server's pings) until told to close or drop it.
 
@@ -48,18 +48,46 @@ pub struct Connected {
 /// Connects and says `hello`, retrying with jittered exponential backoff (honouring
 /// `Retry-After`) until `deadline`.
 pub async fn connect(target: &Target, source: Option<IpAddr>, token: &str, enc: Encoding, deadline: Instant) -> Result<Connected, Vec<String>> {
+    retrying(deadline, || async {
+        let mut w = ws::connect(target, source, true).await?;
+        match ws::hello(&mut w, token, None, enc, false).await {
+            Ok(_) => Ok(Ok(w)),
+            Err(_) => Ok(Err("hello".to_owned())),
+        }
+    })
+    .await
+}
+
+/// The same over XMPP (`--protocol xmpp`): an RFC 7395 WebSocket, SASL PLAIN, bind `resource`
+/// and initial presence ([`super::xmpp::login`]), without stream management.
+pub async fn connect_xmpp(target: &Target, source: Option<IpAddr>, user: &str, password: &str, domain: &str, deadline: Instant) -> Result<Connected, Vec<String>> {
+    retrying(deadline, || async {
+        let mut w = super::xmpp::connect(target, source, true).await?;
+        match super::xmpp::login(&mut w, domain, user, password, "idle", false).await {
+            Ok(_) => Ok(Ok(w)),
+            Err(_) => Ok(Err("xmpp_login".to_owned())),
+        }
+    })
+    .await
+}
+
+/// Runs `attempt` until it gives a socket: `Err` is a refused connection (backoff, honouring
+/// `Retry-After`), `Ok(Err(code))` a failed login (backoff); both are counted by code.
+async fn retrying<F, Fut>(deadline: Instant, mut attempt: F) -> Result<Connected, Vec<String>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Result<Ws, String>, ConnectError>>,
+{
     let mut failures = Vec::new();
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let wait = match ws::connect(target, source, true).await {
-            Ok(mut w) => match ws::hello(&mut w, token, None, enc, false).await {
-                Ok(_) => return Ok(Connected { ws: w, attempts, failures }),
-                Err(_) => {
-                    failures.push("hello".into());
-                    None
-                }
-            },
+        let wait = match attempt().await {
+            Ok(Ok(ws)) => return Ok(Connected { ws, attempts, failures }),
+            Ok(Err(code)) => {
+                failures.push(code);
+                None
+            }
             Err(e) => {
                 failures.push(e.code());
                 match e {

@@ -1,5 +1,7 @@
 //! The `idle` scenario: N authenticated, idle sockets (one user each), spread over loopback
-//! source addresses; the server's memory per socket, read from /proc before and after.
+//! source addresses; the server's memory per socket, read from /proc before and after. With
+//! `--protocol xmpp` each socket is an XMPP-over-WebSocket session (logged in, bound, initial
+//! presence sent), so the figure is the cost of an idle XMPP session.
 //!
 //! Reported per socket: the growth of the server's resident set (VmRSS of `--server-pid`, or of
 //! the process listening on the port), and the growth of the kernel's TCP buffer memory and slab
@@ -64,11 +66,18 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let sem = Arc::new(Semaphore::new(a.setup_concurrency.max(1)));
     let up = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(n);
+    let xmpp = a.protocol == super::WireProtocol::Xmpp;
     for (i, acc) in accounts.iter().enumerate() {
         let (sem, target, token, enc, up) = (sem.clone(), ctx.target.clone(), acc.token.clone(), ctx.enc, up.clone());
+        let (user, password, domain) = (acc.user.clone(), ctx.password.clone(), a.xmpp_domain.clone());
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire().await;
-            let r = fleet::connect(&target, fleet::source_ip(i, sources), &token, enc, deadline).await;
+            let source = fleet::source_ip(i, sources);
+            let r = if xmpp {
+                fleet::connect_xmpp(&target, source, &user, &password, &domain, deadline).await
+            } else {
+                fleet::connect(&target, source, &token, enc, deadline).await
+            };
             if r.is_ok() {
                 up.fetch_add(1, Ordering::Relaxed);
             }
@@ -101,8 +110,9 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let slab = per(before.slab, after.slab, connected);
     let client = per(before.client_rss, after.client_rss, connected);
     let ok = connected == n as u64 && still_open == connected;
+    let what = if xmpp { "XMPP sessions (RFC 7395 WebSocket, SASL PLAIN, bound, available)" } else { "sockets" };
     let human = format!(
-        "idle: {connected}/{n} authenticated idle sockets up in {connect_s:.1} s from {sources} source address(es); \
+        "idle: {connected}/{n} authenticated idle {what} up in {connect_s:.1} s from {sources} source address(es); \
          {still_open} still open after {hold} s; server says {} sockets\n\
          \x20 server RSS: {} -> {} KiB: {} per socket\n\
          \x20 kernel (both ends of each loopback connection, machine-wide): TCP buffers {} and slab {} per socket\n\
@@ -119,6 +129,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     );
     let json = json!({
         "scenario": "idle",
+        "protocol": if xmpp { "xmpp" } else { "native" },
         "sockets": n,
         "connected": connected,
         "still_open": still_open,

@@ -12,6 +12,7 @@
 //! - [`storm`]: every socket drops and reconnects at once; time until all are back.
 //! - [`fleet`]: many sockets from many source addresses, held open by small tasks.
 //! - [`accounts`], [`ws`], [`http`]: registering users, WebSocket and HTTP clients.
+//! - [`xmpp`]: the XMPP-over-WebSocket client of `--protocol xmpp` (chat, ramp, idle).
 //! - [`dialogs`], [`stats`], [`procfs`]: the replayed text, histograms, /proc readings.
 //!
 //! The tool runs on its own multi-threaded tokio runtime. Progress lines go to stderr; the
@@ -32,6 +33,7 @@ pub mod ramp;
 pub mod stats;
 pub mod storm;
 pub mod ws;
+pub mod xmpp;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,6 +71,15 @@ pub enum WireEncoding {
     Postcard,
 }
 
+/// The protocol of the simulated clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WireProtocol {
+    /// parley's own protocol over `/v1/ws` (PROTOCOL.md).
+    Native,
+    /// XMPP over WebSocket (RFC 7395) at `/xmpp-websocket`, XEP-0198 acks (chat, ramp, idle).
+    Xmpp,
+}
+
 /// `parley load`'s command line.
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
@@ -102,9 +113,15 @@ pub struct LoadArgs {
     /// Closed loop: sends in flight per user.
     #[arg(long, default_value_t = 1)]
     pub window: usize,
-    /// Wire encoding of the clients.
+    /// Wire encoding of the clients (native protocol only).
     #[arg(long, value_enum, default_value = "json")]
     pub encoding: WireEncoding,
+    /// Protocol of the clients: `xmpp` runs chat, ramp and idle over XMPP-over-WebSocket.
+    #[arg(long, value_enum, default_value = "native")]
+    pub protocol: WireProtocol,
+    /// XMPP: the server's domain (its `xmpp.domain`).
+    #[arg(long, default_value = "localhost")]
+    pub xmpp_domain: String,
     /// Offline: messages sent to the offline user.
     #[arg(long, default_value_t = 1000)]
     pub messages: u64,
@@ -130,7 +147,8 @@ pub struct LoadArgs {
     /// Requests or connections in flight while setting up users and sockets.
     #[arg(long, default_value_t = 32)]
     pub setup_concurrency: usize,
-    /// How often clients confirm events with `received`, in ms.
+    /// How often clients confirm events with `received`, in ms (native protocol; over XMPP the
+    /// gateway asks for a confirmation every 100 ms with XEP-0198 `<r/>`).
     #[arg(long, default_value_t = 100)]
     pub received_ms: u64,
     /// Prefix of the user ids (default: `ld` and 6 random characters, new every run).
@@ -148,6 +166,14 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
+    /// The chat engine's protocol.
+    pub fn chat_protocol(&self) -> chat::Protocol {
+        match self.protocol {
+            WireProtocol::Native => chat::Protocol::Native,
+            WireProtocol::Xmpp => chat::Protocol::Xmpp,
+        }
+    }
+
     fn enc(&self) -> Encoding {
         match self.encoding {
             WireEncoding::Json => Encoding::Json,
@@ -248,6 +274,9 @@ async fn run_async(args: LoadArgs) -> anyhow::Result<Outcome> {
     let prefix = args.prefix.clone().unwrap_or_else(accounts::random_prefix);
     let password = format!("pw-{prefix}-load");
     let ctx = Ctx { enc: args.enc(), target, prefix, password, args };
+    if ctx.args.protocol == WireProtocol::Xmpp && !matches!(ctx.args.scenario, Scenario::Chat | Scenario::Ramp | Scenario::Idle) {
+        bail!("--protocol xmpp runs chat, ramp and idle only");
+    }
     match ctx.args.scenario {
         Scenario::Chat => chat::run(&ctx).await,
         Scenario::Offline => offline::run(&ctx).await,

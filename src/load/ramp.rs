@@ -57,6 +57,9 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let rate_milli = Arc::new(AtomicU64::new(0));
     let cfg = ChatConfig {
         enc: ctx.enc,
+        protocol: a.chat_protocol(),
+        xmpp_domain: a.xmpp_domain.clone(),
+        password: ctx.password.clone(),
         mode: Mode::Open,
         rate_milli: rate_milli.clone(),
         received_every: Duration::from_millis(a.received_ms.max(1)),

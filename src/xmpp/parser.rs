@@ -59,6 +59,10 @@ pub struct StreamParser {
     tree: TreeBuilder,
     /// Bytes of the stanza now being received (or of whitespace between stanzas).
     stanza_bytes: usize,
+    /// Outside any markup at the top level (before the header, or between stanzas): only
+    /// whitespace or a `<` may come. rxml buffers character data until the next `<`, so junk
+    /// without one would otherwise only time out; it is refused as soon as it arrives.
+    between: bool,
 }
 
 impl Default for StreamParser {
@@ -73,7 +77,7 @@ impl StreamParser {
         // Names and attribute values up to 64 KiB (a body text longer than that is split into
         // several text events, which the tree builder joins).
         let opts = Options { max_token_length: 65_536, ..Options::default() };
-        StreamParser { raw: <RawParser as WithOptions>::with_options(opts), tree: TreeBuilder::new(), stanza_bytes: 0 }
+        StreamParser { raw: <RawParser as WithOptions>::with_options(opts), tree: TreeBuilder::new(), stanza_bytes: 0, between: true }
     }
 
     /// Parses `data` (the next bytes of the stream), appending what it completes to `out`.
@@ -81,6 +85,13 @@ impl StreamParser {
     /// sends it and closes the stream.
     pub fn feed(&mut self, mut data: &[u8], cap: usize, out: &mut Vec<StreamEvent>) -> Result<(), StreamError> {
         loop {
+            if self.between {
+                match data.iter().find(|b| !b" \t\r\n".contains(b)) {
+                    Some(b'<') => self.between = false,
+                    Some(&b) => return Err(StreamError::new("not-well-formed", format!("text outside a stanza (byte 0x{b:02x})"))),
+                    None => {}
+                }
+            }
             let before = data.len();
             let r = self.raw.parse(&mut data, false);
             self.stanza_bytes += before - data.len();
@@ -118,14 +129,24 @@ impl StreamParser {
         }
         let head_close = matches!(ev, RawEvent::ElementHeadClose(_));
         let foot = matches!(ev, RawEvent::ElementFoot(_));
+        let decl = matches!(ev, RawEvent::XmlDeclaration(..));
         self.tree
             .process_event(ev)
             .map_err(|e| StreamError::new("not-well-formed", e.to_string()))?;
         let depth = self.tree.depth();
+        // After these the lexer is outside markup at the top level (each ends with '>').
+        if decl || ((head_close || foot) && depth <= 1) {
+            self.between = true;
+        }
         if head_close && depth == 1 {
             let Some(root) = self.tree.top() else { return Ok(()) };
             if root.name() != "stream" || root.ns() != NS_STREAMS {
                 return Err(StreamError::new("invalid-namespace", "the stream must start with <stream:stream>"));
+            }
+            // RFC 6120 §4.8.3 and §4.9.3.10: a client stream's content namespace is
+            // `jabber:client` (not `jabber:server`, nor none).
+            if root.prefixes.get(&None).map(String::as_str) != Some(NS_CLIENT) {
+                return Err(StreamError::new("invalid-namespace", "the content namespace of a client stream is jabber:client"));
             }
             out.push(StreamEvent::Open(root.clone()));
             self.stanza_bytes = 0;
@@ -203,6 +224,27 @@ mod tests {
         let (_, e) = run(&[HEADER, deep.as_bytes()], 1 << 16);
         assert_eq!(e.map(|e| e.condition), Some("policy-violation"));
         let (_, e) = run(&[b"<html xmlns='x'>"], 1 << 16);
+        assert_eq!(e.map(|e| e.condition), Some("invalid-namespace"));
+    }
+
+    #[test]
+    fn text_outside_a_stanza_is_refused_at_once() {
+        for junk in [&b"garbage"[..], b"\x00\x01\x02\xff", b"  hello world\n", b"\n x"] {
+            let (_, e) = run(&[junk], 1 << 16);
+            assert_eq!(e.map(|e| e.condition), Some("not-well-formed"), "{junk:?}");
+            let (out, e) = run(&[HEADER, b"<presence/> ", junk], 1 << 16);
+            assert_eq!(out.len(), 2);
+            assert_eq!(e.map(|e| e.condition), Some("not-well-formed"), "{junk:?}");
+        }
+        // Whitespace keepalives and stanzas split anywhere still pass.
+        let (out, e) = run(&[HEADER, b" \n ", b"<mess", b"age/>", b"  ", b"<presence/>"], 1 << 16);
+        assert!(e.is_none(), "{e:?}");
+        assert_eq!(out.len(), 3);
+    }
+
+    #[test]
+    fn a_server_stream_namespace_is_refused() {
+        let (_, e) = run(&[b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>"], 1 << 16);
         assert_eq!(e.map(|e| e.condition), Some("invalid-namespace"));
     }
 

@@ -119,3 +119,44 @@ pub fn plain_password(payload: &[u8]) -> Option<String> {
     parts.next()?;
     String::from_utf8(parts.next()?.to_vec()).ok()
 }
+
+/// Whether the initial response of `mechanism` names an authorization identity other than its
+/// authentication identity: PLAIN `authzid NUL authcid NUL passwd` (RFC 4616 §2), SCRAM's GS2
+/// header `n,a=authzid,n=authcid,...` (RFC 5802 §7). parley lets a user act only as itself, so an
+/// authzid is accepted only when it is the authcid or its bare JID `authcid@domain`; any other is
+/// refused with `invalid-authzid` (RFC 6120 §6.5.6) before the password is looked at.
+pub fn foreign_authzid(mechanism: &str, initial: &[u8], domain: &str) -> bool {
+    let (authzid, authcid) = match mechanism {
+        "PLAIN" => {
+            let mut parts = initial.splitn(3, |b| *b == 0);
+            let (Some(z), Some(c)) = (parts.next(), parts.next()) else { return false };
+            (String::from_utf8_lossy(z).into_owned(), String::from_utf8_lossy(c).into_owned())
+        }
+        m if m.starts_with("SCRAM-") => {
+            let text = String::from_utf8_lossy(initial);
+            let mut fields = text.splitn(4, ',');
+            let (_flag, z, c) = (fields.next(), fields.next().unwrap_or(""), fields.next().unwrap_or(""));
+            let unescape = |s: &str| s.replace("=2C", ",").replace("=3D", "=");
+            (unescape(z.strip_prefix("a=").unwrap_or("")), unescape(c.strip_prefix("n=").unwrap_or("")))
+        }
+        _ => return false,
+    };
+    !(authzid.is_empty() || authzid == authcid || authzid == format!("{authcid}@{domain}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_authzid_must_be_the_user_itself() {
+        assert!(!foreign_authzid("PLAIN", b"\0alice\0pw", "localhost"));
+        assert!(!foreign_authzid("PLAIN", b"alice\0alice\0pw", "localhost"));
+        assert!(!foreign_authzid("PLAIN", b"alice@localhost\0alice\0pw", "localhost"));
+        assert!(foreign_authzid("PLAIN", b"bob\0alice\0pw", "localhost"));
+        assert!(foreign_authzid("PLAIN", b"bob@localhost\0alice\0pw", "localhost"));
+        assert!(!foreign_authzid("SCRAM-SHA-256", b"n,,n=alice,r=abc", "localhost"));
+        assert!(!foreign_authzid("SCRAM-SHA-1", b"y,a=alice@localhost,n=alice,r=abc", "localhost"));
+        assert!(foreign_authzid("SCRAM-SHA-256", b"n,a=bob,n=alice,r=abc", "localhost"));
+    }
+}

@@ -138,10 +138,8 @@ pub struct XmppSession {
     closing: bool,
     /// The stream runs over TLS (after STARTTLS).
     secure: bool,
-    /// Sends submitted and not yet answered by the commit pipeline.
-    sends_pending: usize,
-    /// An XEP-0198 `<r/>` waits for them.
-    ack_wanted: bool,
+    /// XEP-0198: the messages in the commit pipeline and the `<r/>`s waiting for them.
+    acks: super::sm::AckGate,
     /// XEP-0198 stream management, once enabled.
     sm: Option<super::sm::Counters>,
     /// The client ended the stream itself (`</stream>`, `<close/>`): nothing to park.
@@ -216,8 +214,7 @@ impl XmppSession {
             reported: HashMap::new(),
             closing: false,
             secure: false,
-            sends_pending: 0,
-            ack_wanted: false,
+            acks: super::sm::AckGate::default(),
             sm: None,
             clean_end: false,
         }
@@ -489,6 +486,10 @@ impl XmppSession {
                     return failure(self, "temporary-auth-failure");
                 }
                 let name = attr!(el, "mechanism").unwrap_or("").to_owned();
+                if super::sasl::foreign_authzid(&name, &payload, self.domain()) {
+                    metrics::counter!("parley_logins_total", "result" => "failed").increment(1);
+                    return failure(self, "invalid-authzid");
+                }
                 let users = super::sasl::Users { shared: self.shared.clone() };
                 let Some(mech) = super::sasl::mechanism(&name, users, &payload) else { return failure(self, "invalid-mechanism") };
                 self.mech_name = name;
@@ -786,14 +787,21 @@ impl XmppSession {
     // ------------------------------------------------------------------ XEP-0198
 
     fn sm_element(&mut self, el: Element, ctx: &mut Context<Self>) {
-        match el.name() {
+        let name = el.name().to_owned();
+        match name.as_str() {
             "enable" => {
                 if self.sm.is_some() {
                     let f = build!("failed", ns::SM).append(empty("unexpected-request", ns::STANZAS)).build();
                     self.write(&f, 0);
                     return;
                 }
-                let resume = matches!(attr!(el, "resume"), Some("true" | "1"));
+                // XEP-0198 §3, parsed with xmpp-parsers: `resume` is an xs:boolean.
+                let Ok(enable) = xmpp_parsers::sm::Enable::try_from(el) else {
+                    let f = build!("failed", ns::SM).append(empty("bad-request", ns::STANZAS)).build();
+                    self.write(&f, 0);
+                    return;
+                };
+                let resume = enable.resume;
                 let id = resume.then(|| crate::http::auth::new_token()[..32].to_owned());
                 let mut e = build!("enabled", ns::SM);
                 if let Some(id) = &id {
@@ -812,16 +820,16 @@ impl XmppSession {
             }
             "r" => {
                 // Our <a/> says the stanzas are handled: a message only once it is durable (the
-                // same promise as a native `ack`), so wait for the sends still in the pipeline.
-                if self.sends_pending > 0 {
-                    self.ack_wanted = true;
-                } else {
-                    self.answer_ack();
+                // same promise as a native `ack`), so wait for the sends before this <r/> that
+                // are still in the pipeline.
+                if let Some(sm) = &self.sm {
+                    self.acks.requested(sm.inbound);
                 }
+                self.maybe_answer_ack();
             }
             "a" => {
-                let Some(h) = attr!(el, "h").and_then(|h| h.parse::<u32>().ok()) else {
-                    return self.stream_error("invalid-xml", "<a/> needs h", ctx);
+                let Ok(xmpp_parsers::sm::A { h }) = xmpp_parsers::sm::A::try_from(el) else {
+                    return self.stream_error("invalid-xml", "<a/> needs h (0 to 2^32-1)", ctx);
                 };
                 let Some(sm) = &mut self.sm else { return };
                 match sm.ack(h) {
@@ -843,11 +851,13 @@ impl XmppSession {
         }
     }
 
-    fn answer_ack(&mut self) {
-        self.ack_wanted = false;
-        let h = self.sm.as_ref().map_or(0, |s| s.inbound);
-        let a = build!("a", ns::SM, "h" => h.to_string()).build();
-        self.write(&a, 0);
+    /// Answers the outstanding `<r/>`s whose stanzas are all handled, with one `<a/>`.
+    fn maybe_answer_ack(&mut self) {
+        let inbound = self.sm.as_ref().map_or(0, |s| s.inbound);
+        if let Some(h) = self.acks.answer(inbound) {
+            let a = build!("a", ns::SM, "h" => h.to_string()).build();
+            self.write(&a, 0);
+        }
     }
 
     /// Moves the device cursor to `ev` (confirmed by an ack).
@@ -891,11 +901,12 @@ impl XmppSession {
     /// `<resume previd h/>` instead of binding: the parked stream's device, confirmed up to `h`;
     /// then only the events after that are sent again, from the log.
     fn resume(&mut self, el: Element, ctx: &mut Context<Self>) {
-        let (Some(id), Some(h)) = (attr!(el, "previd").map(str::to_owned), attr!(el, "h").and_then(|h| h.parse::<u32>().ok())) else {
+        let Ok(xmpp_parsers::sm::Resume { h, previd }) = xmpp_parsers::sm::Resume::try_from(el) else {
             let f = build!("failed", ns::SM).append(empty("bad-request", ns::STANZAS)).build();
             self.write(&f, 0);
             return;
         };
+        let id = previd.0;
         // The old connection may not have been noticed as gone yet: park it first.
         let live = super::sm::LIVE.get(&id).map(|r| r.clone());
         let fut = async move {
@@ -996,6 +1007,9 @@ impl XmppSession {
         if attr!(el, "type") == Some("error") {
             return;
         }
+        if target.starts_with("g:") && super::muc::invite(self, &el, ctx) {
+            return;
+        }
         if let Some(body) = el.get_child("body", ns::CLIENT).map(|b| b.text()) {
             return self.send_body(el, &me, &target, body, ctx);
         }
@@ -1063,11 +1077,11 @@ impl XmppSession {
             Ok(rx) => rx,
             Err(e) => return self.refuse_send(&el, Err(e)),
         };
-        self.sends_pending += 1;
+        // Without stream management nothing waits for the answer.
+        let serial = self.sm.as_ref().map(|sm| self.acks.submitted(sm.inbound));
         ctx.spawn(rx.into_actor(self).map(move |res, act, _| {
-            act.sends_pending -= 1;
-            if act.sends_pending == 0 && act.ack_wanted {
-                act.answer_ack();
+            if let Some(serial) = serial {
+                act.acks.answered(serial);
             }
             let res = res.unwrap_or(Err(PipelineError::Unavailable));
             match &res {
@@ -1078,6 +1092,9 @@ impl XmppSession {
                 }
                 _ => act.refuse_send(&el, res),
             }
+            // After the refusal, if any: a client reads the error before the <a/> that counts
+            // the stanza as handled, so it never takes a refused message for a stored one.
+            act.maybe_answer_ack();
         }));
     }
 
@@ -1245,7 +1262,10 @@ impl XmppSession {
             }
             ("set", "session", ns::SESSION) => Some(result(&iq, None)),
             ("set", "query", ns::MAM) => return super::mam::query(self, iq, child),
-            ("get", "query", ns::MUC) | ("get", "query", "http://jabber.org/protocol/muc#owner") => None,
+            (_, "query", super::muc::NS_OWNER) | (_, "query", super::muc::NS_ADMIN) => match super::muc::iq(self, &iq, &child, ctx) {
+                Some(()) => return,
+                None => None,
+            },
             ("set", "query", ns::REGISTER) => return super::register::in_band(self, iq, child, ctx),
             _ => None,
         };

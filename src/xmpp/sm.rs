@@ -79,6 +79,63 @@ impl Counters {
     }
 }
 
+/// Most `<r/>`s waiting for their answer; past that the oldest is dropped (the answer to a later
+/// one covers it).
+pub const ACKS_WANTED: usize = 64;
+
+/// When the server may answer the client's `<r/>` (XEP-0198 §4): its `<a h/>` says that `h`
+/// stanzas were handled, and parley handles a message only once the commit pipeline answered it
+/// (it is durable). Stanzas are handled in order, so `h` is every stanza received up to the first
+/// message still in the pipeline; an `<r/>` is answered once every stanza before it is handled
+/// (sends after it do not hold its answer back).
+#[derive(Debug, Default)]
+pub struct AckGate {
+    /// Messages in the pipeline: serial → the inbound count of the message.
+    pending: std::collections::BTreeMap<u64, u32>,
+    next: u64,
+    /// Inbound counts of the `<r/>`s not yet answered, oldest first.
+    wanted: VecDeque<u32>,
+}
+
+impl AckGate {
+    /// A message, the `inbound`-th stanza, went into the pipeline: returns its serial.
+    pub fn submitted(&mut self, inbound: u32) -> u64 {
+        let serial = self.next;
+        self.next += 1;
+        self.pending.insert(serial, inbound);
+        serial
+    }
+
+    /// The pipeline answered message `serial`.
+    pub fn answered(&mut self, serial: u64) {
+        self.pending.remove(&serial);
+    }
+
+    /// Stanzas handled, `inbound` having been received.
+    pub fn handled(&self, inbound: u32) -> u32 {
+        self.pending.values().next().map_or(inbound, |c| c.wrapping_sub(1))
+    }
+
+    /// An `<r/>` came after `inbound` stanzas.
+    pub fn requested(&mut self, inbound: u32) {
+        if self.wanted.len() >= ACKS_WANTED {
+            self.wanted.pop_front();
+        }
+        self.wanted.push_back(inbound);
+    }
+
+    /// The `h` to send now when some `<r/>` can be answered (all of those are), else None.
+    pub fn answer(&mut self, inbound: u32) -> Option<u32> {
+        let h = self.handled(inbound);
+        // `h - wanted` is "not negative" in the counters' wrapping arithmetic.
+        let before = self.wanted.len();
+        while self.wanted.front().is_some_and(|w| h.wrapping_sub(*w) < 1 << 31) {
+            self.wanted.pop_front();
+        }
+        (self.wanted.len() < before).then_some(h)
+    }
+}
+
 /// A parked stream, waiting for `<resume/>`.
 #[derive(Debug, Clone)]
 pub struct Parked {
@@ -139,6 +196,42 @@ mod tests {
         assert_eq!(c.ack(9), Err(TooHigh { h: 9, sent: 5 }));
         assert_eq!(c.ack(5), Ok(2));
         assert_eq!(c.ack(5), Ok(0));
+    }
+
+    #[test]
+    fn an_r_waits_only_for_the_messages_before_it() {
+        let mut g = AckGate::default();
+        g.requested(0);
+        assert_eq!(g.answer(0), Some(0), "nothing pending: at once");
+        let m1 = g.submitted(1); // stanza 1: a message
+        g.requested(1);
+        assert_eq!(g.answer(1), None, "message 1 is not durable yet");
+        let m2 = g.submitted(2);
+        g.requested(2);
+        // 3 is a presence (handled at once), then another <r/>.
+        g.requested(3);
+        assert_eq!(g.answer(3), None);
+        g.answered(m1);
+        assert_eq!(g.answer(3), Some(1), "the first <r/> is answered; m2 still holds the others");
+        assert_eq!(g.answer(3), None);
+        g.answered(m2);
+        assert_eq!(g.answer(3), Some(3), "one <a/> answers both");
+        assert_eq!(g.answer(3), None);
+        // Out-of-order answers from the pipeline: h stops at the first message still pending.
+        let (a, b) = (g.submitted(4), g.submitted(5));
+        g.answered(b);
+        assert_eq!(g.handled(5), 3);
+        g.answered(a);
+        assert_eq!(g.handled(5), 5);
+        // The counters wrap; the queue of <r/>s is bounded.
+        let w = g.submitted(u32::MAX);
+        g.requested(u32::MAX);
+        g.answered(w);
+        assert_eq!(g.answer(1), Some(1));
+        for i in 0..1000 {
+            g.requested(i);
+        }
+        assert!(g.wanted.len() <= ACKS_WANTED);
     }
 
     #[test]

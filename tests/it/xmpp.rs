@@ -119,6 +119,11 @@ async fn bad_input_gets_a_stream_error_and_a_closed_stream() {
         ("a huge stanza", [header, huge.as_bytes()].concat(), "policy-violation"),
         ("a stanza before auth", [header, b"<message to='alice@localhost' type='chat'><body>x</body></message>"].concat(), "not-authorized"),
         ("a stanza before the header", b"<message xmlns='jabber:client'/>".to_vec(), "invalid-namespace"),
+        // RFC 6120 §4.9.3.10: a client stream's content namespace is jabber:client.
+        ("a jabber:server stream", HEADER.replace("jabber:client", "jabber:server").into_bytes(), "invalid-namespace"),
+        // Junk that never contains '<': refused as it arrives (not after the login timeout).
+        ("bytes that are not XML", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "not-well-formed"),
+        ("text between stanzas", [header, b" hello"].concat(), "not-well-formed"),
     ];
     for (what, bytes, cond) in cases {
         let mut r = Raw::connect(x).await;
@@ -145,6 +150,34 @@ async fn bad_input_gets_a_stream_error_and_a_closed_stream() {
     assert!(alice.history_all("dm:alice:bob").await.is_empty());
     let ServerFrame::Conversations { items, .. } = alice.request("c", ClientFrame::Conversations).await else { panic!("conversations") };
     assert_eq!(items.iter().map(|i| i.conv.as_str()).collect::<Vec<_>>(), ["dm:alice:mallory"]);
+}
+
+/// SASL PLAIN's authorization identity (RFC 4616 §2): honoured only when it is the user itself
+/// (its name or bare JID); another user's is refused with `invalid-authzid` (RFC 6120 §6.5.6),
+/// and the stream stays usable for a correct attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_with_another_users_authzid_is_refused() {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = TestDir::new();
+    let server = Server::start(&dir).await;
+    server.register("alice").await;
+    server.register("mallory").await;
+    let x = server.xmpp.expect("xmpp address");
+    let mut r = Raw::connect(x).await;
+    r.write(HEADER.as_bytes()).await;
+    assert!(r.until("</features>").await, "{}", r.got);
+    for authzid in ["alice", "alice@localhost"] {
+        r.got.clear();
+        let creds = b64.encode(format!("{authzid}\0mallory\0{PASSWORD}"));
+        r.write(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>").as_bytes()).await;
+        assert!(r.until("<invalid-authzid/>").await, "{authzid}: {}", r.got);
+        assert!(!r.got.contains("<success"), "{}", r.got);
+    }
+    // Its own bare JID as authzid is the same identity: accepted.
+    r.got.clear();
+    let creds = b64.encode(format!("mallory@localhost\0mallory\0{PASSWORD}"));
+    r.write(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>").as_bytes()).await;
+    assert!(r.until("<success").await, "{}", r.got);
 }
 
 /// A message from a raw TCP XMPP client reaches a native client, and back.
@@ -436,6 +469,22 @@ async fn slixmpp_muc_round_trip() {
     slix("muc").await;
 }
 
+/// XEP-0045: a room created by joining it (a new parley group, the joiner its admin), an
+/// instant-room configuration, a mediated invitation adding a member, a message to the room
+/// received once by the invitee's XMPP and native clients, affiliations under the group admin
+/// rule, and leaving the group.
+#[tokio::test(flavor = "multi_thread")]
+async fn slixmpp_muc_creation_invite_and_affiliations() {
+    slix("muc_create").await;
+}
+
+/// XEP-0313 without `with`: every direct conversation in the documented global order, paged
+/// with RSM both ways (pages chronological), `start`/`end`, and no carbons of the results.
+#[tokio::test(flavor = "multi_thread")]
+async fn slixmpp_mam_across_conversations() {
+    slix("mam_all").await;
+}
+
 /// A self-signed certificate for `localhost` in `dir` (openssl): (cert, key) paths.
 fn test_cert(dir: &Path) -> Option<(String, String)> {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -480,4 +529,60 @@ async fn starttls_then_sasl() {
 #[tokio::test(flavor = "multi_thread")]
 async fn slixmpp_chat_offline_mam_carbons() {
     slix("chat").await;
+}
+
+// ------------------------------------------------------------------------ parley load --protocol xmpp
+
+/// Runs `parley load ARGS --json --quiet` against `server`; returns its JSON summary (the run
+/// must have exited 0: every promise kept).
+async fn load_json(server: &Server, args: &[&str]) -> serde_json::Value {
+    let url = format!("http://{}", server.addr);
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+            .arg("load")
+            .args(args)
+            .args(["--url", &url, "--json", "--quiet", "--threads", "2"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("parley load ended within 120 s")
+    .expect("run parley load");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "parley load {args:?}: {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+/// The dialog workload over XMPP-over-WebSocket (RFC 7395) with XEP-0198 acks: every message
+/// acked (the gateway's `<a h/>`, answered only after the commit) is delivered exactly once, in
+/// order, with its id and body; nothing is left unacked.
+#[tokio::test(flavor = "multi_thread")]
+async fn load_chat_over_xmpp_loses_nothing() {
+    let dir = TestDir::new();
+    let server = Server::start(&dir).await;
+    let j = load_json(&server, &["chat", "--protocol", "xmpp", "--users", "6", "--rate", "5", "--duration", "2"]).await;
+    assert_eq!(j["protocol"], "xmpp", "{j}");
+    let i = &j["integrity"];
+    assert_eq!(i["ok"], true, "{j}");
+    let acked = i["acked"].as_u64().expect("acked");
+    assert!(acked > 0, "{j}");
+    assert_eq!(i["delivered_exactly_once"].as_u64(), Some(acked), "{j}");
+    for k in ["lost", "duplicated", "out_of_order", "mismatched", "unacked", "delivered_unacked", "stray_acks", "lost_sockets"] {
+        assert_eq!(i[k].as_u64(), Some(0), "{k}: {j}");
+    }
+    assert_eq!(j["sent"].as_u64(), Some(acked), "every send acked once: {j}");
+    // Closed loop too (each user's next message waits for the <a/> of the previous one).
+    let j = load_json(&server, &["chat", "--protocol", "xmpp", "--users", "2", "--rate", "max", "--duration", "1"]).await;
+    assert_eq!(j["integrity"]["ok"], true, "{j}");
+    assert!(j["acked"].as_u64().is_some_and(|a| a > 0), "{j}");
+}
+
+/// `parley load idle --protocol xmpp`: authenticated, bound, available XMPP sessions held open.
+#[tokio::test(flavor = "multi_thread")]
+async fn load_idle_over_xmpp_holds_sessions() {
+    let dir = TestDir::new();
+    let server = Server::start(&dir).await;
+    let j = load_json(&server, &["idle", "--protocol", "xmpp", "--users", "4", "--duration", "0.2"]).await;
+    assert_eq!((j["protocol"].as_str(), j["connected"].as_u64(), j["still_open"].as_u64()), (Some("xmpp"), Some(4), Some(4)), "{j}");
 }

@@ -316,6 +316,138 @@ async def scenario_muc(host, port, url):
     carol.disconnect()
 
 
+async def scenario_muc_create(host, port, url):
+    """XEP-0045: a room created by joining it (a parley group), configured as an instant room,
+    a mediated invitation that makes the invitee a member, a message to the room received once
+    by the invitee's XMPP and native clients, affiliation changes under the group admin rule,
+    and leaving."""
+    from slixmpp.plugins.xep_0004 import Form
+    from slixmpp.exceptions import IqError, PresenceError
+    for u in ("dan", "erin", "fay"):
+        st, _ = http(url, "/v1/register", {"user": u, "password": PASSWORD})
+        assert st == 201, st
+    muc = lambda c: c.plugin["xep_0045"]
+    room = slixmpp.JID("team1@conference." + DOMAIN)
+    dan = await online(host, port, f"dan@{DOMAIN}/laptop")
+    pres, _, _, _ = await muc(dan).join_muc_wait(room, "dan", maxstanzas=0, timeout=T)
+    codes = pres["muc"]["status_codes"]
+    assert 201 in codes and 110 in codes, codes
+    assert pres["muc"]["affiliation"] == "owner", pres
+    # the owner's configuration: members-only and persistent; an instant room is accepted,
+    # a public room is not (a parley group is never public)
+    form = await muc(dan).get_room_config(room, timeout=T)
+    vals = form.get_values()
+    assert vals["muc#roomconfig_membersonly"] and vals["muc#roomconfig_persistentroom"], vals
+    await muc(dan).set_room_config(room, Form(), timeout=T)
+    public = Form()
+    public.add_field(var="muc#roomconfig_publicroom", ftype="boolean", value=True)
+    try:
+        await muc(dan).set_room_config(room, public, timeout=T)
+        raise SystemExit("a public room was accepted")
+    except IqError as e:
+        assert e.condition == "not-acceptable", e.condition
+    # erin: a native client and an XMPP client
+    erin_native = await Native(url, "erin").open(register=False)
+    erin = await online(host, port, f"erin@{DOMAIN}/phone")
+    invited = asyncio.Queue()
+    erin.add_event_handler("groupchat_invite", lambda m: invited.put_nowait(m))
+    muc(dan).invite(room, f"erin@{DOMAIN}", "join us")
+    inv = await get(invited, "the invitation at erin")
+    assert inv["from"].bare == room.bare and inv["muc"]["invite"]["from"].bare == f"dan@{DOMAIN}", inv
+    g = await erin_native.event("group", lambda g: g["action"] == "added")
+    assert (g["group"], g["users"], g["by"]) == ("g:team1", ["erin"], "dan"), g
+    members = await muc(dan).get_affiliation_list(room, "member", timeout=T)
+    assert [slixmpp.JID(j).bare for j in members] == [f"erin@{DOMAIN}"], members
+    await muc(erin).join_muc_wait(room, "erin", maxstanzas=0, timeout=T)
+    out = dan.make_message(mto=room, mtype="groupchat", mbody="welcome, erin")
+    out["id"] = "w1"
+    out.send()
+    m = await get(erin.messages, "the room message at erin")
+    assert (m["type"], m["body"], str(m["from"]), m["id"]) == ("groupchat", "welcome, erin", str(room) + "/dan", "w1"), m
+    e = await erin_native.event("message", lambda e: e["conv"] == "g:team1")
+    assert (e["id"], e["from"], e["body"]) == ("w1", "dan", "welcome, erin"), e
+    # the group admin rule: a member may not add anyone, nobody can be made owner
+    try:
+        await muc(erin).set_affiliation(room, "member", jid=f"fay@{DOMAIN}", timeout=T)
+        raise SystemExit("a non-admin added a member")
+    except IqError as e:
+        assert e.condition == "forbidden", e.condition
+    try:
+        await muc(dan).set_affiliation(room, "owner", jid=f"erin@{DOMAIN}", timeout=T)
+        raise SystemExit("a promotion was accepted")
+    except IqError as e:
+        assert e.condition == "not-allowed", e.condition
+    # leaving the room (unavailable presence) keeps the membership; erin then leaves the group
+    # (her own affiliation to none): a native `left` event, and she may not join again
+    muc(erin).leave_muc(room, "erin")
+    await muc(erin).set_affiliation(room, "none", jid=f"erin@{DOMAIN}", timeout=T)
+    g = await erin_native.event("group", lambda g: g["action"] == "left")
+    assert g["users"] == ["erin"], g
+    try:
+        await muc(erin).join_muc_wait(room, "erin", maxstanzas=0, timeout=5)
+        raise SystemExit("a former member joined")
+    except PresenceError as err:
+        assert err.condition == "registration-required", err.condition
+    # exactly once: nothing more came to erin's clients
+    await asyncio.sleep(0.3)
+    assert erin.messages.empty(), "a duplicate room message at erin"
+    assert not [f for f in erin_native.stash if f.get("kind") == "message"], erin_native.stash
+    for c in (dan, erin):
+        c.disconnect()
+
+
+async def scenario_mam_all(host, port, url):
+    """XEP-0313 without `with`: every direct conversation of the user, in the global order
+    (ts, conv, seq); RSM paging both ways (each page chronological); start/end; no carbons of
+    results."""
+    import datetime
+    st, _ = http(url, "/v1/register", {"user": "alice", "password": PASSWORD})
+    assert st == 201
+    bob = await Native(url, "bob").open()
+    carol = await Native(url, "carol").open()
+    sent = []  # (id, ts)
+    for sender, mid in [(bob, "b1"), (carol, "c1"), (bob, "b2"), (carol, "c2"), (bob, "b3")]:
+        await sender.send({"type": "send", "id": mid, "to": "alice", "body": "text " + mid})
+        a = await sender.until(lambda f: f["type"] == "ack" and f["id"] == mid, "ack " + mid)
+        sent.append((mid, a["ts"]))
+        # distinct milliseconds, so the expected order is the sending order
+        for _ in range(100):
+            if datetime.datetime.now().timestamp() * 1000 > a["ts"] + 1:
+                break
+            await asyncio.sleep(0.002)
+    order = [m for m, _ in sent]
+    alice = await online(host, port, f"alice@{DOMAIN}/phone")
+    for _ in range(5):
+        await get(alice.messages, "the backlog")
+    other = await online(host, port, f"alice@{DOMAIN}/laptop")
+    for _ in range(5):
+        await get(other.messages, "the backlog at the second resource")
+    await other.plugin["xep_0280"].enable()
+    await alice.plugin["xep_0280"].enable()
+    mam = alice.plugin["xep_0313"]
+    ids = lambda page: [r["mam_result"]["forwarded"]["stanza"]["id"] for r in page["mam"]["results"]]
+    iq = await mam.retrieve(rsm={"max": 10}, timeout=T)
+    assert ids(iq) == order, ids(iq)
+    assert iq["mam_fin"]["complete"], iq
+    pages = [ids(p) async for p in mam.retrieve(iterator=True, reverse=True, rsm={"max": 2})]
+    assert pages == [["c2", "b3"], ["c1", "b2"], ["b1"]], pages
+    pages = [ids(p) async for p in mam.retrieve(iterator=True, rsm={"max": 2})]
+    assert pages == [["b1", "c1"], ["b2", "c2"], ["b3"]], pages
+    ts = dict(sent)
+    at = lambda ms: datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
+    iq = await mam.retrieve(start=at(ts["c1"]), end=at(ts["c2"]), rsm={"max": 10}, timeout=T)
+    assert ids(iq) == ["c1", "b2", "c2"], ids(iq)
+    # still per conversation with `with`
+    iq = await mam.retrieve(with_jid=slixmpp.JID(f"carol@{DOMAIN}"), rsm={"max": 10}, timeout=T)
+    assert ids(iq) == ["c1", "c2"], ids(iq)
+    # results go to the querying resource only: no carbons, no messages at the other resource
+    await asyncio.sleep(0.3)
+    assert other.messages.empty() and other.carbons.empty(), "MAM results were copied"
+    assert alice.messages.empty(), "MAM results came as messages"
+    alice.disconnect()
+    other.disconnect()
+
+
 async def scenario_starttls(host, port, url):
     import ssl
     st, _ = http(url, "/v1/register", {"user": "tina", "password": PASSWORD})
