@@ -7,17 +7,21 @@
 //!   openraft's storage suite (`openraft::testing::Suite::test_all`, in `tests`) and by reopen
 //!   and power-loss tests.
 //!
-//! - In `storage/state.rs`, [`State::apply_recording`](crate::storage::State::apply_recording):
-//!   apply that also stores the Raft applied state (log id, membership) in the same layer as the
-//!   entry's writes, so it is durable with the state it describes (and in its snapshots).
+//! - [`state_machine`]: openraft's `RaftStateMachine` over parley's own `State`: each entry's
+//!   batch applied through [`State::apply_recording`](crate::storage::State::apply_recording)
+//!   (the applied log id and membership durable with the state), outcomes returned per command,
+//!   effects handed to a `storage::Sink`; snapshots in parley's snapshot format plus a metadata
+//!   file, received into a file, installed by fsync + rename into a new state generation that
+//!   replaces the live one (`LiveState`). Checked by the same suite and by snapshot transfer and
+//!   reopen tests.
 //!
-//! What does not exist yet: the state machine adapter over `State::apply` (`RaftStateMachine`:
-//! `apply` through `apply_recording`, snapshots from `storage/snapshot.rs` installed by fsync +
-//! rename, which needs a way to swap the live `State`), the node-to-node network, membership start-up,
-//! forwarding to the leader, and the wiring into `server::run`; `parley serve` refuses
+//! What does not exist yet: the node-to-node network (snapshots to followers included),
+//! membership start-up, forwarding to the leader, a materializer and checkpoints for the
+//! cluster's state, and the wiring into `server::run`; `parley serve` refuses
 //! `cluster.node_id` above 0 until then (`server::check_supported`).
 
 pub mod log_store;
+pub mod state_machine;
 pub mod types;
 
 #[cfg(test)]

@@ -1,171 +1,58 @@
-//! The cluster module's tests: openraft's storage suite on the log store, and reopen and
-//! power-loss tests of what the log store promises (vote, truncate, purge, torn tail).
-//!
-//! `Suite::test_all` needs a state machine next to the log store. parley's own adapter over
-//! `State::apply` does not exist yet, so the suite runs with [`TestSm`], a small state machine
-//! kept in memory whose snapshots are files: it checks the log store, not parley's apply.
+//! The cluster module's tests: openraft's storage suite on the log store and parley's state
+//! machine adapter; reopen and power-loss tests of what the log store promises (vote, truncate,
+//! purge, torn tail); snapshot transfer and reopen tests of the state machine over real
+//! commands.
 
-use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{
-    AnyError, BasicNode, CommittedLeaderId, EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
-    StorageIOError, StoredMembership,
-};
-use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, StoredMembership};
+use tokio::io::AsyncWriteExt;
 
 use super::log_store::LogStore;
-use super::types::{Applied, Batch, Entry, LogId, StorageError, TypeConfig, Vote};
+use super::state_machine::StateMachine;
+use super::types::{Batch, Entry, LogId, StorageError, Vote};
+use crate::protocol::ids::Conv;
 use crate::storage::disk::{Disk, SimDisk};
+use crate::storage::records::{self, Command, LogEntry};
+use crate::storage::{Effects, Outcome, Sink};
 
 /// Small segments, so the tests roll, purge and truncate across segment files.
 const SEGMENT_BYTES: u64 = 256;
+/// sled's page cache in the tests, bytes.
+const CACHE_BYTES: u64 = 1 << 20;
 
-/// What [`TestSm`] holds (and writes as its snapshot).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct SmImage {
-    applied: Option<LogId>,
-    membership: StoredMembership<u64, BasicNode>,
-    /// Normal entries applied.
-    batches: u64,
-}
+/// A sink that keeps every event it is handed, as (user, ev).
+#[derive(Default)]
+struct Collect(Mutex<Vec<(String, u64)>>);
 
-struct SmInner {
-    /// Where the snapshot files go.
-    dir: PathBuf,
-    image: SmImage,
-    /// The current snapshot and its file.
-    current: Option<(SnapshotMeta<u64, BasicNode>, PathBuf)>,
-    /// Numbers the snapshot files.
-    seq: u64,
-}
-
-/// A state machine in memory, for the storage suite (see the module docs).
-#[derive(Clone)]
-struct TestSm {
-    inner: Arc<Mutex<SmInner>>,
-}
-
-fn sm_err(e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::write_state_machine(AnyError::new(&e)).into()
-}
-
-impl TestSm {
-    fn new(dir: PathBuf) -> TestSm {
-        std::fs::create_dir_all(&dir).expect("sm dir");
-        TestSm { inner: Arc::new(Mutex::new(SmInner { dir, image: SmImage::default(), current: None, seq: 0 })) }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SmInner> {
-        self.inner.lock().expect("test sm lock")
-    }
-
-    /// Writes `image` as a new snapshot file and makes it current.
-    fn store_snapshot(&self, image: &SmImage, meta: SnapshotMeta<u64, BasicNode>) -> Result<PathBuf, StorageError> {
-        let mut g = self.lock();
-        g.seq += 1;
-        let path = g.dir.join(format!("snapshot-{}", g.seq));
-        let bytes = postcard::to_allocvec(image).map_err(sm_err)?;
-        std::fs::write(&path, bytes).map_err(sm_err)?;
-        g.current = Some((meta, path.clone()));
-        Ok(path)
+impl Sink for Collect {
+    fn committed(&self, effects: Effects) {
+        self.0.lock().unwrap().extend(effects.events.into_iter().map(|p| (p.user, p.ev)));
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for TestSm {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (image, id) = {
-            let g = self.lock();
-            (g.image.clone(), g.seq + 1)
-        };
-        let meta = SnapshotMeta { last_log_id: image.applied, last_membership: image.membership.clone(), snapshot_id: id.to_string() };
-        let path = self.store_snapshot(&image, meta.clone())?;
-        let f = tokio::fs::File::open(&path).await.map_err(sm_err)?;
-        Ok(Snapshot { meta, snapshot: Box::new(f) })
-    }
+fn open_sm(dir: &Path) -> (StateMachine, Arc<Collect>) {
+    let sink = Arc::new(Collect::default());
+    (StateMachine::open(dir, CACHE_BYTES, sink.clone()).expect("open the state machine"), sink)
 }
 
-impl RaftStateMachine<TypeConfig> for TestSm {
-    type SnapshotBuilder = TestSm;
-
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<u64, BasicNode>), StorageError> {
-        let g = self.lock();
-        Ok((g.image.applied, g.image.membership.clone()))
-    }
-
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
-    where
-        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
-        I::IntoIter: openraft::OptionalSend,
-    {
-        let mut g = self.lock();
-        let mut out = Vec::new();
-        for e in entries {
-            g.image.applied = Some(e.log_id);
-            match e.payload {
-                EntryPayload::Blank => out.push(Applied::default()),
-                EntryPayload::Normal(_) => {
-                    g.image.batches += 1;
-                    out.push(Applied { commands: 1 });
-                }
-                EntryPayload::Membership(m) => {
-                    g.image.membership = StoredMembership::new(Some(e.log_id), m);
-                    out.push(Applied::default());
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
-    }
-
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        let path = {
-            let mut g = self.lock();
-            g.seq += 1;
-            g.dir.join(format!("receiving-{}", g.seq))
-        };
-        Ok(Box::new(tokio::fs::File::create(&path).await.map_err(sm_err)?))
-    }
-
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, BasicNode>, mut snapshot: Box<tokio::fs::File>) -> Result<(), StorageError> {
-        let mut bytes = Vec::new();
-        snapshot.seek(SeekFrom::Start(0)).await.map_err(sm_err)?;
-        snapshot.read_to_end(&mut bytes).await.map_err(sm_err)?;
-        let image: SmImage = postcard::from_bytes(&bytes).map_err(sm_err)?;
-        self.store_snapshot(&image, meta.clone())?;
-        self.lock().image = image;
-        Ok(())
-    }
-
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let current = self.lock().current.clone();
-        let Some((meta, path)) = current else { return Ok(None) };
-        let f = tokio::fs::File::open(&path).await.map_err(sm_err)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(f) }))
-    }
-}
-
-/// Builds a fresh log store (on the real file system, in a temp dir) and a [`TestSm`].
+/// Builds a fresh log store and state machine (on the real file system, in a temp dir).
 struct Builder;
 
-impl StoreBuilder<TypeConfig, LogStore, TestSm, tempfile::TempDir> for Builder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, TestSm), StorageError> {
-        let tmp = tempfile::tempdir().map_err(sm_err)?;
+impl StoreBuilder<super::types::TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
+        let tmp = tempfile::tempdir().expect("temp dir");
         let log = LogStore::open(&tmp.path().join("raft"), SEGMENT_BYTES)?;
-        let sm = TestSm::new(tmp.path().join("sm"));
+        let sm = StateMachine::open(&tmp.path().join("sm"), CACHE_BYTES, Arc::new(Collect::default()))?;
         Ok((tmp, log, sm))
     }
 }
 
 #[test]
-fn openraft_storage_suite_passes_on_the_wal_log_store() {
+fn openraft_storage_suite_passes_on_the_wal_log_store_and_the_state_machine() {
     Suite::test_all(Builder).expect("openraft::testing::Suite::test_all");
 }
 
@@ -430,4 +317,168 @@ fn the_raft_applied_state_is_stored_with_the_entry_it_describes_and_survives_as_
     drop(st);
     let st = State::open(&dir, 1 << 20).unwrap();
     assert_eq!((st.applied(), st.raft_applied().unwrap().as_deref()), (3, Some(&b"two"[..])));
+}
+
+const USERS: [&str; 3] = ["alice", "bob", "carol"];
+
+fn send(from: &str, to: &str, id: String) -> Command {
+    let body = format!("{id} from {from}");
+    Command::Send { from: from.into(), device: "d1".into(), id, conv: Conv::dm(from, to).to_string(), body }
+}
+
+/// Raft entries `range` of term 1 of a small chat: 0 is the membership {1, 2, 3}, 1 is blank,
+/// 2 registers [`USERS`], every later one is a batch of two direct messages and a receipt.
+fn workload(range: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
+    range
+        .map(|i| {
+            let commands = match i {
+                0 => return ent(1, 0),
+                1 => return Entry { log_id: lid(1, 1), payload: EntryPayload::Blank },
+                2 => USERS.iter().map(|u| Command::Register { user: (*u).into(), password_hash: "h".into() }).collect(),
+                _ => {
+                    let (a, b) = (USERS[i as usize % 3], USERS[(i as usize + 1) % 3]);
+                    vec![send(a, b, format!("m{i}a")), send(b, a, format!("m{i}b")), Command::Received { user: b.into(), device: "d1".into(), up_to: i - 2 }]
+                }
+            };
+            let bytes = records::encode(&LogEntry { ts: 1_000 + i, commands }).unwrap();
+            Entry { log_id: lid(1, i), payload: EntryPayload::Normal(Batch(bytes)) }
+        })
+        .collect()
+}
+
+/// What a client would see of `state`: every user's head and every direct conversation's history.
+fn seen(state: &crate::storage::State) -> Vec<String> {
+    let mut out = Vec::new();
+    for a in USERS {
+        out.push(format!("{a} head {}", state.head(a).unwrap()));
+        for b in USERS {
+            out.push(format!("{a} {b} {:?}", state.history(a, &Conv::dm(a, b), None, 100).unwrap()));
+        }
+    }
+    out
+}
+
+/// Every (user, ev) of every user's stream 1..=head, sorted.
+fn all_events(state: &crate::storage::State) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = USERS.iter().flat_map(|u| (1..=state.head(u).unwrap()).map(move |ev| (u.to_string(), ev))).collect();
+    v.sort();
+    v
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn apply_answers_each_command_records_the_raft_state_and_hands_the_effects_to_the_sink() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut sm, sink) = open_sm(&tmp.path().join("sm"));
+    let replies = sm.apply(workload(0..=4)).await.unwrap();
+    assert_eq!(replies.iter().map(|r| r.commands).collect::<Vec<_>>(), vec![0, 0, 3, 3, 3]);
+    assert!(replies[..2].iter().all(|r| r.outcomes.is_empty()), "blank and membership entries have no command");
+    assert_eq!(replies[2].outcomes, vec![Outcome::Done; 3]);
+    assert!(matches!(&replies[3].outcomes[0], Outcome::Sent { seq: 1, ts: 1_003, duplicate: false, .. }), "{:?}", replies[3]);
+    let (applied, membership) = sm.applied_state().await.unwrap();
+    assert_eq!((applied, membership.log_id()), (Some(lid(1, 4)), &Some(lid(1, 0))));
+    let state = sm.live().get();
+    assert_eq!(state.applied(), 5, "the state's index is the Raft index + 1");
+    let mut pushed = sink.0.lock().unwrap().clone();
+    pushed.sort();
+    assert!(!pushed.is_empty());
+    assert_eq!(pushed, all_events(&state), "every event reached the sink once");
+    // An entry applied already is refused, and changes nothing.
+    assert!(sm.apply(workload(4..=4)).await.is_err());
+    assert_eq!((state.applied(), sm.applied_state().await.unwrap().0), (5, Some(lid(1, 4))));
+    // A batch that is not a parley log entry is refused too.
+    let junk = Entry { log_id: lid(1, 5), payload: EntryPayload::Normal(Batch(vec![0xff, 1, 2])) };
+    assert!(sm.apply([junk]).await.is_err());
+    assert_eq!(state.applied(), 5);
+}
+
+#[tokio::test]
+async fn a_snapshot_built_on_one_state_machine_and_installed_on_a_fresh_one_gives_the_same_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, _) = open_sm(&tmp.path().join("a"));
+    a.apply(workload(0..=6)).await.unwrap();
+    let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!((snap.meta.last_log_id, snap.meta.last_membership.log_id()), (Some(lid(1, 6)), &Some(lid(1, 0))));
+    let at_snapshot = a.live().get().dump().unwrap();
+    let seen_at_snapshot = seen(&a.live().get());
+    // Streamed in small chunks into the file the follower hands out, as a transfer would.
+    let (mut b, sink_b) = open_sm(&tmp.path().join("b"));
+    let mut rx = b.begin_receiving_snapshot().await.unwrap();
+    let bytes = tokio::fs::read(tmp.path().join("a/snapshots/00000000000000000007.snap")).await.unwrap();
+    for chunk in bytes.chunks(97) {
+        rx.write_all(chunk).await.unwrap();
+    }
+    b.install_snapshot(&snap.meta, rx).await.unwrap();
+    assert_eq!(b.applied_state().await.unwrap(), a.applied_state().await.unwrap());
+    assert_eq!(b.live().get().dump().unwrap(), at_snapshot, "every table byte for byte");
+    assert_eq!(seen(&b.live().get()), seen_at_snapshot);
+    assert!(sink_b.0.lock().unwrap().is_empty(), "an install pushes nothing");
+    assert_eq!(b.get_current_snapshot().await.unwrap().map(|s| s.meta), Some(snap.meta.clone()));
+    assert_eq!(files_in(&tmp.path().join("b/snapshots")), vec!["00000000000000000007.raft", "00000000000000000007.snap"]);
+    assert_eq!(files_in(&tmp.path().join("b")), vec!["snapshots", "state-00000000000000000001"], "the replaced state is deleted");
+    // Both go on the same way.
+    let ra = a.apply(workload(7..=9)).await.unwrap();
+    let rb = b.apply(workload(7..=9)).await.unwrap();
+    assert_eq!(ra, rb);
+    assert_eq!(a.live().get().dump().unwrap(), b.live().get().dump().unwrap());
+    assert_eq!(seen(&a.live().get()), seen(&b.live().get()));
+    // A damaged file, or one that does not hold what its metadata says, is refused and changes nothing.
+    let before = b.live().get().dump().unwrap();
+    let mut damaged = bytes.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x40;
+    let mut rx = b.begin_receiving_snapshot().await.unwrap();
+    rx.write_all(&damaged).await.unwrap();
+    assert!(b.install_snapshot(&snap.meta, rx).await.is_err());
+    let mut lying = snap.meta.clone();
+    lying.last_log_id = Some(lid(1, 8));
+    let mut rx = b.begin_receiving_snapshot().await.unwrap();
+    rx.write_all(&bytes).await.unwrap();
+    assert!(b.install_snapshot(&lying, rx).await.is_err());
+    assert_eq!(b.live().get().dump().unwrap(), before);
+    assert_eq!(b.applied_state().await.unwrap().0, Some(lid(1, 9)));
+    assert_eq!(files_in(&tmp.path().join("b/snapshots")), vec!["00000000000000000007.raft", "00000000000000000007.snap"], "refused files are deleted");
+    // A crash after the snapshot's files were renamed but before the state was replaced: the
+    // install is finished on open.
+    let c = tmp.path().join("c");
+    std::fs::create_dir_all(c.join("snapshots")).unwrap();
+    for f in ["00000000000000000007.raft", "00000000000000000007.snap"] {
+        std::fs::copy(tmp.path().join("a/snapshots").join(f), c.join("snapshots").join(f)).unwrap();
+    }
+    let (mut c, _) = open_sm(&c);
+    assert_eq!(c.applied_state().await.unwrap().0, Some(lid(1, 6)));
+    assert_eq!(c.live().get().dump().unwrap(), at_snapshot);
+}
+
+#[tokio::test]
+async fn the_applied_state_and_the_current_snapshot_survive_a_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sm");
+    let (mut sm, _) = open_sm(&dir);
+    sm.apply(workload(0..=3)).await.unwrap();
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    sm.apply(workload(4..=5)).await.unwrap();
+    let applied = sm.applied_state().await.unwrap();
+    let (dump, shown_before) = (sm.live().get().dump().unwrap(), seen(&sm.live().get()));
+    drop(snap.snapshot);
+    drop(sm);
+    let (mut sm, _) = open_sm(&dir);
+    assert_eq!(sm.applied_state().await.unwrap(), applied);
+    assert_eq!(applied.0, Some(lid(1, 5)));
+    let EntryPayload::Membership(m) = ent(1, 0).payload else { unreachable!() };
+    assert_eq!(applied.1, StoredMembership::new(Some(lid(1, 0)), m));
+    assert_eq!(sm.live().get().dump().unwrap(), dump);
+    assert_eq!(seen(&sm.live().get()), shown_before);
+    assert_eq!(sm.get_current_snapshot().await.unwrap().map(|s| s.meta), Some(snap.meta));
+    // It goes on at the next index; an entry applied before the reopen is refused.
+    assert!(sm.apply(workload(5..=5)).await.is_err());
+    sm.apply(workload(6..=6)).await.unwrap();
+    assert_eq!(sm.live().get().applied(), 7);
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(lid(1, 6)));
+    assert_eq!(sm.applied_state().await.unwrap().1, applied.1);
 }

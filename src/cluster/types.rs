@@ -10,6 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::storage::Outcome;
+
 /// One group-commit batch of parley commands: the bytes of a `storage::records::LogEntry`
 /// exactly as the single-node log stores them as a record's payload (a format version byte,
 /// then postcard; see `storage/records.rs`). Carried opaque through Raft, so the stored formats
@@ -17,16 +19,25 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch(pub Vec<u8>);
 
-/// What the state machine answers for one applied entry: how many commands it held.
+/// What the state machine answers for one applied entry (openraft's `R`: what
+/// `Raft::client_write` returns on the node that proposed the entry).
 ///
-/// The commands' own outcomes (an ack with its seq, a refusal) are not carried back through
-/// Raft: every node applies every entry, and each node answers the clients connected to it
-/// from its own apply (an ack goes out after the entry is committed on a quorum *and* applied
-/// on the client's node, issue 12).
+/// Only `commands` crosses the network or a disk (openraft's `serde` feature wants `R`
+/// serializable); `outcomes` is local to the node that applied the entry and is skipped by
+/// serde. Every node applies every entry and answers the clients connected to it from its own
+/// apply (an ack goes out after the entry is committed on a quorum *and* applied on the
+/// client's node, issue 12). The entry's effects (events to push to local devices) do not
+/// travel here: the state machine hands them to its `storage::Sink`
+/// (see `cluster::state_machine`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     /// Commands in the entry (0 for a blank or membership entry).
     pub commands: u32,
+    /// One outcome per command, in the entry's order, exactly as the single node's commit
+    /// thread answers them (`State::apply`); empty for a blank or membership entry, and after
+    /// a round trip through serde.
+    #[serde(skip)]
+    pub outcomes: Vec<Outcome>,
 }
 
 openraft::declare_raft_types!(

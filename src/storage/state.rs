@@ -173,6 +173,19 @@ impl State {
         self.store.quiescent(|tree, index| super::snapshot::write(dir, index, tree.iter().map(|kv| kv.map_err(StorageError::from))))
     }
 
+    /// [`snapshot`](Self::snapshot), also returning what [`apply_recording`](Self::apply_recording)
+    /// stored as of the snapshot's index (`None`: never), read from the same quiescent tree the
+    /// file is copied from, so it describes exactly the state in the file whatever apply does
+    /// meanwhile. For the cluster's snapshots (the Raft metadata beside the file); a single node
+    /// never calls it.
+    pub fn snapshot_recorded(&self, dir: &Path) -> Result<(super::snapshot::SnapshotFile, u64, Option<Vec<u8>>), StorageError> {
+        self.store.quiescent(|tree, index| {
+            let raft = tree.get(full_key(TreeId::Meta, super::trees::RAFT_APPLIED_KEY))?.map(|v| v.to_vec());
+            let (file, records) = super::snapshot::write(dir, index, tree.iter().map(|kv| kv.map_err(StorageError::from)))?;
+            Ok((file, records, raft))
+        })
+    }
+
     /// Creates the state in `dir` (which must not hold one) from a snapshot file, durably, and
     /// returns its applied index. The log after that index is replayed by [`open`](super::open).
     pub fn restore_snapshot(dir: &Path, file: &Path) -> Result<u64, StorageError> {
