@@ -257,6 +257,13 @@ pub struct AuthConfig {
     pub argon2_iterations: u32,
     /// argon2id lanes.
     pub argon2_parallelism: u32,
+    /// Password hashes and verifications (argon2id, `argon2_memory_kib` each) running at once,
+    /// server-wide; 0 = one per CPU core. Bounds the memory that logins and registrations can
+    /// take: at most this × `argon2_memory_kib`.
+    pub max_concurrent_hashes: u32,
+    /// How long a login or registration waits for a free hash slot, ms; past that it gets
+    /// `503 overloaded` with `Retry-After` (XMPP: `<temporary-auth-failure/>`).
+    pub hash_wait_ms: u64,
 }
 
 /// `[session]`.
@@ -368,6 +375,12 @@ impl Config {
         }
         if self.auth.argon2_parallelism == 0 {
             return bad("auth.argon2_parallelism", "must be at least 1");
+        }
+        if self.auth.max_concurrent_hashes > 1024 {
+            return bad("auth.max_concurrent_hashes", "must be from 0 (one per CPU core) to 1024");
+        }
+        if self.auth.hash_wait_ms > 600_000 {
+            return bad("auth.hash_wait_ms", "must be at most 600000 (10 min)");
         }
         if self.session.hello_timeout_ms == 0 {
             return bad("session.hello_timeout_ms", "must be at least 1");
@@ -726,6 +739,6 @@ mod tests {
         assert!(w[0].contains("PARLEY_SESSION_HELLO_TIMEOUT_MS") && w[0].contains("did you mean PARLEY__SESSION__HELLO_TIMEOUT_MS?"), "{w:?}");
         assert!(w[1].contains("did you mean PARLEY__SERVER__LISTEN?"), "{w:?}");
         assert!(Config::env_warnings(vars(NON_CONFIG_VARS)).is_empty(), "the tests' and tools' variables");
-        assert_eq!(Config::keys().len(), 55, "{:?}", Config::keys());
+        assert_eq!(Config::keys().len(), 57, "{:?}", Config::keys());
     }
 }

@@ -121,6 +121,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         metrics,
         send_limiter: RateLimiter::new(cfg.limits.send_rate_per_s, cfg.limits.send_burst),
         login_limiter: RateLimiter::new(cfg.limits.failed_logins_per_min / 60.0, cfg.limits.failed_login_burst),
+        hash_slots: tokio::sync::Semaphore::new(crate::http::auth::hash_slots(&cfg)),
         upgrade_limiter: RateLimiter::new(cfg.admission.upgrades_per_s, cfg.admission.upgrade_burst),
     });
     crate::retention::start(&cfg, &pipeline);

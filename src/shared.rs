@@ -43,6 +43,9 @@ pub struct Shared {
     pub send_limiter: RateLimiter,
     /// Failed logins per client IP.
     pub login_limiter: RateLimiter,
+    /// Slots for password hashing (`auth.max_concurrent_hashes`); see
+    /// [`crate::http::auth::hash_job`].
+    pub hash_slots: tokio::sync::Semaphore,
     /// WebSocket upgrades (one bucket for the whole server).
     pub upgrade_limiter: RateLimiter,
 }

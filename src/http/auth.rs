@@ -28,8 +28,46 @@ fn argon2(s: &Shared) -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
+/// How many password hashes may run at once: `auth.max_concurrent_hashes`, or one per CPU core
+/// when it is 0.
+pub fn hash_slots(cfg: &crate::config::Config) -> usize {
+    match cfg.auth.max_concurrent_hashes {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n as usize,
+    }
+}
+
+/// No hash slot came free within `auth.hash_wait_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashBusy;
+
+/// Runs `f` (an argon2id hash or verification, which takes `auth.argon2_memory_kib` of memory)
+/// on the blocking pool once one of the server's hash slots is free, waiting at most
+/// `auth.hash_wait_ms`. Every password hash goes through here, so logins and registrations,
+/// however many arrive at once, hold at most `slots × argon2_memory_kib` (a flood of them once
+/// grew the server by gigabytes).
+///
+/// # Errors
+/// [`HashBusy`] if no slot came free in time (the caller answers 503 `overloaded`, or XMPP's
+/// `<temporary-auth-failure/>`), or if the blocking task was lost.
+pub async fn hash_job<T: Send + 'static>(s: &Shared, f: impl FnOnce() -> T + Send + 'static) -> Result<T, HashBusy> {
+    let wait = std::time::Duration::from_millis(s.cfg.auth.hash_wait_ms);
+    let Ok(Ok(_slot)) = tokio::time::timeout(wait, s.hash_slots.acquire()).await else {
+        metrics::counter!("parley_rate_limited_total", "what" => "password_hash").increment(1);
+        return Err(HashBusy);
+    };
+    tokio::task::spawn_blocking(f).await.map_err(|_| HashBusy)
+}
+
+/// `503 overloaded` with a `Retry-After` of 1 s: every hash slot stayed busy.
+fn hash_busy() -> HttpResponse {
+    let mut r = error(ErrorCode::Overloaded, "too many logins and registrations at once; retry later");
+    r.headers_mut().insert(actix_web::http::header::RETRY_AFTER, actix_web::http::header::HeaderValue::from_static("1"));
+    r
+}
+
 /// Whether `password` matches the argon2id PHC string `phc` (blocking: call off the async
-/// workers). Also used by the XMPP gateway's SASL PLAIN.
+/// workers, through [`hash_job`]). Also used by the XMPP gateway's SASL PLAIN.
 pub fn verify_password(s: &Shared, phc: &str, password: &str) -> bool {
     PasswordHash::new(phc).map(|h| argon2(s).verify_password(password.as_bytes(), &h).is_ok()).unwrap_or(false)
 }
@@ -85,13 +123,14 @@ pub async fn register(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpRespon
 /// XMPP in-band registration (XEP-0077).
 pub async fn register_user(s: &Arc<Shared>, user: &str, password: String) -> Result<Outcome, crate::storage::PipelineError> {
     let s2 = s.clone();
-    let hashed = web::block(move || {
+    let hashed = hash_job(s, move || {
         let salt = SaltString::generate(&mut rand::thread_rng());
         let phc = argon2(&s2).hash_password(password.as_bytes(), &salt).map(|h| h.to_string());
         (phc, crate::xmpp::sasl::derive_verifiers(&password))
     })
     .await;
-    let Ok((Ok(password_hash), scram)) = hashed else { return Ok(Outcome::Refused(Refusal::BadRequest("cannot hash the password".into()))) };
+    let Ok(hashed) = hashed else { return Err(crate::storage::PipelineError::Overloaded) };
+    let (Ok(password_hash), scram) = hashed else { return Ok(Outcome::Refused(Refusal::BadRequest("cannot hash the password".into()))) };
     let out = s.pipeline.call(Command::Register { user: user.to_owned(), password_hash }).await?;
     if out == Outcome::Done {
         if let Some(scram) = scram {
@@ -132,9 +171,9 @@ pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Bytes
         Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),
     };
     let s2 = s.clone();
-    let ok = web::block(move || verify_password(&s2, &rec.password_hash, &c.password))
-    .await
-    .unwrap_or(false);
+    let Ok(ok) = hash_job(&s, move || verify_password(&s2, &rec.password_hash, &c.password)).await else {
+        return hash_busy();
+    };
     if !ok {
         return failed();
     }

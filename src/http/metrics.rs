@@ -98,7 +98,7 @@ fn describe() {
     for result in ["ok", "failed"] {
         counter!("parley_logins_total", "result" => result).increment(0);
     }
-    for what in ["send", "login"] {
+    for what in ["send", "login", "password_hash"] {
         counter!("parley_rate_limited_total", "what" => what).increment(0);
     }
     for why in crate::http::ADMISSION_WHY {

@@ -514,13 +514,22 @@ impl XmppSession {
         use sasl::server::Response;
         self.sasl_busy = true;
         let plain_pw = (self.mech_name == "PLAIN").then(|| super::sasl::plain_password(&payload)).flatten();
-        let job = tokio::task::spawn_blocking(move || {
-            let r = mech.respond(&payload);
-            (mech, r)
-        });
+        // PLAIN verifies an argon2id hash: through the server's hash slots, like HTTP logins.
+        let shared = self.shared.clone();
+        let job = async move {
+            crate::http::auth::hash_job(&shared, move || {
+                let r = mech.respond(&payload);
+                (mech, r)
+            })
+            .await
+        };
         ctx.wait(job.into_actor(self).map(move |res, act, ctx| {
             act.sasl_busy = false;
             match res {
+                Err(crate::http::auth::HashBusy) => {
+                    let f = build!("failure", ns::SASL).append(empty("temporary-auth-failure", ns::SASL)).build();
+                    act.write(&f, 0);
+                }
                 Ok((mech, Ok(Response::Proceed(data)))) => {
                     act.mech = Some(mech);
                     let c = text_el("challenge", ns::SASL, b64(&data));

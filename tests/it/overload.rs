@@ -1483,3 +1483,56 @@ async fn reserved_bits_close_1002_and_bad_utf8_closes_1007() {
         }
     }
 }
+
+/// Peak resident set size of `pid`, in KiB (`VmHWM`).
+fn hwm_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// Password hashes (argon2id, 32 MiB each here) run in `auth.max_concurrent_hashes` slots: 8
+/// logins at once through one slot all succeed, and the server's peak memory grows by about one
+/// hash, not eight (a flood of logins once grew it by gigabytes). With no time to wait for a
+/// slot, the logins that find it busy get `503 overloaded` instead of a hash of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_hashes_run_in_bounded_slots_so_a_login_flood_cannot_exhaust_memory() {
+    const KIB: u64 = 32 * 1024;
+    const AT_ONCE: usize = 8;
+    let dir = TestDir::new();
+    let mem = KIB.to_string();
+    let mut srv = Server::start_with(&dir, &[("PARLEY__AUTH__ARGON2_MEMORY_KIB", &mem), ("PARLEY__AUTH__MAX_CONCURRENT_HASHES", "1")]).await;
+    srv.register("alice").await;
+    let logins = |addr| async move {
+        let req = json!({"user": "alice", "password": PASSWORD, "device": "web"});
+        let tasks: Vec<_> = (0..AT_ONCE)
+            .map(|_| {
+                let req = req.clone();
+                tokio::spawn(async move { http(addr, "POST", "/v1/login", Some(&req), None).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(within(T * 4, "a login", t).await.expect("login task"));
+        }
+        out
+    };
+    let pid = server_pid(&dir);
+    let before = hwm_kib(pid);
+    let answers = logins(srv.addr).await;
+    assert!(answers.iter().all(|(st, _)| *st == 200), "every login waits for the slot and succeeds: {answers:?}");
+    let grown = hwm_kib(pid).saturating_sub(before);
+    assert!(grown < 3 * KIB, "peak memory grew by {grown} KiB for {AT_ONCE} logins of {KIB} KiB each through one slot");
+
+    srv.kill9().await;
+    srv.set_env(&[("PARLEY__AUTH__HASH_WAIT_MS", "0")]);
+    srv.restart().await;
+    let answers = logins(srv.addr).await;
+    for (st, body) in &answers {
+        assert!(*st == 200 || (*st == 503 && body["error"] == "overloaded"), "{st} {body}");
+    }
+    let busy = answers.iter().filter(|(st, _)| *st == 503).count();
+    assert!(busy >= 1 && busy < AT_ONCE, "{busy} of {AT_ONCE} simultaneous logins found the one slot busy: {answers:?}");
+}
