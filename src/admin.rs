@@ -16,6 +16,25 @@ use crate::protocol::ids::valid_user_id;
 use crate::storage::records::Command;
 use crate::storage::{self, Outcome, Refusal};
 
+/// `println!` for the admin commands' output: a reader that went away (`parley admin user list
+/// | head -1`) ends the command quietly with status 0 instead of a panic. Every line is printed
+/// after the work it reports is done.
+macro_rules! out {
+    ($($t:tt)*) => { print_line(format_args!($($t)*)) };
+}
+
+fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("parley admin: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+
 /// The admin subcommands.
 #[derive(Debug, Subcommand)]
 pub enum AdminCmd {
@@ -88,7 +107,7 @@ fn run_on(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
     match cmd {
         AdminCmd::Verify => {
             let r = storage::verify(data, cfg.storage.cache_bytes)?;
-            println!(
+            out!(
                 "log: {} entries in {} segments{}; state applied up to {}; replay compared: {}",
                 r.log_entries,
                 r.log_segments,
@@ -97,11 +116,11 @@ fn run_on(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
                 if r.replay_compared && r.problems.is_empty() { "yes, identical" } else if r.replay_compared { "yes (see the problems below)" } else { "no (the log does not start at entry 1: checkpointed or restored; invariant checks only)" }
             );
             if r.problems.is_empty() {
-                println!("verify: OK");
+                out!("verify: OK");
                 Ok(())
             } else {
                 for p in &r.problems {
-                    println!("problem: {p}");
+                    out!("problem: {p}");
                 }
                 bail!("verify: {} problems", r.problems.len())
             }
@@ -118,23 +137,23 @@ fn run_on(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
                     let deleted = all.iter().filter(|(_, u)| u.deleted).count();
                     let users = all.len() - deleted;
                     let groups = state.group_count()?;
-                    println!("users: {users}");
-                    println!("deleted users: {deleted}");
-                    println!("conversations: {convs}");
-                    println!("groups: {groups}");
-                    println!("messages: {messages}");
-                    println!("applied index: {}", state.applied());
+                    out!("users: {users}");
+                    out!("deleted users: {deleted}");
+                    out!("conversations: {convs}");
+                    out!("groups: {groups}");
+                    out!("messages: {messages}");
+                    out!("applied index: {}", state.applied());
                     match wal.first_index() {
-                        Some(first) => println!("log: {} bytes in {} segments, entries {first} to {}", wal.size_bytes(), wal.segment_count(), wal.last_index()),
-                        None => println!("log: {} bytes in {} segments, no entries", wal.size_bytes(), wal.segment_count()),
+                        Some(first) => out!("log: {} bytes in {} segments, entries {first} to {}", wal.size_bytes(), wal.segment_count(), wal.last_index()),
+                        None => out!("log: {} bytes in {} segments, no entries", wal.size_bytes(), wal.segment_count()),
                     }
-                    println!("state (sled): {} bytes", state.size_on_disk());
+                    out!("state (sled): {} bytes", state.size_on_disk());
                     Ok(())
                 }
                 AdminCmd::Backup { dir } => {
                     crate::data_dir::check_backup_target(&dir, data)?;
                     let applied = state.backup_to(&dir)?;
-                    println!("backup of applied index {applied} written to {}", dir.display());
+                    out!("backup of applied index {applied} written to {}", dir.display());
                     Ok(())
                 }
                 AdminCmd::User { cmd } => user(cfg, &state, &mut wal, cmd),
@@ -153,10 +172,10 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
             let users = state.users()?;
             if json {
                 let v: Vec<_> = users.iter().map(|(id, u)| serde_json::json!({ "user": id, "created_ms": u.created, "deleted": u.deleted })).collect();
-                println!("{}", serde_json::Value::Array(v));
+                out!("{}", serde_json::Value::Array(v));
             } else {
                 for (id, u) in users {
-                    println!("{id}\tcreated={}{}", iso8601_utc(u.created), if u.deleted { "\tdeleted" } else { "" });
+                    out!("{id}\tcreated={}{}", iso8601_utc(u.created), if u.deleted { "\tdeleted" } else { "" });
                 }
             }
             Ok(())
@@ -173,7 +192,7 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
             match commit(wal, Command::Register { user: user.clone(), password_hash })? {
                 Outcome::Done => {
                     set_scram(|c| commit(wal, c), &user, &password)?;
-                    Ok(println!("user {user} added"))
+                    Ok(out!("user {user} added"))
                 }
                 Outcome::Refused(Refusal::UserExists) => bail!("user {user} exists"),
                 o => bail!("unexpected outcome {o:?}"),
@@ -181,7 +200,7 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
         }
         UserCmd::Delete { user } if state.user(&user)?.is_some_and(|u| u.deleted) => bail!("user {user} was already deleted"),
         UserCmd::Delete { user } => match commit(wal, Command::DeleteUser { user: user.clone() })? {
-            Outcome::Done => Ok(println!("user {user} deleted")),
+            Outcome::Done => Ok(out!("user {user} deleted")),
             Outcome::Refused(_) => bail!("no user {user}"),
             o => bail!("unexpected outcome {o:?}"),
         },
@@ -192,7 +211,7 @@ fn user(cfg: &Config, state: &storage::State, wal: &mut storage::wal::Wal, cmd: 
             match commit(wal, Command::SetPassword { user: user.clone(), password_hash })? {
                 Outcome::Done => {
                     set_scram(|c| commit(wal, c), &user, &password)?;
-                    Ok(println!("password of {user} reset; its tokens are revoked"))
+                    Ok(out!("password of {user} reset; its tokens are revoked"))
                 }
                 Outcome::Refused(_) => bail!("no user {user}"),
                 o => bail!("unexpected outcome {o:?}"),
@@ -268,7 +287,7 @@ fn restore(data: &Path, backup: &Path, force: bool) -> anyhow::Result<()> {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
         let aside = PathBuf::from(format!("{}.replaced-{secs}", data.display()));
         std::fs::rename(data, &aside).with_context(|| format!("moving {} aside", data.display()))?;
-        println!("moved the old data directory to {}", aside.display());
+        out!("moved the old data directory to {}", aside.display());
     }
     std::fs::create_dir_all(data)?;
     copy_dir(&backup.join("state"), &data.join("state"))?;
@@ -279,7 +298,7 @@ fn restore(data: &Path, backup: &Path, force: bool) -> anyhow::Result<()> {
         bail!("restored state has problems: {problems:?}");
     }
     crate::data_dir::mark(data)?;
-    println!("restored {} (applied index {}) into {}", backup.display(), opened.state.applied(), data.display());
+    out!("restored {} (applied index {}) into {}", backup.display(), opened.state.applied(), data.display());
     Ok(())
 }
 

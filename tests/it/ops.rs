@@ -886,3 +886,22 @@ async fn json_logs_never_hold_passwords_tokens_or_bodies() {
 async fn stop_server(srv: &mut Server) {
     stop(srv).await
 }
+
+/// An admin command whose reader went away (`parley admin user list | head -1`) ends quietly
+/// with status 0: no panic, no backtrace.
+#[tokio::test]
+async fn admin_output_into_a_closed_pipe_ends_quietly() {
+    let dir = TestDir::new();
+    let data = dir.data();
+    let r = admin(&dir, &data, &["user", "add", "alice", "--password", PASSWORD], None).await;
+    assert!(r.ok(), "{r}");
+    // A pipe whose read end is closed before the command writes: its first line gets EPIPE.
+    let (read, write) = std::io::pipe().expect("pipe");
+    drop(read);
+    let mut cmd = tokio::process::Command::new(exe(&dir));
+    cmd.arg("admin").arg("--data").arg(&data).args(["user", "list"]).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(write).stderr(Stdio::piped());
+    let o = within(T, "parley admin user list", cmd.output()).await.expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    assert!(!err.contains("panicked"), "stderr: {err}");
+}
