@@ -394,11 +394,17 @@ impl Config {
         if self.session.outbound_queue_frames < 16 {
             return bad("session.outbound_queue_frames", "must be at least 16");
         }
-        if self.session.ping_interval_ms == 0 || self.session.ping_timeout_ms <= self.session.ping_interval_ms {
+        if self.session.ping_interval_ms == 0 {
+            return bad("session.ping_interval_ms", "must be at least 1");
+        }
+        if self.session.ping_timeout_ms <= self.session.ping_interval_ms {
             return bad("session.ping_timeout_ms", "must be greater than session.ping_interval_ms (> 0)");
         }
         if self.session.sync_page_events == 0 {
             return bad("session.sync_page_events", "must be at least 1");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            return bad("log.level", &format!("`{}` is not a tracing filter (e.g. `info`, `parley=debug,warn`): {e}", self.log.level));
         }
         if self.session.typing_timeout_ms == 0 {
             return bad("session.typing_timeout_ms", "must be at least 1");
@@ -572,7 +578,18 @@ pub fn env_name(key: &str) -> String {
 
 /// The candidate closest to `word` by edit distance (ties: the first), if any.
 fn nearest<'a>(word: &str, candidates: &'a [String]) -> Option<&'a str> {
-    candidates.iter().min_by_key(|c| edit_distance(word, c)).map(String::as_str)
+    if !word.contains('.') {
+        // An unknown section: the nearest section (`[sesion]` → `session`), not a whole key.
+        let sections = candidates.iter().filter_map(|c| c.split_once('.').map(|(s, _)| s));
+        return sections.min_by_key(|c| edit_distance(word, c)).filter(|c| close_enough(word, c));
+    }
+    candidates.iter().min_by_key(|c| edit_distance(word, c)).map(String::as_str).filter(|c| close_enough(word, c))
+}
+
+/// Whether `near` is a plausible typo of `word`: at most a third of its characters differ
+/// (at least 2), so an unrelated name gets no "did you mean".
+fn close_enough(word: &str, near: &str) -> bool {
+    edit_distance(word, near) <= (word.chars().count() / 3).max(2)
 }
 
 /// Levenshtein distance, in characters.
@@ -610,6 +627,7 @@ fn describe(e: &figment::Error) -> String {
     let from = match e.metadata.as_ref() {
         Some(m) => match &m.source {
             Some(Source::File(f)) => format!(" in {}", f.display()),
+            _ if m.name.contains("environment") && !key.contains('.') => format!(" (environment variables {}__*)", env_name(&key)),
             _ if m.name.contains("environment") => format!(" (environment variable {})", env_name(&key)),
             _ => String::new(),
         },
@@ -620,7 +638,8 @@ fn describe(e: &figment::Error) -> String {
             let near = nearest(&key, Config::keys()).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
             format!("unknown key `{key}`{from}{near}")
         }
-        Kind::Message(m) if key.is_empty() => format!("{m}{from}"),
+        // A TOML syntax error spans several lines (the line quoted, a caret): keep it one.
+        Kind::Message(m) if key.is_empty() => format!("{}{from}", m.split_whitespace().collect::<Vec<_>>().join(" ")),
         kind => format!("{kind} for key `{key}`{from}"),
     }
 }
@@ -666,7 +685,22 @@ mod tests {
             assert!(!e.contains("default.") && !e.contains("``") && !e.contains("`one of"), "{e}");
             jail.create_file("section.toml", "[sesion]\nhello_timeout_ms = 5\n")?;
             let e = Config::load(Some(Path::new("section.toml"))).unwrap_err().to_string();
-            assert!(e.contains("unknown key `sesion`") && e.contains("section.toml"), "{e}");
+            assert!(e.contains("unknown key `sesion`") && e.contains("section.toml") && e.contains("did you mean `session`?"), "{e}");
+            jail.create_file("broken.toml", "garbage = = =\n")?;
+            let e = Config::load(Some(Path::new("broken.toml"))).unwrap_err().to_string();
+            assert!(!e.contains('\n') && e.contains("broken.toml"), "a TOML syntax error is one line: {e}");
+            jail.set_env("PARLEY__BOGUS__KEY", "1");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("unknown key `bogus`") && e.contains("PARLEY__BOGUS__*") && !e.contains("did you mean"), "{e}");
+            jail.clear_env();
+            jail.set_env("PARLEY__LOG__LEVEL", "foo[[[");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("log.level"), "{e}");
+            jail.clear_env();
+            jail.set_env("PARLEY__SESSION__PING_INTERVAL_MS", "0");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("session.ping_interval_ms"), "{e}");
+            jail.clear_env();
             jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "soon");
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("for key `session.hello_timeout_ms`") && e.contains("PARLEY__SESSION__HELLO_TIMEOUT_MS"), "{e}");
