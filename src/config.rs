@@ -221,6 +221,9 @@ pub struct ServerConfig {
     pub registration_open: bool,
     /// Graceful shutdown deadline, ms.
     pub shutdown_timeout_ms: u64,
+    /// Longest an HTTP request body (register, login, backup) may take to arrive, ms; then
+    /// `408` (actix's `client_request_timeout` covers only the head).
+    pub body_timeout_ms: u64,
 }
 
 /// `[storage]`.
@@ -393,6 +396,9 @@ impl Config {
         }
         if self.session.outbound_queue_frames < 16 {
             return bad("session.outbound_queue_frames", "must be at least 16");
+        }
+        if !(1..=600_000).contains(&self.server.body_timeout_ms) {
+            return bad("server.body_timeout_ms", "must be from 1 to 600000 (10 min)");
         }
         if self.session.ping_interval_ms == 0 {
             return bad("session.ping_interval_ms", "must be at least 1");
@@ -773,6 +779,6 @@ mod tests {
         assert!(w[0].contains("PARLEY_SESSION_HELLO_TIMEOUT_MS") && w[0].contains("did you mean PARLEY__SESSION__HELLO_TIMEOUT_MS?"), "{w:?}");
         assert!(w[1].contains("did you mean PARLEY__SERVER__LISTEN?"), "{w:?}");
         assert!(Config::env_warnings(vars(NON_CONFIG_VARS)).is_empty(), "the tests' and tools' variables");
-        assert_eq!(Config::keys().len(), 57, "{:?}", Config::keys());
+        assert_eq!(Config::keys().len(), 58, "{:?}", Config::keys());
     }
 }

@@ -86,7 +86,7 @@ fn parse_body(body: &web::Bytes) -> Result<Credentials, HttpResponse> {
 }
 
 /// `POST /v1/register`: `201 {"user"}`.
-pub async fn register(s: web::Data<Arc<Shared>>, body: web::Bytes) -> HttpResponse {
+pub async fn register(s: web::Data<Arc<Shared>>, super::Body(body): super::Body) -> HttpResponse {
     let c = match parse_body(&body) {
         Ok(c) => c,
         Err(r) => return r,
@@ -143,7 +143,7 @@ pub async fn register_user(s: &Arc<Shared>, user: &str, password: String) -> Res
 
 /// `POST /v1/login`: `200 {"token", "user", "device"}`. After `failed_login_burst` failures from
 /// one IP, every login from it gets `429 rate_limited` until its bucket refills.
-pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, super::Body(body): super::Body) -> HttpResponse {
     let ip = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     if !s.login_limiter.has_token(&ip) {
         metrics::counter!("parley_rate_limited_total", "what" => "login").increment(1);

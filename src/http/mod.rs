@@ -20,6 +20,27 @@ use crate::protocol::ErrorCode;
 use crate::shared::Shared;
 use crate::storage::PipelineError;
 
+/// A request body (`web::Bytes`, under the app's size limit) that must arrive within
+/// `server.body_timeout_ms`: a client that sends the head and then trickles or withholds the
+/// body gets `408` and the connection back, instead of holding it (and a descriptor) forever.
+pub struct Body(pub web::Bytes);
+
+impl actix_web::FromRequest for Body {
+    type Error = actix_web::Error;
+    type Future = futures_util::future::LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let ms = req.app_data::<web::Data<Arc<Shared>>>().map_or(10_000, |s| s.cfg.server.body_timeout_ms);
+        let bytes = web::Bytes::from_request(req, payload);
+        Box::pin(async move {
+            match tokio::time::timeout(std::time::Duration::from_millis(ms), bytes).await {
+                Ok(b) => b.map(Body),
+                Err(_) => Err(actix_web::error::ErrorRequestTimeout(format!("the request body did not arrive within {ms} ms"))),
+            }
+        })
+    }
+}
+
 /// The HTTP status of an error code.
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
@@ -192,7 +213,7 @@ async fn healthz(s: web::Data<Arc<Shared>>) -> HttpResponse {
 /// `POST /v1/admin/backup` `{"dir": PATH}` with `Authorization: Bearer <admin.token>`: a
 /// consistent backup taken on the commit thread between batches; `200 {"dir", "applied_index"}`.
 /// 404 when `admin.token` is empty; 401 on a wrong token.
-async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, Body(body): Body) -> HttpResponse {
     if s.cfg.admin.token.is_empty() {
         return error(ErrorCode::NotFound, "no such path");
     }

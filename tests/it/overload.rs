@@ -1536,3 +1536,21 @@ async fn password_hashes_run_in_bounded_slots_so_a_login_flood_cannot_exhaust_me
     let busy = answers.iter().filter(|(st, _)| *st == 503).count();
     assert!(busy >= 1 && busy < AT_ONCE, "{busy} of {AT_ONCE} simultaneous logins found the one slot busy: {answers:?}");
 }
+
+/// A request whose body does not arrive in `server.body_timeout_ms` gets `408` with the JSON
+/// error body, and the connection is closed: a client cannot hold one open by withholding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withheld_request_body_gets_408_and_the_connection_closes() {
+    let dir = TestDir::new();
+    let srv = Server::start_with(&dir, &[("PARLEY__SERVER__BODY_TIMEOUT_MS", "300")]).await;
+    for path in ["/v1/login", "/v1/register"] {
+        let mut tcp = TcpStream::connect(srv.addr).await.expect("connect");
+        let head = format!("POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"user\"", srv.addr);
+        tcp.write_all(head.as_bytes()).await.expect("head");
+        let mut got = Vec::new();
+        within(T, "the 408 and the close", tcp.read_to_end(&mut got)).await.expect("read");
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 408"), "{path}: {got}");
+        assert!(got.contains("\"error\"") && got.contains("did not arrive"), "{path}: {got}");
+    }
+}
