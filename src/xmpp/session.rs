@@ -360,7 +360,9 @@ impl XmppSession {
                     let mechs = super::sasl::MECHANISMS.iter().map(|m| text_el("mechanism", ns::SASL, *m));
                     f = f.append(Element::builder("mechanisms", ns::SASL).append_all(mechs).build());
                 }
-                if self.shared.cfg.server.registration_open {
+                // XEP-0077 §8 (stream feature) and its Security Considerations: registration
+                // sends the password in the clear, so it is offered under the SASL rule.
+                if self.shared.cfg.server.registration_open && self.sasl_allowed() {
                     f = f.append(empty("register", ns::REGISTER_FEATURE));
                 }
                 let f = f.build();
@@ -381,8 +383,9 @@ impl XmppSession {
         }
     }
 
-    /// SASL is offered over TLS, or without it where `xmpp.allow_plaintext` allows.
-    fn sasl_allowed(&self) -> bool {
+    /// SASL (and XEP-0077 registration, which carries a password too) is offered over TLS, or
+    /// without it where `xmpp.allow_plaintext` allows.
+    pub(super) fn sasl_allowed(&self) -> bool {
         self.secure || self.link.plaintext_ok
     }
 

@@ -523,6 +523,32 @@ async fn starttls_then_sasl() {
     slix_with("starttls", &env).await;
 }
 
+/// XEP-0077 in-band registration follows the plaintext rule of SASL (`xmpp.allow_plaintext`; its
+/// `"auto"` default decides by the listener's address, so `false` on loopback takes the path of a
+/// public listener): on a plaintext stream where SASL is refused, `<register/>` is not offered and
+/// a `jabber:iq:register` get or set gets `<not-authorized/>` (XEP-0077 §3.3: the channel is not
+/// safe enough); nothing is registered, and the stream stays open for STARTTLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_band_registration_needs_tls_where_plaintext_is_refused() {
+    let dir = TestDir::new();
+    let server = Server::start_with(&dir, &[("PARLEY__XMPP__ALLOW_PLAINTEXT", "false")]).await;
+    let mut r = Raw::connect(server.xmpp.expect("xmpp address")).await;
+    r.write(HEADER.as_bytes()).await;
+    // Nothing to offer: no STARTTLS configured, no SASL, no registration.
+    assert!(r.until("<features xmlns='http://etherx.jabber.org/streams'/>").await, "{}", r.got);
+    r.got.clear();
+    r.write(b"<iq type='get' id='g1'><query xmlns='jabber:iq:register'/></iq>").await;
+    assert!(r.until("</iq>").await, "{}", r.got);
+    assert!(r.got.contains("type='error'") && r.got.contains("<not-authorized") && !r.got.contains("<username"), "{}", r.got);
+    r.got.clear();
+    r.write(format!("<iq type='set' id='r1'><query xmlns='jabber:iq:register'><username>neo</username><password>{PASSWORD}</password></query></iq>").as_bytes()).await;
+    assert!(r.until("</iq>").await, "{}", r.got);
+    assert!(r.got.contains("id='r1'") && r.got.contains("type='error'") && r.got.contains("<not-authorized"), "{}", r.got);
+    assert!(!r.eof, "the stream stays open");
+    // Not registered: the name is still free.
+    server.register("neo").await;
+}
+
 /// slixmpp and a native client chat both ways with receipts (XEP-0184), markers (XEP-0333) and
 /// chat states (XEP-0085); offline delivery; MAM paging backwards (XEP-0313); carbons to a second
 /// resource (XEP-0280) with no duplicate copies.
