@@ -368,6 +368,50 @@ async fn websocket_framing_rfc7395() {
     assert_eq!((r.by.as_str(), r.up_to), ("carol", 1));
 }
 
+/// An RFC 7395 connection of `user`, authenticated (PLAIN) and bound to `resource`, available.
+async fn ws_bound(server: &Server, user: &str, resource: &str) -> Ws {
+    let mut req = format!("ws://{}/xmpp-websocket", server.addr).into_client_request().expect("request");
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "xmpp".parse().expect("header"));
+    let (mut ws, _) = within(T, "ws connect", tokio_tungstenite::connect_async(req)).await.expect("connect");
+    let open = "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>";
+    ws_send(&mut ws, open).await;
+    ws_until(&mut ws, "features").await;
+    ws_send(&mut ws, &format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}</auth>", plain(user))).await;
+    ws_until(&mut ws, "success").await;
+    ws_send(&mut ws, open).await;
+    ws_until(&mut ws, "features").await;
+    ws_send(&mut ws, &format!("<iq xmlns='jabber:client' type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>")).await;
+    ws_until(&mut ws, "iq").await;
+    ws_send(&mut ws, "<presence xmlns='jabber:client'/>").await;
+    ws_until(&mut ws, "presence").await;
+    ws
+}
+
+/// RFC 7395 §3.3.3: one element per message. Two stanzas, or a stanza and trailing text, in one
+/// message are a `not-well-formed` stream error and `<close/>`; neither stanza is handled.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_message_with_two_elements_is_a_stream_error() {
+    let two = "<message xmlns='jabber:client' to='alice@localhost' type='chat' id='one'><body>first</body></message>\
+               <message xmlns='jabber:client' to='alice@localhost' type='chat' id='two'><body>second</body></message>";
+    let junk = "<message xmlns='jabber:client' to='alice@localhost' type='chat' id='three'><body>third</body></message>junk";
+    let dir = TestDir::new();
+    let server = Server::start(&dir).await;
+    let [mut alice] = server.clients(["alice"]).await;
+    server.register("carol").await;
+    for frame in [two, junk] {
+        let mut ws = ws_bound(&server, "carol", "browser").await;
+        ws_send(&mut ws, frame).await;
+        let e = ws_until(&mut ws, "error").await;
+        assert!(e.has_child("not-well-formed", "urn:ietf:params:xml:ns:xmpp-streams"), "{frame}: {}", parley::xmpp::stanza::to_string(&e));
+        ws_until(&mut ws, "close").await;
+        assert!(ws_next(&mut ws).await.is_none(), "the server closes the socket");
+    }
+    // Neither message of a refused frame was stored.
+    alice.send_acked("a1", "carol", "still here").await;
+    let ids: Vec<String> = alice.history_all("dm:alice:carol").await.into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, ["a1"]);
+}
+
 // ------------------------------------------------------------------------ slixmpp
 
 /// The python of a venv with slixmpp 1.17 and websockets, or why there is none.
