@@ -368,6 +368,21 @@ async fn websocket_framing_rfc7395() {
     assert_eq!((r.by.as_str(), r.up_to), ("carol", 1));
 }
 
+/// The status code of the server's close frame (skipping what comes before it); None when the
+/// connection ended without one.
+async fn ws_close_code(ws: &mut Ws) -> Option<u16> {
+    within(T, "the server's close frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return None,
+            }
+        }
+    })
+    .await
+}
+
 /// An RFC 7395 connection of `user`, authenticated (PLAIN) and bound to `resource`, available.
 async fn ws_bound(server: &Server, user: &str, resource: &str) -> Ws {
     let mut req = format!("ws://{}/xmpp-websocket", server.addr).into_client_request().expect("request");
@@ -410,6 +425,27 @@ async fn websocket_message_with_two_elements_is_a_stream_error() {
     alice.send_acked("a1", "carol", "still here").await;
     let ids: Vec<String> = alice.history_all("dm:alice:carol").await.into_iter().map(|m| m.id).collect();
     assert_eq!(ids, ["a1"]);
+}
+
+/// The server's close frame carries a status code (RFC 6455 §7.4.1): 1000 after an orderly
+/// `<close/>` exchange (RFC 7395 §3.6), 1002 (protocol error) after a `not-well-formed` stream
+/// error.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_close_frames_carry_a_status_code() {
+    let dir = TestDir::new();
+    let server = Server::start(&dir).await;
+    server.register("carol").await;
+    let mut ws = ws_bound(&server, "carol", "browser").await;
+    ws_send(&mut ws, "<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>").await;
+    ws_until(&mut ws, "close").await;
+    assert_eq!(ws_close_code(&mut ws).await, Some(1000));
+
+    let mut ws = ws_bound(&server, "carol", "browser").await;
+    ws_send(&mut ws, "<message><body>").await;
+    let e = ws_until(&mut ws, "error").await;
+    assert!(e.has_child("not-well-formed", "urn:ietf:params:xml:ns:xmpp-streams"));
+    ws_until(&mut ws, "close").await;
+    assert_eq!(ws_close_code(&mut ws).await, Some(1002));
 }
 
 // ------------------------------------------------------------------------ slixmpp
