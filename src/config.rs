@@ -121,8 +121,8 @@ pub struct XmppConfig {
     pub listen: String,
     /// The XMPP domain: JIDs are `user@domain/device`.
     pub domain: String,
-    /// Whether SASL (PLAIN and SCRAM) is offered on a stream without TLS: `true`, `false`, or
-    /// `"auto"` (true only when the listener is a loopback address).
+    /// Whether SASL (PLAIN and SCRAM) and XEP-0077 registration are offered on a stream without
+    /// TLS: `true`, `false`, or `"auto"` (true only when the listener is a loopback address).
     pub allow_plaintext: Plaintext,
     /// PEM certificate chain for STARTTLS; empty: no STARTTLS.
     pub tls_cert: String,

@@ -162,11 +162,30 @@ impl StreamParser {
     }
 }
 
-/// Parses one WebSocket message (RFC 7395 §3.3: one whole element per message). Unprefixed
-/// elements without a namespace declaration are read as `jabber:client`.
+/// Parses one WebSocket message: RFC 7395 §3.3.3 makes every message one standalone XML
+/// document holding exactly one element (`<open/>`, `<close/>` or a stanza), so a second element
+/// or any text after the first makes the message no well-formed document of one element: the
+/// stream error `not-well-formed` (RFC 6120 §4.9.3.13), then `<close/>`, never silence.
+/// Unprefixed elements without a namespace declaration are read as `jabber:client`.
 pub fn parse_frame(text: &str) -> Result<Element, StreamError> {
-    Element::from_reader_with_prefixes(text.as_bytes(), NS_CLIENT.to_owned())
-        .map_err(|e| StreamError::new("not-well-formed", e.to_string()))
+    let bad = |why: String| StreamError::new("not-well-formed", why);
+    let mut tree = TreeBuilder::new().with_prefixes_stack(vec![NS_CLIENT.to_owned().into()]);
+    let mut reader = rxml::RawReader::new(text.as_bytes());
+    let mut root = None;
+    loop {
+        match reader.read() {
+            Ok(Some(ev)) if root.is_none() => {
+                tree.process_event(ev).map_err(|e| bad(e.to_string()))?;
+                root = tree.root.take();
+            }
+            // rxml refuses what follows the root itself; this arm only keeps that promise local.
+            Ok(Some(_)) => return Err(bad("one element per WebSocket message (RFC 7395 §3.3.3)".into())),
+            Ok(None) => break,
+            Err(e) if root.is_some() => return Err(bad(format!("one element per WebSocket message (RFC 7395 §3.3.3): {e}"))),
+            Err(e) => return Err(bad(e.to_string())),
+        }
+    }
+    root.ok_or_else(|| bad("an incomplete element".into()))
 }
 
 #[cfg(test)]
@@ -257,5 +276,10 @@ mod tests {
         assert!(parse_frame("<!DOCTYPE a><a/>").is_err());
         assert!(parse_frame("<a>&ent;</a>").is_err());
         assert!(parse_frame("<a>").is_err());
+        // Exactly one element per message: a second one or trailing text is an error.
+        assert!(parse_frame("<presence/> \n").is_ok());
+        for two in ["<presence/><presence/>", "<message><body>x</body></message><iq type='get' id='1'/>", "<presence/>junk", "<a/>&amp;"] {
+            assert_eq!(parse_frame(two).map_err(|e| e.condition).err(), Some("not-well-formed"), "{two}");
+        }
     }
 }

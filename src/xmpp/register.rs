@@ -1,6 +1,12 @@
 //! XEP-0077 in-band registration: the same checks and the same commands as `POST /v1/register`
 //! (`server.registration_open`, the user id rules, 8-256 byte passwords, argon2id and the SCRAM
 //! verifiers through the log), before authentication.
+//!
+//! Like SASL, it needs TLS unless `xmpp.allow_plaintext` allows a plaintext stream: XEP-0077's
+//! Security Considerations say registration SHOULD NOT be used over an unsecured channel. The
+//! feature is not advertised then, and a `jabber:iq:register` iq (get or set) gets
+//! `<not-authorized/>` (type `modify`), the condition XEP-0077 §3.3 gives for "the channel is
+//! not safe enough"; after STARTTLS the same stream may register.
 
 use actix::prelude::*;
 use minidom::Element;
@@ -19,6 +25,9 @@ pub fn in_band(s: &mut XmppSession, iq: Element, q: Element, ctx: &mut Context<X
     if !s.is_pre_auth() {
         // Password change and account removal are not offered over XMPP.
         return reply_err(s, "cancel", "not-allowed", "change the password with parley's tools");
+    }
+    if !s.sasl_allowed() {
+        return reply_err(s, "modify", "not-authorized", "register over TLS (STARTTLS) only");
     }
     if !s.shared().cfg.server.registration_open {
         return reply_err(s, "cancel", "not-allowed", "registration is closed");

@@ -39,8 +39,9 @@ pub enum Out {
     /// Serialized XML; `ev` (0: none) is the highest event it completes, recorded once written.
     /// An empty string only records `ev` (an event that maps to no stanza).
     Data(String, u64),
-    /// Close the connection after what is queued.
-    Close,
+    /// Close the connection after what is queued; the stream error condition that ended the
+    /// stream, `None` for an orderly end (WebSocket: it picks the close code, [`super::ws::close_code`]).
+    Close(Option<&'static str>),
     /// TCP: after what is queued (`<proceed/>`), the TLS handshake (RFC 6120 §5.4.3.3).
     StartTls,
 }
@@ -144,6 +145,8 @@ pub struct XmppSession {
     sm: Option<super::sm::Counters>,
     /// The client ended the stream itself (`</stream>`, `<close/>`): nothing to park.
     clean_end: bool,
+    /// The stream error condition this stream ended with, if it did.
+    ended_by: Option<&'static str>,
 }
 
 fn b64(data: &[u8]) -> String {
@@ -217,6 +220,7 @@ impl XmppSession {
             acks: super::sm::AckGate::default(),
             sm: None,
             clean_end: false,
+            ended_by: None,
         }
     }
 
@@ -304,10 +308,11 @@ impl XmppSession {
     }
 
     /// Sends a stream error (RFC 6120 §4.9) and closes the stream.
-    fn stream_error(&mut self, condition: &str, text: &str, ctx: &mut Context<Self>) {
+    fn stream_error(&mut self, condition: &'static str, text: &str, ctx: &mut Context<Self>) {
         if self.closing {
             return;
         }
+        self.ended_by = Some(condition);
         tracing::info!(session = self.id, condition, text, "xmpp stream error");
         metrics::counter!("parley_xmpp_stream_errors_total").increment(1);
         if !self.header_sent {
@@ -332,7 +337,7 @@ impl XmppSession {
             self.write_raw("</stream:stream>".to_owned(), 0);
         }
         self.closing = true;
-        let _ = self.link.tx.try_send(Out::Close);
+        let _ = self.link.tx.try_send(Out::Close(self.ended_by));
         ctx.stop();
     }
 
@@ -360,7 +365,9 @@ impl XmppSession {
                     let mechs = super::sasl::MECHANISMS.iter().map(|m| text_el("mechanism", ns::SASL, *m));
                     f = f.append(Element::builder("mechanisms", ns::SASL).append_all(mechs).build());
                 }
-                if self.shared.cfg.server.registration_open {
+                // XEP-0077 §8 (stream feature) and its Security Considerations: registration
+                // sends the password in the clear, so it is offered under the SASL rule.
+                if self.shared.cfg.server.registration_open && self.sasl_allowed() {
                     f = f.append(empty("register", ns::REGISTER_FEATURE));
                 }
                 let f = f.build();
@@ -381,8 +388,9 @@ impl XmppSession {
         }
     }
 
-    /// SASL is offered over TLS, or without it where `xmpp.allow_plaintext` allows.
-    fn sasl_allowed(&self) -> bool {
+    /// SASL (and XEP-0077 registration, which carries a password too) is offered over TLS, or
+    /// without it where `xmpp.allow_plaintext` allows.
+    pub(super) fn sasl_allowed(&self) -> bool {
         self.secure || self.link.plaintext_ok
     }
 
@@ -849,6 +857,7 @@ impl XmppSession {
                             .append(build!("handled-count-too-high", ns::SM, "h" => t.h.to_string(), "send-count" => t.sent.to_string()).build())
                             .build();
                         self.write(&e, 0);
+                        self.ended_by = Some("undefined-condition");
                         self.end_stream(ctx);
                     }
                 }
@@ -1375,7 +1384,7 @@ impl Handler<super::sm::Park> for XmppSession {
         // Resumed elsewhere: park now (stopped() stores the counters), without a word on this
         // connection, which is presumed dead.
         self.closing = true;
-        let _ = self.link.tx.try_send(Out::Close);
+        let _ = self.link.tx.try_send(Out::Close(self.ended_by));
         ctx.stop();
     }
 }
@@ -1415,7 +1424,7 @@ impl Actor for XmppSession {
         metrics::gauge!("parley_xmpp_streams_open").decrement(1.0);
         self.shared.sockets.fetch_sub(1, Ordering::Relaxed);
         self.shared.sessions.remove(&self.id);
-        let _ = self.link.tx.try_send(Out::Close);
+        let _ = self.link.tx.try_send(Out::Close(self.ended_by));
         if !self.watching.is_empty() {
             self.shared.presence.unwatch(self.id, &self.watching);
         }

@@ -215,7 +215,7 @@ fn connection(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr, plaintext_
                         restart.store(false, Ordering::SeqCst);
                         addr.do_send(In::Secured);
                     }
-                    Some(Out::Close) | None => break,
+                    Some(Out::Close(_)) | None => break,
                 },
             }
         }

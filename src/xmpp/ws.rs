@@ -1,6 +1,7 @@
 //! XMPP over WebSocket (RFC 7395) at `GET /xmpp-websocket` on the HTTP listener: subprotocol
 //! `xmpp`, one whole element per text message, `<open/>` and `<close/>` framing. Frames are
 //! size-checked at their header by the same guard as the native protocol (`http/guard.rs`).
+//! The server's WebSocket close frame carries a status code ([`close_code`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::Message as WsMessage;
+use actix_ws::{CloseCode, CloseReason, Message as WsMessage};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
@@ -51,6 +52,9 @@ pub async fn route(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Paylo
     let mut wsw = ws.clone();
     let stall = Duration::from_millis(shared.cfg.session.slow_consumer_timeout_ms);
     actix_rt::spawn(async move {
+        // A queue that closes without `Out::Close`: the session stopped while it was full (a
+        // slow consumer), a policy end rather than an orderly one.
+        let mut ended_by = Some("policy-violation");
         while let Some(o) = rx.recv().await {
             match o {
                 Out::Data(s, ev) => {
@@ -64,12 +68,16 @@ pub async fn route(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Paylo
                         w2.fetch_max(ev, Ordering::AcqRel);
                     }
                 }
-                Out::Close => break,
+                Out::Close(why) => {
+                    ended_by = why;
+                    break;
+                }
                 // No STARTTLS on WebSocket (TLS is the `wss:` URL's business).
                 Out::StartTls => {}
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), wsw.close(None)).await;
+        let reason = CloseReason { code: close_code(ended_by), description: ended_by.map(str::to_owned) };
+        let _ = tokio::time::timeout(Duration::from_secs(1), wsw.close(Some(reason))).await;
     });
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let link = Link {
@@ -124,4 +132,22 @@ pub async fn route(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Paylo
         addr.do_send(In::Gone);
     });
     Ok(resp)
+}
+
+/// The WebSocket close code (RFC 6455 §7.4.1) for how the XMPP stream ended. RFC 7395 §3.6: the
+/// server ends the stream with `<close/>` (after a stream error, RFC 7395 §3.6.1 and RFC 6120
+/// §4.9, with the `<stream:error/>` first) and then closes the WebSocket connection. An orderly
+/// end is 1000 (normal closure); a stream error gets the code nearest its condition: binary
+/// messages 1003 (unsupported data), a policy (size, timeout, authentication, addressing) 1008,
+/// a server fault 1011, a shutdown 1001 (going away), and malformed or misplaced XML 1002
+/// (protocol error).
+pub fn close_code(stream_error: Option<&str>) -> CloseCode {
+    match stream_error {
+        None => CloseCode::Normal,
+        Some("system-shutdown") => CloseCode::Away,
+        Some("unsupported-encoding") => CloseCode::Unsupported,
+        Some("policy-violation" | "connection-timeout" | "not-authorized" | "host-unknown" | "invalid-from" | "conflict") => CloseCode::Policy,
+        Some("internal-server-error") => CloseCode::Error,
+        Some(_) => CloseCode::Protocol,
+    }
 }

@@ -368,6 +368,86 @@ async fn websocket_framing_rfc7395() {
     assert_eq!((r.by.as_str(), r.up_to), ("carol", 1));
 }
 
+/// The status code of the server's close frame (skipping what comes before it); None when the
+/// connection ended without one.
+async fn ws_close_code(ws: &mut Ws) -> Option<u16> {
+    within(T, "the server's close frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return None,
+            }
+        }
+    })
+    .await
+}
+
+/// An RFC 7395 connection of `user`, authenticated (PLAIN) and bound to `resource`, available.
+async fn ws_bound(server: &Server, user: &str, resource: &str) -> Ws {
+    let mut req = format!("ws://{}/xmpp-websocket", server.addr).into_client_request().expect("request");
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "xmpp".parse().expect("header"));
+    let (mut ws, _) = within(T, "ws connect", tokio_tungstenite::connect_async(req)).await.expect("connect");
+    let open = "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>";
+    ws_send(&mut ws, open).await;
+    ws_until(&mut ws, "features").await;
+    ws_send(&mut ws, &format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}</auth>", plain(user))).await;
+    ws_until(&mut ws, "success").await;
+    ws_send(&mut ws, open).await;
+    ws_until(&mut ws, "features").await;
+    ws_send(&mut ws, &format!("<iq xmlns='jabber:client' type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>")).await;
+    ws_until(&mut ws, "iq").await;
+    ws_send(&mut ws, "<presence xmlns='jabber:client'/>").await;
+    ws_until(&mut ws, "presence").await;
+    ws
+}
+
+/// RFC 7395 §3.3.3: one element per message. Two stanzas, or a stanza and trailing text, in one
+/// message are a `not-well-formed` stream error and `<close/>`; neither stanza is handled.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_message_with_two_elements_is_a_stream_error() {
+    let two = "<message xmlns='jabber:client' to='alice@localhost' type='chat' id='one'><body>first</body></message>\
+               <message xmlns='jabber:client' to='alice@localhost' type='chat' id='two'><body>second</body></message>";
+    let junk = "<message xmlns='jabber:client' to='alice@localhost' type='chat' id='three'><body>third</body></message>junk";
+    let dir = TestDir::new();
+    let server = Server::start(&dir).await;
+    let [mut alice] = server.clients(["alice"]).await;
+    server.register("carol").await;
+    for frame in [two, junk] {
+        let mut ws = ws_bound(&server, "carol", "browser").await;
+        ws_send(&mut ws, frame).await;
+        let e = ws_until(&mut ws, "error").await;
+        assert!(e.has_child("not-well-formed", "urn:ietf:params:xml:ns:xmpp-streams"), "{frame}: {}", parley::xmpp::stanza::to_string(&e));
+        ws_until(&mut ws, "close").await;
+        assert!(ws_next(&mut ws).await.is_none(), "the server closes the socket");
+    }
+    // Neither message of a refused frame was stored.
+    alice.send_acked("a1", "carol", "still here").await;
+    let ids: Vec<String> = alice.history_all("dm:alice:carol").await.into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, ["a1"]);
+}
+
+/// The server's close frame carries a status code (RFC 6455 §7.4.1): 1000 after an orderly
+/// `<close/>` exchange (RFC 7395 §3.6), 1002 (protocol error) after a `not-well-formed` stream
+/// error.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_close_frames_carry_a_status_code() {
+    let dir = TestDir::new();
+    let server = Server::start(&dir).await;
+    server.register("carol").await;
+    let mut ws = ws_bound(&server, "carol", "browser").await;
+    ws_send(&mut ws, "<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>").await;
+    ws_until(&mut ws, "close").await;
+    assert_eq!(ws_close_code(&mut ws).await, Some(1000));
+
+    let mut ws = ws_bound(&server, "carol", "browser").await;
+    ws_send(&mut ws, "<message><body>").await;
+    let e = ws_until(&mut ws, "error").await;
+    assert!(e.has_child("not-well-formed", "urn:ietf:params:xml:ns:xmpp-streams"));
+    ws_until(&mut ws, "close").await;
+    assert_eq!(ws_close_code(&mut ws).await, Some(1002));
+}
+
 // ------------------------------------------------------------------------ slixmpp
 
 /// The python of a venv with slixmpp 1.17 and websockets, or why there is none.
@@ -521,6 +601,32 @@ async fn starttls_then_sasl() {
         assert!(r.until("<encryption-required").await, "{}", r.got);
     }
     slix_with("starttls", &env).await;
+}
+
+/// XEP-0077 in-band registration follows the plaintext rule of SASL (`xmpp.allow_plaintext`; its
+/// `"auto"` default decides by the listener's address, so `false` on loopback takes the path of a
+/// public listener): on a plaintext stream where SASL is refused, `<register/>` is not offered and
+/// a `jabber:iq:register` get or set gets `<not-authorized/>` (XEP-0077 §3.3: the channel is not
+/// safe enough); nothing is registered, and the stream stays open for STARTTLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_band_registration_needs_tls_where_plaintext_is_refused() {
+    let dir = TestDir::new();
+    let server = Server::start_with(&dir, &[("PARLEY__XMPP__ALLOW_PLAINTEXT", "false")]).await;
+    let mut r = Raw::connect(server.xmpp.expect("xmpp address")).await;
+    r.write(HEADER.as_bytes()).await;
+    // Nothing to offer: no STARTTLS configured, no SASL, no registration.
+    assert!(r.until("<features xmlns='http://etherx.jabber.org/streams'/>").await, "{}", r.got);
+    r.got.clear();
+    r.write(b"<iq type='get' id='g1'><query xmlns='jabber:iq:register'/></iq>").await;
+    assert!(r.until("</iq>").await, "{}", r.got);
+    assert!(r.got.contains("type='error'") && r.got.contains("<not-authorized") && !r.got.contains("<username"), "{}", r.got);
+    r.got.clear();
+    r.write(format!("<iq type='set' id='r1'><query xmlns='jabber:iq:register'><username>neo</username><password>{PASSWORD}</password></query></iq>").as_bytes()).await;
+    assert!(r.until("</iq>").await, "{}", r.got);
+    assert!(r.got.contains("id='r1'") && r.got.contains("type='error'") && r.got.contains("<not-authorized"), "{}", r.got);
+    assert!(!r.eof, "the stream stays open");
+    // Not registered: the name is still free.
+    server.register("neo").await;
 }
 
 /// slixmpp and a native client chat both ways with receipts (XEP-0184), markers (XEP-0333) and
