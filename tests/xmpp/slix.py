@@ -379,10 +379,16 @@ async def scenario_muc_create(host, port, url):
         assert e.condition == "not-allowed", e.condition
     # leaving the room (unavailable presence) keeps the membership; erin then leaves the group
     # (her own affiliation to none): a native `left` event, and she may not join again
+    gone = asyncio.Queue()
+    erin.add_event_handler("groupchat_presence", lambda p: p["type"] == "unavailable" and str(p["from"]) == f"{room}/erin" and gone.put_nowait(p))
     muc(erin).leave_muc(room, "erin")
+    await get(gone, "the answer to erin's leave")
     await muc(erin).set_affiliation(room, "none", jid=f"erin@{DOMAIN}", timeout=T)
     g = await erin_native.event("group", lambda g: g["action"] == "left")
     assert g["users"] == ["erin"], g
+    # The group event reaches erin's XMPP client as her own unavailable presence too; a join
+    # sent before it arrives would take it for the join's answer.
+    await get(gone, "erin's departure from the group at her XMPP client")
     try:
         await muc(erin).join_muc_wait(room, "erin", maxstanzas=0, timeout=5)
         raise SystemExit("a former member joined")
