@@ -65,6 +65,34 @@ fn occupant(s: &XmppSession, room: &str, user: &str, admin: bool, available: boo
     p.append(user_x(aff, role, Some(&s.bare_of(user)), codes)).build()
 }
 
+/// XEP-0045 §7.8.2: the room forwards the invitation when this user was put in the group by
+/// someone else (added, or a member from its creation).
+fn invitation(s: &XmppSession, g: &GroupView) -> Option<Element> {
+    let me = s.user();
+    let invited = matches!(g.action, GroupAction::Added | GroupAction::Created) && g.users.iter().any(|u| u == me) && g.by != me;
+    invited.then(|| {
+        let inv = build!("invite", ns::MUC_USER, "from" => s.bare_of(&g.by)).build();
+        build!("message", ns::CLIENT, "from" => s.room_jid(&g.group).as_str(), "to" => s.bare_of(me))
+            .append(Element::builder("x", ns::MUC_USER).append(inv).build())
+            .build()
+    })
+}
+
+/// The stanzas of a group event from before this resource bound (the backlog of a new
+/// resource): the invitation only, and only while this user is still a member; never the
+/// occupant presences, which would tell a client about rooms it never joined (a fresh client
+/// then took a stale self-presence for the answer to its join). A resource learns the
+/// occupants when it joins.
+pub fn backlog_group_event(s: &mut XmppSession, g: &GroupView) -> Vec<Element> {
+    let id = g.group.trim_start_matches("g:");
+    let me = s.user().to_owned();
+    let member = s.shared().state.group(id).ok().flatten().is_some_and(|gr| gr.members.iter().any(|m| m.user == me));
+    if !member {
+        return Vec::new();
+    }
+    invitation(s, g).into_iter().collect()
+}
+
 /// The stanzas of a group membership event for this resource: presence of the users who came or
 /// went (with status 110 when it is this user, 321 when it was removed).
 pub fn group_event(s: &mut XmppSession, g: &GroupView) -> Vec<Element> {
@@ -72,16 +100,7 @@ pub fn group_event(s: &mut XmppSession, g: &GroupView) -> Vec<Element> {
     let me = s.user().to_owned();
     let id = g.group.trim_start_matches("g:");
     let admins: Vec<String> = s.shared().state.group(id).ok().flatten().map(admins_of).unwrap_or_default();
-    let mut out = Vec::new();
-    if g.action == GroupAction::Added && g.users.contains(&me) && g.by != me {
-        // XEP-0045 §7.8.2: the room forwards the invitation (this user was added by `by`).
-        let inv = build!("invite", ns::MUC_USER, "from" => s.bare_of(&g.by)).build();
-        out.push(
-            build!("message", ns::CLIENT, "from" => room.as_str(), "to" => s.bare_of(&me))
-                .append(Element::builder("x", ns::MUC_USER).append(inv).build())
-                .build(),
-        );
-    }
+    let mut out: Vec<Element> = invitation(s, g).into_iter().collect();
     out.extend(g.users
         .iter()
         .map(|u| {

@@ -125,6 +125,11 @@ pub struct XmppSession {
     target: u64,
     /// Highest cursor submitted.
     cursor_sent: u64,
+    /// The user's head when this resource bound: events up to it are backlog, stored before
+    /// the resource existed. Their group events are history, not news: a new resource gets no
+    /// occupant presences of rooms it never joined, only the invitations to rooms it is still
+    /// in ([`super::muc::backlog_group_event`]). 0 after a `<resume/>`: that stream was live.
+    backlog_head: u64,
     pump_later: bool,
     /// XEP-0280 enabled.
     carbons: bool,
@@ -208,6 +213,7 @@ impl XmppSession {
             last_sent: 0,
             target: 0,
             cursor_sent: 0,
+            backlog_head: 0,
             pump_later: false,
             carbons: false,
             own_ids: HashSet::new(),
@@ -627,6 +633,7 @@ impl XmppSession {
             act.last_sent = cursor;
             act.cursor_sent = cursor;
             act.target = head;
+            act.backlog_head = head;
             act.phase = Phase::Ready;
             let jid = act.full_jid();
             let r = build!("iq", ns::CLIENT, "type" => "result", "id" => attr!(iq, "id").unwrap_or(""))
@@ -679,7 +686,10 @@ impl XmppSession {
     /// Writes the stanzas of event `ev`; false when the queue was full (nothing of it is lost:
     /// it stays unsent and the pump sends it again).
     fn emit(&mut self, ev: u64, payload: &EventPayload) -> bool {
-        let stanzas = self.render(payload);
+        let stanzas = match payload {
+            EventPayload::Group(g) if ev <= self.backlog_head => super::muc::backlog_group_event(self, g),
+            _ => self.render(payload),
+        };
         if self.room() < stanzas.len() + 1 {
             return false;
         }

@@ -692,3 +692,39 @@ async fn load_idle_over_xmpp_holds_sessions() {
     let j = load_json(&server, &["idle", "--protocol", "xmpp", "--users", "4", "--duration", "0.2"]).await;
     assert_eq!((j["protocol"].as_str(), j["connected"].as_u64(), j["still_open"].as_u64()), (Some("xmpp"), Some(4), Some(4)), "{j}");
 }
+
+/// A new resource's backlog of group events is history, not news: the invitation to a room
+/// the user is still in (one per add), but no occupant presences of rooms it never joined, and
+/// nothing of a room it was removed from. Live group events still bring the presences.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_resource_gets_invitations_not_stale_room_presences_from_its_backlog() {
+    let dir = TestDir::new();
+    let server = Server::start(&dir).await;
+    let x = server.xmpp.expect("xmpp address");
+    let [mut alice] = server.clients(["alice"]).await;
+    server.register("bob").await;
+    server.register("carol").await;
+    let g = alice.create_group("team", &["bob", "carol"]).await;
+    let rm = ClientFrame::GroupRemove { group: g.clone(), users: vec!["carol".to_owned()] };
+    alice.request("rm", rm).await;
+    let room = format!("{}@conference.localhost", g.trim_start_matches("g:"));
+    for (user, invited) in [("bob", true), ("carol", false)] {
+        let mut r = Raw::login(x, user, "fresh").await;
+        // The backlog goes out when the resource becomes available, before this ping's answer.
+        r.write(b"<iq type='get' id='sentinel'><ping xmlns='urn:xmpp:ping'/></iq>").await;
+        assert!(r.until("id='sentinel'").await || r.until("id=\"sentinel\"").await, "{user}: {}", r.got);
+        let stale: Vec<&str> = r.got.split("<presence").skip(1).filter(|p| p.contains(&room)).collect();
+        assert!(stale.is_empty(), "{user} got presences of a room it never joined: {stale:?}");
+        let invites = r.got.matches("<invite").count();
+        assert_eq!(invites, usize::from(invited), "{user}'s invitations: {}", r.got);
+        if invited {
+            assert!(r.got.contains(&room) && r.got.contains("alice@localhost"), "{}", r.got);
+            // Live: alice adds dave; bob's resource sees dave come in (an occupant presence).
+            server.register("dave").await;
+            r.got.clear();
+            let add = ClientFrame::GroupAdd { group: g.clone(), users: vec!["dave".to_owned()] };
+            alice.request("add", add).await;
+            assert!(r.until(&format!("{room}/dave")).await, "the live presence of dave: {}", r.got);
+        }
+    }
+}
