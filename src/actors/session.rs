@@ -589,7 +589,9 @@ impl Session {
                 if users.len() > MAX_WATCH_USERS {
                     return self.error(ErrorCode::TooLarge, "watch at most 1000 users at once", rid, None, ctx);
                 }
-                let users: Vec<String> = users.into_iter().filter(|u| valid_user_id(u)).collect();
+                // Each user once, in the order asked: one presence frame per user.
+                let mut seen = std::collections::HashSet::new();
+                let users: Vec<String> = users.into_iter().filter(|u| valid_user_id(u) && seen.insert(u.clone())).collect();
                 let me_r = ctx.address().recipient::<Relay>();
                 let frames = self.shared.presence.watch(self.id, &me_r, &users, &self.shared.online);
                 for u in users {

@@ -1153,6 +1153,11 @@ impl Applier<'_> {
         }
         let mut all = vec![by.to_owned()];
         all.extend(members.iter().cloned());
+        // Too many names is the answer before any of them is looked up (a refusal either way:
+        // no state changes, so a replay of an older log answers differently but ends the same).
+        if all.iter().collect::<BTreeSet<_>>().len() > cap as usize {
+            return Ok(Outcome::Refused(Refusal::TooLarge(format!("a group holds at most {cap} members"))));
+        }
         let users = match self.existing_users(&all)? {
             Ok(u) => u,
             Err(r) => return Ok(Outcome::Refused(r)),

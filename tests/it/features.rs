@@ -638,6 +638,12 @@ async fn watch_takes_up_to_1000_users_and_unwatch_stops_updates() {
     assert_eq!(code, ErrorCode::TooLarge, "watch of 1,001 users");
     wendy.barrier().await;
     assert!(wendy.take_stash().is_empty(), "frames after the refused watch");
+    // The same user named many times: one presence frame.
+    wendy.send(ClientFrame::Watch { users: vec!["bob".into(); 500] }).await;
+    assert_eq!(presence_of(&mut wendy, "bob").await, (false, None));
+    wendy.barrier().await;
+    let dup = wendy.take_stash();
+    assert!(dup.is_empty(), "frames after one presence of bob: {dup:?}");
 
     // Unwatch bob; carol is watched and serves as the barrier: her online, then her offline
     // (a later presence flush than any about bob) reach wendy, and nothing about bob before.

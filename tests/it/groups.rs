@@ -376,6 +376,10 @@ async fn groups_are_capped_at_1024_members_by_default() {
     let (fits, over) = (&refs[..1023], &refs[..1024]);
     let gc = ClientFrame::GroupCreate { name: "over".into(), members: users(over) };
     assert_eq!(alice.request_err("over", gc).await.0, ErrorCode::TooLarge, "1,025 members");
+    // Too many names is refused as too many before any name is looked up.
+    let strangers: Vec<String> = (0..1100).map(|i| format!("nobody{i}")).collect();
+    let gc = ClientFrame::GroupCreate { name: "over".into(), members: strangers };
+    assert_eq!(alice.request_err("strangers", gc).await.0, ErrorCode::TooLarge, "1,100 unregistered names");
     let g = alice.create_group("full", fits).await;
     assert_eq!(alice.group_info(&g).await.1.len(), 1024);
     let add = ClientFrame::GroupAdd { group: g.clone(), users: users(&[refs[1023]]) };
