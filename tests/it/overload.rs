@@ -271,11 +271,16 @@ pub(crate) fn server_pid(dir: &TestDir) -> u32 {
 
 /// Resident set size of `pid`, in KiB (`VmRSS` of /proc/PID/status).
 pub(crate) fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A `kB` field of /proc/PID/status (`VmRSS`, `VmHWM`, ...), in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
     s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
 /// Waits for `user`'s presence with `online` on a watcher's socket; returns its `last_seen`.
@@ -1486,11 +1491,7 @@ async fn reserved_bits_close_1002_and_bad_utf8_closes_1007() {
 
 /// Peak resident set size of `pid`, in KiB (`VmHWM`).
 fn hwm_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
+    status_kib(pid, "VmHWM")
 }
 
 /// Password hashes (argon2id, 32 MiB each here) run in `auth.max_concurrent_hashes` slots: 8
