@@ -61,7 +61,9 @@ pub struct ClusterConfig {
     /// Every node of the cluster, itself included, as `"ID=HOST:PORT"` (its node-to-node
     /// address). From the environment (`PARLEY__CLUSTER__PEERS`) a comma-separated string.
     pub peers: Peers,
-    /// How often the leader sends heartbeats (Raft paper §5.2), ms.
+    /// How often the leader sends heartbeats (Raft paper §5.2), ms. openraft 0.9 also gives each
+    /// AppendEntries and each read-index round this long to be answered, so it must exceed the
+    /// node-to-node round trip plus a follower's fsync (a WAN link needs more than the default).
     pub heartbeat_ms: u64,
     /// A follower that hears no leader for a random time in `[t, 1.5t)` ms starts an election
     /// (Raft paper §5.2: randomized election timeouts); one that heard the leader within 1.5t

@@ -133,6 +133,8 @@ pub struct Node {
     gossip: Mutex<Option<Arc<dyn GossipSink>>>,
     /// The configured members, for the start-up initialization.
     configured: BTreeMap<NodeId, String>,
+    /// The address the node-to-node listener is bound to.
+    listening: String,
     stopping: AtomicBool,
 }
 
@@ -173,7 +175,9 @@ impl Node {
             election_timeout_max: c.election_timeout_ms * 3 / 2,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_entries),
             max_in_snapshot_log_to_keep: c.keep_entries,
-            max_payload_entries: 64,
+            // With batches of at most BATCH_BYTES, an AppendEntries carries at most ~4 MiB: it
+            // must be answered within heartbeat_ms (openraft 0.9's per-RPC timeout).
+            max_payload_entries: 16,
             install_snapshot_timeout: 10_000,
             ..Default::default()
         }
@@ -198,6 +202,7 @@ impl Node {
             in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             gossip: Mutex::new(None),
             configured,
+            listening: listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             stopping: AtomicBool::new(false),
         });
         listener.set_nonblocking(true)?;
@@ -457,7 +462,13 @@ impl Node {
                 }
             }
             if all_empty {
-                let members: BTreeMap<NodeId, BasicNode> = self.configured.iter().map(|(&id, a)| (id, BasicNode::new(a))).collect();
+                // This node's own entry may name port 0 (tests); the membership gets the address
+                // it is listening on, which nodes added later dial.
+                let members: BTreeMap<NodeId, BasicNode> = self
+                    .configured
+                    .iter()
+                    .map(|(&id, a)| (id, BasicNode::new(if id == self.id && a.ends_with(":0") { self.listening.clone() } else { a.clone() })))
+                    .collect();
                 match self.raft.initialize(members).await {
                     Ok(()) => tracing::info!(members = ?self.configured.keys().collect::<Vec<_>>(), "initialized the cluster's membership"),
                     Err(e) => tracing::warn!(error = %e, "initialize"),
@@ -606,6 +617,9 @@ impl Handler for Node {
             Request::ReadIndex => match self.raft.get_read_log_id().await {
                 Ok((read, _)) => Response::ReadIndex { index: read.map(|l| l.index) },
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Response::NotLeader { leader: f.leader_id },
+                // No quorum confirmed this leader yet (a membership change, a slow follower):
+                // the asking node retries until its deadline, as a local read would.
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Response::NotLeader { leader: Some(self.id) },
                 Err(e) => remote_error(e),
             },
             Request::Probe => Response::Probe { initialized: self.raft.is_initialized().await.unwrap_or(true) },

@@ -183,6 +183,20 @@ impl Pipeline {
     }
 }
 
+/// Most bytes (about: message bodies plus a fixed allowance per command) in one batch of a
+/// cluster node: a Raft entry is sent whole to every follower inside one AppendEntries, which
+/// openraft 0.9 gives `cluster.heartbeat_ms` to answer, so a batch of many 64 KiB messages must
+/// not become one 10 MB entry that can never be replicated in time.
+pub const REPLICATED_BATCH_BYTES: usize = 256 << 10;
+
+/// A command's size as the batcher counts it, bytes.
+fn approx_bytes(c: &Command) -> usize {
+    match c {
+        Command::Send { body, id, conv, .. } => 96 + body.len() + id.len() + conv.len(),
+        _ => 128,
+    }
+}
+
 /// The cluster's batcher thread (see [`Pipeline::start_replicated`]).
 fn batcher(rx: Receiver<Msg>, cfg: StorageConfig, rep: Arc<dyn Replicator>) {
     let window = Duration::from_micros(cfg.batch_window_us);
@@ -201,7 +215,8 @@ fn batcher(rx: Receiver<Msg>, cfg: StorageConfig, rep: Arc<dyn Replicator>) {
             Err(_) => stop = Some(None),
         }
         let deadline = Instant::now() + window;
-        while stop.is_none() && batch.len() < max && !batch.is_empty() {
+        let mut bytes: usize = batch.iter().map(|(c, _)| approx_bytes(c)).sum();
+        while stop.is_none() && batch.len() < max && bytes < REPLICATED_BATCH_BYTES && !batch.is_empty() {
             let msg = match rx.try_recv() {
                 Ok(m) => m,
                 Err(TryRecvError::Disconnected) => break,
@@ -212,7 +227,10 @@ fn batcher(rx: Receiver<Msg>, cfg: StorageConfig, rep: Arc<dyn Replicator>) {
                 },
             };
             match msg {
-                Msg::Submit(c, r) => batch.push((c, r)),
+                Msg::Submit(c, r) => {
+                    bytes += approx_bytes(&c);
+                    batch.push((c, r));
+                }
                 Msg::Stop(done) => stop = Some(Some(done)),
                 Msg::Backup(_, reply) => {
                     let _ = reply.send(Err("a cluster node takes no backup".into()));
