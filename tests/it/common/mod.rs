@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test module uses a different part of the helpers
 
+pub mod proxy;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -151,6 +153,9 @@ pub struct Server {
     pub starts: u32,
     /// The XMPP gateway's TCP address of the current run (None: `xmpp.listen` is empty).
     pub xmpp: Option<SocketAddr>,
+    /// The node-to-node (Raft RPC) address of the current run, from its `parley cluster
+    /// listening on` line (None: a single node).
+    pub cluster: Option<SocketAddr>,
 }
 
 impl Server {
@@ -169,6 +174,7 @@ impl Server {
             base_env: None,
             starts: 0,
             xmpp: None,
+            cluster: None,
         };
         s.restart().await;
         s
@@ -228,11 +234,14 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn parley");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let mut xmpp = None;
+        let (mut xmpp, mut cluster) = (None, None);
         let found = tokio::time::timeout(T, async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(rest) = line.strip_prefix("parley xmpp listening on ") {
                     xmpp = rest.trim().parse::<SocketAddr>().ok();
+                }
+                if let Some(rest) = line.strip_prefix("parley cluster listening on ") {
+                    cluster = Some(rest.trim().parse::<SocketAddr>().expect("cluster listening address"));
                 }
                 if let Some(rest) = line.strip_prefix("parley listening on http://") {
                     return Some(rest.trim().parse::<SocketAddr>().expect("listening address"));
@@ -257,7 +266,13 @@ impl Server {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         self.addr = addr;
         self.xmpp = xmpp;
+        self.cluster = cluster;
         self.child = Some(child);
+    }
+
+    /// Whether the process of the current run was started and not yet stopped or reaped.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// The binary under test, started through a symlink in the test's directory: its process
@@ -354,32 +369,37 @@ impl Server {
 /// One HTTP/1.1 request (`Connection: close`); returns the status and the JSON body (`Null`
 /// when empty).
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, bearer: Option<&str>) -> (u16, Value) {
-    within(T, &format!("{method} {path}"), async {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-        if !body.is_empty() {
-            req.push_str("Content-Type: application/json\r\n");
-        }
-        if let Some(t) = bearer {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(&body);
-        s.write_all(req.as_bytes()).await.expect("write request");
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.expect("read response");
-        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
-        let head = String::from_utf8_lossy(&raw[..split]).to_string();
-        let mut payload = raw[split + 4..].to_vec();
-        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            payload = dechunk(&payload);
-        }
-        let v = if payload.is_empty() { Value::Null } else { serde_json::from_slice(&payload).unwrap_or(Value::Null) };
-        (status, v)
-    })
-    .await
+    within(T, &format!("{method} {path}"), try_http(addr, method, path, body, bearer))
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// [`http`] without the time limit and with I/O errors returned (for polls of a server that may
+/// be starting, cut off or gone).
+pub async fn try_http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, bearer: Option<&str>) -> Result<(u16, Value), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(t) = bearer {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).await.map_err(|e| format!("write request: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.map_err(|e| format!("read response: {e}"))?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no end of headers")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut payload = raw[split + 4..].to_vec();
+    let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or("no status")?;
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        payload = dechunk(&payload);
+    }
+    let v = if payload.is_empty() { Value::Null } else { serde_json::from_slice(&payload).unwrap_or(Value::Null) };
+    Ok((status, v))
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
