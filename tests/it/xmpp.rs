@@ -669,15 +669,7 @@ async fn load_chat_over_xmpp_loses_nothing() {
     let server = Server::start(&dir).await;
     let j = load_json(&server, &["chat", "--protocol", "xmpp", "--users", "6", "--rate", "5", "--duration", "2"]).await;
     assert_eq!(j["protocol"], "xmpp", "{j}");
-    let i = &j["integrity"];
-    assert_eq!(i["ok"], true, "{j}");
-    let acked = i["acked"].as_u64().expect("acked");
-    assert!(acked > 0, "{j}");
-    assert_eq!(i["delivered_exactly_once"].as_u64(), Some(acked), "{j}");
-    for k in ["lost", "duplicated", "out_of_order", "mismatched", "unacked", "delivered_unacked", "stray_acks", "lost_sockets"] {
-        assert_eq!(i[k].as_u64(), Some(0), "{k}: {j}");
-    }
-    assert_eq!(j["sent"].as_u64(), Some(acked), "every send acked once: {j}");
+    crate::common::assert_load_kept_every_promise(&j);
     // Closed loop too (each user's next message waits for the <a/> of the previous one).
     let j = load_json(&server, &["chat", "--protocol", "xmpp", "--users", "2", "--rate", "max", "--duration", "1"]).await;
     assert_eq!(j["integrity"]["ok"], true, "{j}");

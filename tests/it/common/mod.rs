@@ -7,6 +7,7 @@
 
 #![allow(dead_code)] // each test module uses a different part of the helpers
 
+pub mod cluster;
 pub mod proxy;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -156,6 +157,9 @@ pub struct Server {
     /// The node-to-node (Raft RPC) address of the current run, from its `parley cluster
     /// listening on` line (None: a single node).
     pub cluster: Option<SocketAddr>,
+    /// Called with that address as soon as the line appears, before the start returns (a
+    /// cluster harness points its proxies at the node while it may still wait for its peers).
+    pub on_cluster_addr: Option<Box<dyn Fn(SocketAddr) + Send + Sync>>,
 }
 
 impl Server {
@@ -166,7 +170,14 @@ impl Server {
 
     /// Like [`Server::start`] with extra environment variables (e.g. `PARLEY__SECTION__KEY`).
     pub async fn start_with(dir: &TestDir, env: &[(&str, &str)]) -> Server {
-        let mut s = Server {
+        let mut s = Server::prepared(dir, env);
+        s.restart().await;
+        s
+    }
+
+    /// A server on `dir` with `env` that is not started yet ([`Server::restart`] starts it).
+    pub fn prepared(dir: &TestDir, env: &[(&str, &str)]) -> Server {
+        Server {
             child: None,
             addr: "127.0.0.1:0".parse().expect("addr"),
             root: dir.path().to_owned(),
@@ -175,9 +186,8 @@ impl Server {
             starts: 0,
             xmpp: None,
             cluster: None,
-        };
-        s.restart().await;
-        s
+            on_cluster_addr: None,
+        }
     }
 
     /// Replaces the extra environment of the next starts, keeping the variables given to
@@ -241,7 +251,11 @@ impl Server {
                     xmpp = rest.trim().parse::<SocketAddr>().ok();
                 }
                 if let Some(rest) = line.strip_prefix("parley cluster listening on ") {
-                    cluster = Some(rest.trim().parse::<SocketAddr>().expect("cluster listening address"));
+                    let a = rest.trim().parse::<SocketAddr>().expect("cluster listening address");
+                    if let Some(f) = &self.on_cluster_addr {
+                        f(a);
+                    }
+                    cluster = Some(a);
                 }
                 if let Some(rest) = line.strip_prefix("parley listening on http://") {
                     return Some(rest.trim().parse::<SocketAddr>().expect("listening address"));
@@ -813,6 +827,58 @@ where
     }
 }
 
+/// Opens a socket to `addr` and says `hello` with the stored cursor, reading nothing; `None`
+/// when the server is gone (for the tests that kill servers).
+pub async fn hello_stored(addr: SocketAddr, token: &str) -> Option<Client> {
+    let mut c = Client::open_raw(addr, Encoding::Json).await.ok()?;
+    let hello = ClientFrame::Hello { token: token.to_owned(), cursor: None };
+    c.try_send_req(Request { rid: None, frame: hello }).await.ok()?;
+    Some(c)
+}
+
+/// The event stream of one socket as a client reads it: checks that each ev follows its
+/// predecessor, and confirms with `received` every `every` events.
+pub struct LiveStream {
+    last_ev: Option<u64>,
+    confirmed: u64,
+    every: u64,
+}
+
+impl LiveStream {
+    pub fn new(every: u64) -> LiveStream {
+        LiveStream { last_ev: None, confirmed: 0, every }
+    }
+
+    /// Takes event `ev`; `Err` when the socket is gone.
+    pub async fn event(&mut self, c: &mut Client, user: &str, ev: u64) -> Result<(), ()> {
+        if let Some(p) = self.last_ev {
+            assert_eq!(ev, p + 1, "{user}: ev {ev} after {p} on one socket");
+        }
+        self.last_ev = Some(ev);
+        if ev >= self.confirmed + self.every {
+            self.confirmed = ev;
+            c.try_send_req(Request { rid: None, frame: ClientFrame::Received { up_to: ev } }).await.map_err(|_| ())?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks the JSON summary of a `parley load chat` run: every promise kept, something acked,
+/// every acked message delivered exactly once, every send acked once, no counter of trouble
+/// above 0. Returns the number acked.
+pub fn assert_load_kept_every_promise(j: &Value) -> u64 {
+    let i = &j["integrity"];
+    assert_eq!(i["ok"], true, "{j}");
+    let acked = i["acked"].as_u64().expect("acked");
+    assert!(acked > 0, "{j}");
+    assert_eq!(i["delivered_exactly_once"].as_u64(), Some(acked), "{j}");
+    for k in ["lost", "duplicated", "out_of_order", "mismatched", "ev_gaps", "unacked", "delivered_unacked", "stray_acks", "lost_sockets"] {
+        assert_eq!(i[k].as_u64(), Some(0), "{k}: {j}");
+    }
+    assert_eq!(j["sent"].as_u64(), Some(acked), "every send acked once: {j}");
+    acked
+}
+
 /// One message a crash-test sender has sent at least once (`tests/it/crash.rs`,
 /// `tests/powerloss.rs`).
 #[derive(Clone, Debug)]
@@ -822,6 +888,18 @@ pub struct Sent {
     pub to: String,
     pub conv: String,
     pub body: String,
+}
+
+impl Sent {
+    /// Message `k` of crash-test sender `user` (seeded by `seed`): id `{user}-{k}`, every fourth
+    /// to `group`, the others to `recipient`, a dialog turn as its body.
+    #[allow(dead_code)]
+    pub fn nth(user: &str, k: usize, recipient: &str, group: &str, seed: usize) -> Sent {
+        let to = if k % 4 == 3 { group.to_owned() } else { recipient.to_owned() };
+        let conv = if to.starts_with("g:") { to.clone() } else { parley::protocol::ids::Conv::dm(user, &to).to_string() };
+        let body = dialog(seed * 100_003 + k, 1).remove(0);
+        Sent { id: format!("{user}-{k}"), to, conv, body }
+    }
 }
 
 /// The user name of crash-test sender `i`.

@@ -103,11 +103,16 @@ impl Proxy {
         Proxy { addr, inner, accept }
     }
 
-    /// New connections go to `target` from now on; open ones are closed (they lead to the
-    /// previous run of the node, which is gone).
+    /// New connections go to `target` from now on; open ones are closed when it changed (they
+    /// lead to the previous run of the node, which is gone).
     pub fn set_target(&self, target: Option<SocketAddr>) {
-        *self.inner.target.lock().unwrap() = target;
-        self.kill_connections();
+        self.retarget_handle().set(target);
+    }
+
+    /// A handle that retargets this proxy from elsewhere (a callback that sees the node's new
+    /// address before the test does).
+    pub fn retarget_handle(&self) -> Retarget {
+        Retarget(self.inner.clone())
     }
 
     pub fn target(&self) -> Option<SocketAddr> {
@@ -136,6 +141,20 @@ impl Proxy {
 
     pub fn counters(&self) -> &Counters {
         &self.inner.counters
+    }
+}
+
+/// Retargets one proxy ([`Proxy::retarget_handle`]).
+#[derive(Clone)]
+pub struct Retarget(Arc<Inner>);
+
+impl Retarget {
+    /// See [`Proxy::set_target`].
+    pub fn set(&self, target: Option<SocketAddr>) {
+        let changed = std::mem::replace(&mut *self.0.target.lock().unwrap(), target) != target;
+        if changed {
+            self.0.control.send_modify(|c| c.kill_gen += 1);
+        }
     }
 }
 
