@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use crate::common::cluster::{Cluster, ADMIN_TOKEN, DEADLINE, POLL};
 use crate::common::proxy::Mode;
-use crate::common::{assert_load_kept_every_promise, dialog, hello_stored, http, within, Client, Incoming, LiveStream, Sent, Server, TestDir, T};
+use crate::common::{assert_load_kept_every_promise, dialog, hello_stored, http, parley_load_json, within, Client, Incoming, LiveStream, Sent, Server, TestDir, T};
 
 // ---------------------------------------------------------------------------------- helpers
 
@@ -879,4 +879,25 @@ async fn load_chat_through_every_node_loses_nothing() {
     let j: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
     let acked = assert_load_kept_every_promise(&j);
     eprintln!("cluster: load through 3 nodes: {acked} acked; sockets per node {peak:?}; ack latency {}", j["ack_latency"]);
+}
+
+/// `--url` as a list on a single server (the same node twice, so user k alternates between two
+/// entries that are one server): the run keeps every promise as with one URL; a list with an
+/// empty entry is refused before anything runs (exit 2, saying why).
+#[tokio::test(flavor = "multi_thread")]
+async fn load_takes_a_list_of_urls_and_refuses_an_empty_entry() {
+    let dir = TestDir::new();
+    let srv = Server::start(&dir).await;
+    let url = format!("http://{}", srv.addr);
+    let j = parley_load_json(&format!("{url},{url}"), &["chat", "--users", "4", "--rate", "5", "--duration", "1"]).await;
+    assert_load_kept_every_promise(&j);
+    let out = within(
+        T,
+        "parley load with a bad list",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_parley")).args(["load", "chat", "--url", &format!("{url},")]).kill_on_drop(true).output(),
+    )
+    .await
+    .expect("run parley load");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty entry"), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -642,22 +642,7 @@ async fn slixmpp_chat_offline_mam_carbons() {
 /// Runs `parley load ARGS --json --quiet` against `server`; returns its JSON summary (the run
 /// must have exited 0: every promise kept).
 async fn load_json(server: &Server, args: &[&str]) -> serde_json::Value {
-    let url = format!("http://{}", server.addr);
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_parley"))
-            .arg("load")
-            .args(args)
-            .args(["--url", &url, "--json", "--quiet", "--threads", "2"])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("parley load ended within 120 s")
-    .expect("run parley load");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "parley load {args:?}: {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+    parley_load_json(&format!("http://{}", server.addr), args).await
 }
 
 /// The dialog workload over XMPP-over-WebSocket (RFC 7395) with XEP-0198 acks: every message

@@ -863,6 +863,26 @@ impl LiveStream {
     }
 }
 
+/// Runs `parley load ARGS --url URLS --json --quiet --threads 2` to its end (within 120 s);
+/// returns its JSON summary (the run must have exited 0: every promise kept).
+pub async fn parley_load_json(urls: &str, args: &[&str]) -> Value {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(env!("CARGO_BIN_EXE_parley"))
+            .arg("load")
+            .args(args)
+            .args(["--url", urls, "--json", "--quiet", "--threads", "2"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("parley load ended within 120 s")
+    .expect("run parley load");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "parley load {args:?}: {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
 /// Checks the JSON summary of a `parley load chat` run: every promise kept, something acked,
 /// every acked message delivered exactly once, every send acked once, no counter of trouble
 /// above 0. Returns the number acked.
