@@ -61,6 +61,21 @@ pub struct ClusterConfig {
     /// Every node of the cluster, itself included, as `"ID=HOST:PORT"` (its node-to-node
     /// address). From the environment (`PARLEY__CLUSTER__PEERS`) a comma-separated string.
     pub peers: Peers,
+    /// How often the leader sends heartbeats (Raft paper §5.2), ms.
+    pub heartbeat_ms: u64,
+    /// A follower that hears no leader for a random time in `[t, 2t)` ms starts an election
+    /// (Raft paper §5.2: randomized election timeouts). Must exceed `heartbeat_ms` several times.
+    pub election_timeout_ms: u64,
+    /// A write not committed on a quorum and applied on this node within this many ms is
+    /// answered `unavailable` (the client resends with the same id; never a false ack).
+    pub commit_timeout_ms: u64,
+    /// A snapshot of the state every this many log entries (openraft's
+    /// `SnapshotPolicy::LogsSinceLast`); the log below it may then be purged.
+    pub snapshot_entries: u64,
+    /// Log entries kept below the newest snapshot (openraft's `max_in_snapshot_log_to_keep`), so a
+    /// follower that is a little behind, or that catches up while a long snapshot transfer runs,
+    /// is served from the log rather than sent another snapshot (openraft issue #1706).
+    pub keep_entries: u64,
 }
 
 /// `cluster.peers`: a TOML list of strings, or one comma-separated string (the environment).
@@ -97,7 +112,8 @@ impl ClusterConfig {
                 _ => return Err(format!("`{p}`: the id must be a whole number above 0")),
             };
             let addr = addr.trim();
-            let port_ok = addr.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0));
+            // Port 0 only for the node itself (whose own entry is never dialed).
+            let port_ok = addr.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0 || id == self.node_id));
             if !port_ok {
                 return Err(format!("`{p}`: `{addr}` is not HOST:PORT"));
             }
@@ -492,6 +508,18 @@ impl Config {
             if let Err(why) = c.peer_map() {
                 return bad("cluster.peers", why);
             }
+            if c.heartbeat_ms == 0 {
+                return bad("cluster.heartbeat_ms", "must be above 0");
+            }
+            if c.election_timeout_ms < 3 * c.heartbeat_ms {
+                return bad("cluster.election_timeout_ms", format!("must be at least 3 times cluster.heartbeat_ms ({} ms)", c.heartbeat_ms));
+            }
+            if c.commit_timeout_ms == 0 {
+                return bad("cluster.commit_timeout_ms", "must be above 0");
+            }
+            if c.snapshot_entries == 0 {
+                return bad("cluster.snapshot_entries", "must be above 0");
+            }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", format!("`{}` is neither \"text\" nor \"json\"", self.log.format));
@@ -779,6 +807,6 @@ mod tests {
         assert!(w[0].contains("PARLEY_SESSION_HELLO_TIMEOUT_MS") && w[0].contains("did you mean PARLEY__SESSION__HELLO_TIMEOUT_MS?"), "{w:?}");
         assert!(w[1].contains("did you mean PARLEY__SERVER__LISTEN?"), "{w:?}");
         assert!(Config::env_warnings(vars(NON_CONFIG_VARS)).is_empty(), "the tests' and tools' variables");
-        assert_eq!(Config::keys().len(), 58, "{:?}", Config::keys());
+        assert_eq!(Config::keys().len(), 63, "{:?}", Config::keys());
     }
 }

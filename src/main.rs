@@ -34,6 +34,11 @@ enum Cmd {
     },
     /// Run the load generator against a server (see BENCHMARKS.md).
     Load(parley::load::LoadArgs),
+    /// Look at and change a running cluster (status, add, remove).
+    Cluster {
+        #[command(subcommand)]
+        cmd: parley::cluster::cli::ClusterCmd,
+    },
     /// Administer a data directory (refuses while a server holds it).
     Admin {
         /// Data directory (default from config: ./data). Accepted before or after the subcommand.
@@ -88,6 +93,13 @@ fn main() {
     match cli.cmd {
         Cmd::Serve { listen, data, config, log_format } => serve(listen, data, config, log_format),
         Cmd::Load(args) => std::process::exit(parley::load::run(args)),
+        Cmd::Cluster { cmd } => match parley::cluster::cli::run(cmd) {
+            Ok(out) => println!("{out}"),
+            Err(e) => {
+                eprintln!("parley cluster: {}", one_line(&e));
+                std::process::exit(1);
+            }
+        },
         Cmd::Admin { data, config, cmd } => {
             for w in env_warnings() {
                 eprintln!("parley admin: warning: {w}");
@@ -152,8 +164,14 @@ fn serve(listen: Option<String>, data: Option<PathBuf>, config: Option<PathBuf>,
 fn init_tracing(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
     // actix-server's own lines ("starting 2 workers", "accept thread stopped", ...) are kept to
-    // warnings unless the level names actix_server: parley logs what it starts, in its words.
-    let level = if cfg.log.level.contains("actix_server") { cfg.log.level.clone() } else { format!("{},actix_server=warn", cfg.log.level) };
+    // warnings unless the level names actix_server: parley logs what it starts, in its words;
+    // openraft's info lines (every vote, every replication session) likewise.
+    let mut level = cfg.log.level.clone();
+    for quiet in ["actix_server", "openraft"] {
+        if !cfg.log.level.contains(quiet) {
+            level.push_str(&format!(",{quiet}=warn"));
+        }
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&level));
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if cfg.log.format == "json" {

@@ -23,17 +23,31 @@ use crate::storage::{self, Pipeline, State};
 #[error("{0}")]
 pub struct UserError(pub String);
 
-/// Refuses what this build cannot run yet: a cluster (`cluster.node_id` above 0). The
-/// node-to-node wiring does not exist; a node that started anyway would be a lone single node
-/// that its operator believes replicated.
+/// Refuses a data directory of the other kind: a single node's (`wal/`) for a cluster node, a
+/// cluster node's (`raft/`) for a single node. Neither converts the other; a node that started
+/// anyway would ignore every message stored there.
 pub fn check_supported(cfg: &Config) -> Result<(), UserError> {
-    if cfg.cluster.node_id != 0 {
+    let data = &cfg.server.data_dir;
+    if cfg.cluster.node_id != 0 && data.join("wal").exists() {
         return Err(UserError(format!(
-            "cluster.node_id = {}: clustering is not implemented yet; leave cluster.node_id at 0 (the default) to run a single node",
+            "{} holds a single node's log (wal/), and cluster.node_id = {} asks for a cluster node: a single node's data cannot join a cluster; use an empty data directory",
+            data.display(),
             cfg.cluster.node_id
         )));
     }
+    if cfg.cluster.node_id == 0 && data.join("raft").exists() {
+        return Err(UserError(format!(
+            "{} holds a cluster node's log (raft/); set cluster.node_id (and cluster.listen, cluster.peers) to run it, or use another data directory for a single node",
+            data.display()
+        )));
+    }
     Ok(())
+}
+
+/// What the server runs on: its own log (a single node), or a Raft node.
+enum Backend {
+    Single { commit_thread: std::thread::JoinHandle<()> },
+    Cluster { node: Arc<crate::cluster::node::Node>, rt: tokio::runtime::Runtime, batcher: std::thread::JoinHandle<()> },
 }
 
 /// Runs the server on `listener` until `shutdown` completes, then shuts down in order: stop
@@ -57,6 +71,13 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         Some(TcpListener::bind(a).map_err(|e| UserError(format!("cannot listen on {a} (xmpp.listen): {e}")))?)
     };
     let xmpp_tls = crate::xmpp::tcp::tls_acceptor(&cfg.xmpp.tls_cert, &cfg.xmpp.tls_key).map_err(|e| UserError(format!("{e:#}")))?;
+    // The node-to-node listener, also before recovery.
+    let cluster_listener = if cfg.cluster.node_id == 0 {
+        None
+    } else {
+        let a: std::net::SocketAddr = cfg.cluster.listen.parse().map_err(|e| UserError(format!("cluster.listen {:?}: {e}", cfg.cluster.listen)))?;
+        Some(TcpListener::bind(a).map_err(|e| UserError(format!("cannot listen on {a} (cluster.listen): {e}")))?)
+    };
     let metrics = crate::http::metrics::install();
     // While recovery replays the log, a stand-in server on the same socket answers 503, so
     // health checks and clients see "starting" rather than a hung connection.
@@ -70,27 +91,36 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     let boot_handle = boot.handle();
     let boot_task = actix_rt::spawn(boot);
     let data = cfg.server.data_dir.clone();
-    let storage::Opened { state, wal, stats, lock } = {
-        let cfg = cfg.clone();
-        let data = data.clone();
-        actix_web::rt::task::spawn_blocking(move || storage::open(&data, cfg.storage.segment_bytes, cfg.storage.cache_bytes)).await??
+    let online: Online = Arc::new(DashMap::new());
+    let sink = Arc::new(Deliverer { online: online.clone() });
+    let (live, lock, backend_parts) = if cluster_listener.is_none() {
+        let storage::Opened { state, wal, stats, lock } = {
+            let cfg = cfg.clone();
+            let data = data.clone();
+            actix_web::rt::task::spawn_blocking(move || storage::open(&data, cfg.storage.segment_bytes, cfg.storage.cache_bytes)).await??
+        };
+        tracing::info!(
+            applied_before = stats.applied_before,
+            replayed = stats.replayed,
+            torn_tail_bytes = stats.torn_tail_bytes,
+            millis = stats.millis,
+            data = %data.display(),
+            "storage recovered"
+        );
+        metrics::gauge!("parley_recovery_seconds").set(stats.millis as f64 / 1000.0);
+        metrics::gauge!("parley_log_bytes").set(wal.size_bytes() as f64);
+        metrics::gauge!("parley_log_segments").set(wal.segment_count() as f64);
+        let state = Arc::new(state);
+        (storage::LiveState::new(state.clone()), lock, Ok((state, wal)))
+    } else {
+        let (c, d, k) = (cfg.clone(), data.clone(), sink.clone());
+        let opened = actix_web::rt::task::spawn_blocking(move || crate::cluster::node::open(&c, &d, k)).await??;
+        tracing::info!(data = %data.display(), node_id = cfg.cluster.node_id, "cluster node storage opened");
+        (opened.live, opened.lock, Err((opened.log, opened.sm)))
     };
     crate::data_dir::mark(&data).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", data.join(crate::data_dir::MARKER).display()))?;
-    tracing::info!(
-        applied_before = stats.applied_before,
-        replayed = stats.replayed,
-        torn_tail_bytes = stats.torn_tail_bytes,
-        millis = stats.millis,
-        data = %data.display(),
-        "storage recovered"
-    );
-    metrics::gauge!("parley_recovery_seconds").set(stats.millis as f64 / 1000.0);
-    metrics::gauge!("parley_log_bytes").set(wal.size_bytes() as f64);
-    metrics::gauge!("parley_log_segments").set(wal.segment_count() as f64);
-    let state = Arc::new(state);
-    let presence_tree = sled_presence_tree(&state)?;
+    let presence_tree = sled_presence_tree(&live.get())?;
     let presence = PresenceHub::new(presence_tree);
-    let online: Online = Arc::new(DashMap::new());
     // The long-lived actors share one arbiter (thread), each under a supervisor.
     let arbiter = Arbiter::new();
     let registry = {
@@ -103,13 +133,32 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         let every = Duration::from_millis(100);
         Supervisor::start_in_arbiter(&arbiter.handle(), move |_| PresenceFlusher { hub, online, every });
     }
-    let sink = Arc::new(Deliverer { online: online.clone() });
-    let (pipeline, commit_thread) = Pipeline::start(state.clone(), wal, cfg.storage.clone(), storage::snapshot::dir_of(&data), sink);
-
+    let (pipeline, backend) = match backend_parts {
+        Ok((state, wal)) => {
+            let (pipeline, commit_thread) = Pipeline::start(state, wal, cfg.storage.clone(), storage::snapshot::dir_of(&data), sink);
+            (pipeline, Backend::Single { commit_thread })
+        }
+        Err((log, sm)) => {
+            // The Raft node runs on its own runtime: openraft's tasks never share a thread with
+            // the actors, and the actors never wait on openraft's.
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("parley-raft").enable_all().build()?;
+            let l = cluster_listener.ok_or_else(|| anyhow::anyhow!("no cluster listener"))?;
+            let caddr = l.local_addr()?;
+            let node = crate::cluster::node::Node::start(&cfg, (log, sm), l, rt.handle().clone()).await?;
+            tracing::info!(%caddr, node_id = node.id(), "parley cluster listening");
+            println!("parley cluster listening on {caddr}");
+            let (pipeline, batcher) = Pipeline::start_replicated(cfg.storage.clone(), node.clone());
+            (pipeline, Backend::Cluster { node, rt, batcher })
+        }
+    };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         pipeline: pipeline.clone(),
-        state: state.clone(),
+        live,
+        cluster: match &backend {
+            Backend::Cluster { node, .. } => Some(node.clone()),
+            Backend::Single { .. } => None,
+        },
         registry: registry.clone(),
         online,
         sessions: DashMap::new(),
@@ -167,7 +216,18 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     let _ = serving.await;
     pipeline.stop(Duration::from_secs(30)).await;
     drop(pipeline);
-    let _ = actix_web::rt::task::spawn_blocking(move || commit_thread.join()).await;
+    match backend {
+        Backend::Single { commit_thread } => {
+            let _ = actix_web::rt::task::spawn_blocking(move || commit_thread.join()).await;
+        }
+        Backend::Cluster { node, rt, batcher } => {
+            let _ = actix_web::rt::task::spawn_blocking(move || batcher.join()).await;
+            node.shutdown().await;
+            drop(node);
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+    drop(shared);
     drop(lock);
     tracing::info!("stopped");
     Ok(())

@@ -14,15 +14,18 @@ use crate::actors::presence::PresenceHub;
 use crate::actors::registry::{Online, Registry};
 use crate::config::Config;
 use crate::limits::RateLimiter;
-use crate::storage::{Pipeline, State};
+use crate::storage::{LiveState, Pipeline, State};
 
 /// What every handler and session shares.
 pub struct Shared {
     pub cfg: Arc<Config>,
     /// Submits commands to the commit thread.
     pub pipeline: Pipeline,
-    /// Reads (sync, history, auth).
-    pub state: Arc<State>,
+    /// Reads (sync, history, auth): take [`Shared::state`] per request (a cluster node's
+    /// state is replaced when it installs a snapshot).
+    pub live: LiveState,
+    /// This node of a cluster; `None` on a single node.
+    pub cluster: Option<Arc<crate::cluster::node::Node>>,
     /// Connect/disconnect go through this actor (under `actix::Supervisor`).
     pub registry: Addr<Registry>,
     /// Online devices, read directly.
@@ -48,4 +51,24 @@ pub struct Shared {
     pub hash_slots: tokio::sync::Semaphore,
     /// WebSocket upgrades (one bucket for the whole server).
     pub upgrade_limiter: RateLimiter,
+}
+
+impl Shared {
+    /// The state as of now, for one request's reads (see [`LiveState`]).
+    pub fn state(&self) -> Arc<State> {
+        self.live.get()
+    }
+
+    /// On a cluster node, waits until this node applied everything the leader had committed
+    /// (`cluster::node::Node::read_barrier`); at once on a single node. Called before login
+    /// and a session's `hello` read the state.
+    ///
+    /// # Errors
+    /// No leader confirmed its commit index within `cluster.commit_timeout_ms`, in words.
+    pub async fn read_barrier(&self) -> Result<(), String> {
+        match &self.cluster {
+            Some(n) => n.read_barrier().await,
+            None => Ok(()),
+        }
+    }
 }

@@ -34,7 +34,7 @@ pub fn check_send(shared: &Shared, user: &str, id: &str, to: &str, body: &str) -
     if !valid_client_id(id) {
         return refuse(ErrorCode::BadRequest, "id must be 1-64 chars", false);
     }
-    match shared.state.dedup(user, id) {
+    match shared.state().dedup(user, id) {
         Ok(Some(a)) => {
             metrics::counter!("parley_duplicate_sends_total").increment(1);
             return Ok(SendCheck::Duplicate(a));
@@ -77,7 +77,7 @@ pub fn typing_audience(shared: &Shared, user: &str, conv: &str) -> Result<Vec<St
     let Some(c) = Conv::parse(conv) else { return Err(ErrorCode::BadRequest) };
     match &c {
         Conv::Dm { a, b } if c.dm_has(user) => Ok([a, b].into_iter().filter(|u| *u != user).cloned().collect()),
-        Conv::Group(g) => match shared.state.group(g) {
+        Conv::Group(g) => match shared.state().group(g) {
             Ok(Some(rec)) if rec.members.iter().any(|m| m.user == user) => {
                 Ok(rec.members.into_iter().map(|m| m.user).filter(|u| u != user).collect())
             }
@@ -96,7 +96,7 @@ pub fn typing_audience(shared: &Shared, user: &str, conv: &str) -> Result<Vec<St
 pub fn others_in(shared: &Shared, user: &str, conv: &str) -> Vec<String> {
     match Conv::parse(conv) {
         Some(Conv::Dm { a, b }) => [a, b].into_iter().filter(|u| u != user).collect(),
-        Some(Conv::Group(g)) => match shared.state.group(&g) {
+        Some(Conv::Group(g)) => match shared.state().group(&g) {
             Ok(Some(rec)) => rec.members.into_iter().map(|m| m.user).filter(|u| u != user).collect(),
             _ => Vec::new(),
         },

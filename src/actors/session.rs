@@ -514,7 +514,7 @@ impl Session {
         tracing::warn!(session = self.id, "session handler panicked: restarting from storage");
         self.deferred.clear();
         if let Some(a) = self.auth.clone() {
-            match self.shared.state.cursor(&a.user, &a.device) {
+            match self.shared.state().cursor(&a.user, &a.device) {
                 Ok(c) => {
                     self.cursor_sent = c;
                     self.begin_sync(c, ctx);
@@ -615,7 +615,7 @@ impl Session {
                 let Some(c) = Conv::parse(&conv) else {
                     return self.error(ErrorCode::BadRequest, "conv must be dm:<a>:<b> or g:<id>", rid, None, ctx);
                 };
-                match self.shared.state.history(&me.user, &c, before, limit) {
+                match self.shared.state().history(&me.user, &c, before, limit) {
                     Ok(Ok(p)) => self.send(
                         &ServerFrame::History { rid, conv, messages: p.messages, more: p.more, deleted_upto: p.deleted_upto },
                         ctx,
@@ -624,7 +624,7 @@ impl Session {
                     Err(e) => return self.internal(e, rid, ctx),
                 };
             }
-            ClientFrame::Conversations => match self.shared.state.conversations(&me.user) {
+            ClientFrame::Conversations => match self.shared.state().conversations(&me.user) {
                 Ok(items) => {
                     self.send(&ServerFrame::Conversations { rid, items }, ctx);
                 }
@@ -657,7 +657,7 @@ impl Session {
             }
             ClientFrame::GroupInfo { group } => {
                 let Some(g) = group_id(&group) else { return self.error(ErrorCode::BadRequest, "group must be g:<id>", rid, None, ctx) };
-                match self.shared.state.group(&g) {
+                match self.shared.state().group(&g) {
                     Ok(Some(rec)) if rec.members.iter().any(|m| m.user == me.user) => {
                         let members = rec.members.iter().map(|m| m.user.clone()).collect();
                         let admins = rec.members.iter().filter(|m| m.admin).map(|m| m.user.clone()).collect();
@@ -809,8 +809,28 @@ impl Session {
     // ------------------------------------------------------------------ hello and sync
 
     fn hello(&mut self, token: String, cursor: Option<u64>, ctx: &mut Context<Self>) {
+        if self.shared.cluster.is_none() {
+            return self.hello_now(token, cursor, ctx);
+        }
+        // A cluster node first applies everything the leader had committed (its read index), so
+        // a token issued, or events seen, through another node are here too: a client that
+        // moves between nodes never reads backwards. No leader in time: goaway, retry later.
+        let shared = self.shared.clone();
+        let barrier = async move { shared.read_barrier().await };
+        ctx.wait(barrier.into_actor(self).map(move |r, act, ctx| match r {
+            Ok(()) => act.hello_now(token, cursor, ctx),
+            Err(why) => {
+                tracing::info!(session = act.id, %why, "hello on a node without a leader: goaway");
+                let retry_after_ms = act.shared.cfg.cluster.election_timeout_ms * 2;
+                act.send(&ServerFrame::Goaway { reason: format!("this node cannot reach a quorum ({why}); reconnect, here or to another node"), retry_after_ms }, ctx);
+                act.close(close::GOING_AWAY, "no quorum", ctx);
+            }
+        }));
+    }
+
+    fn hello_now(&mut self, token: String, cursor: Option<u64>, ctx: &mut Context<Self>) {
         let hash = crate::tokens::token_hash(&token);
-        let rec = match self.shared.state.token(&hash) {
+        let rec = match self.shared.state().token(&hash) {
             Ok(Some(r)) => r,
             Ok(None) => return self.close(close::UNAUTHORIZED, "unauthorized", ctx),
             Err(_) => return self.close(close::INTERNAL, "internal error", ctx),
@@ -834,11 +854,11 @@ impl Session {
             if r.is_err() {
                 return act.close(close::INTERNAL, "registry unavailable", ctx);
             }
-            let stored = match act.shared.state.cursor(&me.user, &me.device) {
+            let stored = match act.shared.state().cursor(&me.user, &me.device) {
                 Ok(c) => c,
                 Err(_) => return act.close(close::INTERNAL, "internal error", ctx),
             };
-            let head = act.shared.state.head(&me.user).unwrap_or(0);
+            let head = act.shared.state().head(&me.user).unwrap_or(0);
             let cursor = cursor.unwrap_or(stored);
             if cursor > head {
                 act.error(ErrorCode::BadRequest, format!("cursor {cursor} is past the head {head}"), None, None, ctx);
@@ -853,7 +873,7 @@ impl Session {
     /// `synced`. Also the restart path of supervision.
     fn begin_sync(&mut self, cursor: u64, ctx: &mut Context<Self>) {
         let Some(me) = self.auth.clone() else { return };
-        let head = match self.shared.state.head(&me.user) {
+        let head = match self.shared.state().head(&me.user) {
             Ok(h) => h,
             Err(_) => return self.close(close::INTERNAL, "internal error", ctx),
         };
@@ -904,7 +924,7 @@ impl Session {
             if room == 0 {
                 return self.wait_room(ctx);
             }
-            let page = match self.shared.state.events_page(&me.user, self.last_sent, self.target, page.min(room)) {
+            let page = match self.shared.state().events_page(&me.user, self.last_sent, self.target, page.min(room)) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(session = self.id, error = %e, "cannot read events");

@@ -20,7 +20,10 @@
 //! cluster's state, and the wiring into `server::run`; `parley serve` refuses
 //! `cluster.node_id` above 0 until then (`server::check_supported`).
 
+pub mod cli;
 pub mod log_store;
+pub mod network;
+pub mod node;
 pub mod state_machine;
 pub mod types;
 

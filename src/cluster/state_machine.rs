@@ -77,7 +77,7 @@ use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, BasicNode, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError, StoredMembership};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
@@ -85,7 +85,7 @@ use super::types::{Applied, Entry, LogId, StorageError, TypeConfig};
 use crate::storage::records::{self, LogEntry};
 use crate::storage::store::full_key;
 use crate::storage::trees::{TreeId, RAFT_APPLIED_KEY};
-use crate::storage::{snapshot, Sink, State, StorageError as LocalError};
+use crate::storage::{snapshot, LiveState, Sink, State, StorageError as LocalError};
 
 /// Version byte in front of [`Recorded`] and of a snapshot's `.raft` metadata.
 pub const FORMAT_VERSION: u8 = 1;
@@ -126,26 +126,6 @@ impl Recorded {
     }
 }
 
-/// The live [`State`] of a state machine, shared with its readers. Cheap to clone.
-///
-/// A snapshot install replaces the state (see the module docs): take [`get`](Self::get) for each
-/// read rather than keeping the `Arc`.
-#[derive(Clone)]
-pub struct LiveState {
-    cell: Arc<RwLock<Arc<State>>>,
-}
-
-impl LiveState {
-    /// The state as of now.
-    pub fn get(&self) -> Arc<State> {
-        self.cell.read().clone()
-    }
-
-    fn replace(&self, state: Arc<State>) -> Arc<State> {
-        std::mem::replace(&mut *self.cell.write(), state)
-    }
-}
-
 /// What the state machine and its snapshot builders share.
 struct Core {
     /// The state machine's directory (see the module docs).
@@ -163,6 +143,8 @@ struct Core {
     receiving: Mutex<Vec<PathBuf>>,
     /// Numbers the receiving files.
     next_receiving: AtomicU64,
+    /// Who waits for the outcomes of this node's own proposals (set once by the node).
+    waiters: std::sync::OnceLock<Arc<crate::cluster::node::Waiters>>,
 }
 
 /// parley's `RaftStateMachine` (see the module docs).
@@ -403,11 +385,12 @@ impl StateMachine {
             dir: dir.to_owned(),
             snapshots,
             cache_bytes,
-            live: LiveState { cell: Arc::new(RwLock::new(Arc::new(state))) },
+            live: LiveState::new(Arc::new(state)),
             sink,
             files: Mutex::new(gen),
             receiving: Mutex::new(Vec::new()),
             next_receiving: AtomicU64::new(0),
+            waiters: std::sync::OnceLock::new(),
         };
         Ok(StateMachine { core: Arc::new(core) })
     }
@@ -415,6 +398,13 @@ impl StateMachine {
     /// The live state, for readers (see [`LiveState`]).
     pub fn live(&self) -> LiveState {
         self.core.live.clone()
+    }
+
+    /// Hands the outcomes of the entries this node proposed (a [`Batch`](super::types::Batch)
+    /// whose `origin` is `waiters.node()`) to `waiters` as they are applied, instead of
+    /// returning them in [`Applied`]. Set once, before the Raft node starts.
+    pub fn answer_to(&self, waiters: Arc<crate::cluster::node::Waiters>) {
+        let _ = self.core.waiters.set(waiters);
     }
 }
 
@@ -435,8 +425,12 @@ impl Core {
                 tracing::warn!(raft_index = log_id.index, state_index = index, "a Raft entry applied after a gap: the state's index is no longer the Raft index + 1");
             }
             rec.last = Some(log_id);
+            let mut proposal = None;
             let batch = match e.payload {
-                EntryPayload::Normal(b) => records::decode::<LogEntry>(&b.0).map_err(err)?,
+                EntryPayload::Normal(b) => {
+                    proposal = Some((b.origin, b.id));
+                    records::decode::<LogEntry>(&b.entry).map_err(err)?
+                }
                 EntryPayload::Blank => LogEntry { ts: 0, commands: Vec::new() },
                 EntryPayload::Membership(m) => {
                     rec.membership = StoredMembership::new(Some(log_id), m);
@@ -447,6 +441,14 @@ impl Core {
             if !batch.commands.is_empty() {
                 self.sink.committed(effects);
             }
+            let outcomes = match (proposal, self.waiters.get()) {
+                // This node proposed the batch: its clients are answered from this apply.
+                (Some((origin, id)), Some(w)) if origin == w.node() => {
+                    w.applied(id, outcomes);
+                    Vec::new()
+                }
+                _ => outcomes,
+            };
             out.push(Applied { commands: batch.commands.len() as u32, outcomes });
         }
         Ok(out)

@@ -67,7 +67,7 @@ fn ent(term: u64, index: u64) -> Entry {
         let nodes = (1..=3).map(|i| (i, BasicNode::new(format!("127.0.0.1:{}", 7000 + i)))).collect::<std::collections::BTreeMap<_, _>>();
         EntryPayload::Membership(Membership::new(vec![nodes.keys().copied().collect()], nodes))
     } else {
-        EntryPayload::Normal(Batch(format!("batch {index} of term {term}").into_bytes().repeat((index % 5) as usize + 1)))
+        EntryPayload::Normal(Batch::anonymous(format!("batch {index} of term {term}").into_bytes().repeat((index % 5) as usize + 1)))
     };
     Entry { log_id: lid(term, index), payload }
 }
@@ -341,7 +341,7 @@ fn workload(range: std::ops::RangeInclusive<u64>) -> Vec<Entry> {
                 }
             };
             let bytes = records::encode(&LogEntry { ts: 1_000 + i, commands }).unwrap();
-            Entry { log_id: lid(1, i), payload: EntryPayload::Normal(Batch(bytes)) }
+            Entry { log_id: lid(1, i), payload: EntryPayload::Normal(Batch::anonymous(bytes)) }
         })
         .collect()
 }
@@ -392,7 +392,7 @@ async fn apply_answers_each_command_records_the_raft_state_and_hands_the_effects
     assert!(sm.apply(workload(4..=4)).await.is_err());
     assert_eq!((state.applied(), sm.applied_state().await.unwrap().0), (5, Some(lid(1, 4))));
     // A batch that is not a parley log entry is refused too.
-    let junk = Entry { log_id: lid(1, 5), payload: EntryPayload::Normal(Batch(vec![0xff, 1, 2])) };
+    let junk = Entry { log_id: lid(1, 5), payload: EntryPayload::Normal(Batch::anonymous(vec![0xff, 1, 2])) };
     assert!(sm.apply([junk]).await.is_err());
     assert_eq!(state.applied(), 5);
 }

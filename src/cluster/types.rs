@@ -12,12 +12,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::storage::Outcome;
 
-/// One group-commit batch of parley commands: the bytes of a `storage::records::LogEntry`
-/// exactly as the single-node log stores them as a record's payload (a format version byte,
-/// then postcard; see `storage/records.rs`). Carried opaque through Raft, so the stored formats
-/// stay parley's own and a change to openraft's types cannot change them.
+/// One group-commit batch of parley commands, as proposed by one node.
+///
+/// `entry` is the bytes of a `storage::records::LogEntry` exactly as the single-node log stores
+/// them as a record's payload (a format version byte, then postcard; see `storage/records.rs`),
+/// carried opaque through Raft, so the stored formats stay parley's own and a change to
+/// openraft's types cannot change them. `origin` and `id` name the proposal: the node that
+/// proposed it answers its own clients when its own state machine applies the entry
+/// (`cluster::node::Waiters`), whichever node was leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Batch(pub Vec<u8>);
+pub struct Batch {
+    /// The node id that proposed the batch (0 in tests that build entries by hand).
+    pub origin: u64,
+    /// A random id the proposer waits on.
+    pub id: u64,
+    /// The encoded `LogEntry`.
+    pub entry: Vec<u8>,
+}
+
+impl Batch {
+    /// A batch with no proposer to answer (tests, and entries written by hand).
+    pub fn anonymous(entry: Vec<u8>) -> Batch {
+        Batch { origin: 0, id: 0, entry }
+    }
+}
 
 /// What the state machine answers for one applied entry (openraft's `R`: what
 /// `Raft::client_write` returns on the node that proposed the entry).

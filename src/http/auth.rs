@@ -100,7 +100,10 @@ pub async fn register(s: web::Data<Arc<Shared>>, super::Body(body): super::Body)
     if !PASSWORD_BYTES.contains(&c.password.len()) {
         return error(ErrorCode::BadRequest, "password must be 8-256 bytes");
     }
-    match s.state.user(&c.user) {
+    if let Err(why) = s.read_barrier().await {
+        return error(ErrorCode::Unavailable, &format!("no quorum: {why}; retry"));
+    }
+    match s.state().user(&c.user) {
         Ok(Some(u)) if u.deleted => return error(ErrorCode::UserExists, "this id belonged to a deleted user; ids are never given out again"),
         Ok(Some(_)) => return error(ErrorCode::UserExists, "user exists"),
         Ok(None) => {}
@@ -165,7 +168,11 @@ pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, super::Body(body
     if !valid_user_id(&c.user) || !PASSWORD_BYTES.contains(&c.password.len()) {
         return failed();
     }
-    let rec = match s.state.user(&c.user) {
+    // On a cluster node: a user registered through another node is known here.
+    if let Err(why) = s.read_barrier().await {
+        return error(ErrorCode::Unavailable, &format!("no quorum: {why}; retry"));
+    }
+    let rec = match s.state().user(&c.user) {
         Ok(Some(r)) => r,
         Ok(None) => return failed(),
         Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),

@@ -2,6 +2,7 @@
 //! Every error is a JSON body `{"error": CODE, "message": TEXT}` with its status.
 
 pub mod auth;
+pub mod cluster;
 pub mod guard;
 pub mod metrics;
 /// The web client (`web/`); named apart from actix's `web` module, which this file uses.
@@ -159,6 +160,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/metrics", get_or_head().to(metrics::render)))
         // Not a `resource`: while admin.token is empty the path does not exist for any method.
         .route("/v1/admin/backup", web::post().to(admin_backup))
+        .service(resource("/v1/cluster/status", get_or_head().to(cluster::status)))
+        .service(resource("/v1/cluster/members", web::post().to(cluster::add)))
+        .service(resource("/v1/cluster/members/{id}", web::delete().to(cluster::remove)))
         .configure(web_client::routes)
         .default_service(web::to(|| async { error(ErrorCode::NotFound, "no such path") }));
 }
@@ -198,10 +202,16 @@ async fn healthz(s: web::Data<Arc<Shared>>) -> HttpResponse {
     } else {
         "ok"
     };
+    let (role, leader) = match &s.cluster {
+        Some(n) => n.role(),
+        None => ("single", None),
+    };
     let body = serde_json::json!({
         "status": status,
-        "applied_index": s.state.applied(),
+        "applied_index": s.state().applied(),
         "sockets": s.sockets.load(Ordering::Relaxed),
+        "role": role,
+        "leader": leader,
     });
     if status == "ok" {
         HttpResponse::Ok().json(body)
@@ -210,17 +220,24 @@ async fn healthz(s: web::Data<Arc<Shared>>) -> HttpResponse {
     }
 }
 
+/// The answer to an admin request without the right `Authorization: Bearer <admin.token>`: 404
+/// while `admin.token` is empty (no admin API at all), 401 on a missing or wrong token; `None`
+/// when the token is right.
+pub(crate) fn admin_denied(s: &Shared, req: &HttpRequest) -> Option<HttpResponse> {
+    if s.cfg.admin.token.is_empty() {
+        return Some(error(ErrorCode::NotFound, "no such path"));
+    }
+    // Compare digests, so the time taken does not depend on how much of the token matched.
+    let ok = bearer(req).is_some_and(|t| auth::token_hash(t) == auth::token_hash(&s.cfg.admin.token));
+    (!ok).then(|| error(ErrorCode::Unauthorized, "admin token required"))
+}
+
 /// `POST /v1/admin/backup` `{"dir": PATH}` with `Authorization: Bearer <admin.token>`: a
 /// consistent backup taken on the commit thread between batches; `200 {"dir", "applied_index"}`.
 /// 404 when `admin.token` is empty; 401 on a wrong token.
 async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, Body(body): Body) -> HttpResponse {
-    if s.cfg.admin.token.is_empty() {
-        return error(ErrorCode::NotFound, "no such path");
-    }
-    // Compare digests, so the time taken does not depend on how much of the token matched.
-    let ok = bearer(&req).is_some_and(|t| auth::token_hash(t) == auth::token_hash(&s.cfg.admin.token));
-    if !ok {
-        return error(ErrorCode::Unauthorized, "admin token required");
+    if let Some(denied) = admin_denied(&s, &req) {
+        return denied;
     }
     #[derive(serde::Deserialize)]
     struct Body {

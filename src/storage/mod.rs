@@ -25,6 +25,34 @@ use std::time::Instant;
 pub use pipeline::{Pipeline, PipelineError, Sink};
 pub use state::{Effects, Outcome, Pushed, Refusal, State};
 
+/// The live [`State`], shared with its readers. Cheap to clone.
+///
+/// A single node never replaces its state. A cluster node's state machine
+/// (`cluster::state_machine`) replaces it when it installs a snapshot from the leader: take
+/// [`get`](Self::get) for each read rather than keeping the `Arc`; an `Arc<State>` kept longer
+/// keeps reading the replaced state (consistent, but stale).
+#[derive(Clone)]
+pub struct LiveState {
+    cell: std::sync::Arc<parking_lot::RwLock<std::sync::Arc<State>>>,
+}
+
+impl LiveState {
+    /// A cell holding `state`.
+    pub fn new(state: std::sync::Arc<State>) -> LiveState {
+        LiveState { cell: std::sync::Arc::new(parking_lot::RwLock::new(state)) }
+    }
+
+    /// The state as of now.
+    pub fn get(&self) -> std::sync::Arc<State> {
+        self.cell.read().clone()
+    }
+
+    /// Puts `state` in the cell; returns the one it replaces.
+    pub(crate) fn replace(&self, state: std::sync::Arc<State>) -> std::sync::Arc<State> {
+        std::mem::replace(&mut *self.cell.write(), state)
+    }
+}
+
 /// Term of every entry until replication exists (Raft terms start at 1).
 pub const TERM: u64 = 1;
 

@@ -42,7 +42,20 @@ pub trait Sink: Send + Sync + 'static {
     fn committed(&self, effects: Effects);
 }
 
-type Reply = oneshot::Sender<Result<Outcome, PipelineError>>;
+/// Where one command's outcome goes.
+pub type Reply = oneshot::Sender<Result<Outcome, PipelineError>>;
+
+/// A replicated log under the commit pipeline (a cluster node, `cluster::node`): instead of
+/// appending to its own log, the batcher hands each group-commit batch to it.
+pub trait Replicator: Send + Sync + 'static {
+    /// Proposes `entry` (one batch; its `ts` stamped by the batcher) and answers every reply, in
+    /// order, once the entry is committed and applied on this node, or `Unavailable` when it is
+    /// not within the commit timeout. May block while too many proposals are in flight
+    /// (backpressure: the next batch grows meanwhile).
+    fn propose(self: Arc<Self>, entry: &LogEntry, replies: Vec<Reply>);
+    /// Whether writes can be committed now (a leader is known).
+    fn healthy(&self) -> bool;
+}
 
 enum Msg {
     Submit(Command, Reply),
@@ -59,8 +72,8 @@ pub struct Pipeline {
     tx: Sender<Msg>,
     /// False while the log or state is failing (healthz answers 503).
     healthy: Arc<AtomicBool>,
-    /// Highest applied index, for tests and stats.
-    state: Arc<State>,
+    /// The replicated log, in a cluster.
+    replicator: Option<Arc<dyn Replicator>>,
 }
 
 impl Pipeline {
@@ -116,7 +129,21 @@ impl Pipeline {
             .name("parley-commit".into())
             .spawn(move || w.run())
             .unwrap_or_else(|e| panic!("cannot start the commit thread: {e}"));
-        (Pipeline { tx, healthy, state }, handle)
+        (Pipeline { tx, healthy, replicator: None }, handle)
+    }
+
+    /// Starts the batcher of a cluster node: group commit as on a single node, but each batch
+    /// goes to `replicator` (Raft), which answers it once committed and applied here. Backups
+    /// are refused (a cluster node's backup is another node).
+    pub fn start_replicated(cfg: StorageConfig, replicator: Arc<dyn Replicator>) -> (Pipeline, JoinHandle<()>) {
+        let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let rep = replicator.clone();
+        let handle = std::thread::Builder::new()
+            .name("parley-batcher".into())
+            .spawn(move || batcher(rx, cfg, rep))
+            .unwrap_or_else(|e| panic!("cannot start the batcher thread: {e}"));
+        (Pipeline { tx, healthy, replicator: Some(replicator) }, handle)
     }
 
     /// Queues a command; the receiver gets its outcome once the batch is durable and applied.
@@ -144,12 +171,7 @@ impl Pipeline {
 
     /// Whether the log and state accept commits now.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    /// The state machine (for reads).
-    pub fn state(&self) -> &Arc<State> {
-        &self.state
+        self.healthy.load(Ordering::Relaxed) && self.replicator.as_ref().is_none_or(|r| r.healthy())
     }
 
     /// Commits what is queued, checkpoints, and stops the commit thread. Waits up to `deadline`.
@@ -158,6 +180,55 @@ impl Pipeline {
         if self.tx.send(Msg::Stop(tx)).is_ok() {
             let _ = tokio::time::timeout(deadline, rx).await;
         }
+    }
+}
+
+/// The cluster's batcher thread (see [`Pipeline::start_replicated`]).
+fn batcher(rx: Receiver<Msg>, cfg: StorageConfig, rep: Arc<dyn Replicator>) {
+    let window = Duration::from_micros(cfg.batch_window_us);
+    let max = cfg.batch_max_commands;
+    let mut last_ts = 0u64;
+    let mut batch: Vec<(Command, Reply)> = Vec::with_capacity(max);
+    let mut stop = None;
+    while stop.is_none() {
+        match rx.recv() {
+            Ok(Msg::Submit(c, r)) => batch.push((c, r)),
+            Ok(Msg::Stop(done)) => stop = Some(Some(done)),
+            Ok(Msg::Backup(_, reply)) => {
+                let _ = reply.send(Err("a cluster node takes no backup: every node holds the whole log and state; back up a stopped node's data directory".into()));
+                continue;
+            }
+            Err(_) => stop = Some(None),
+        }
+        let deadline = Instant::now() + window;
+        while stop.is_none() && batch.len() < max && !batch.is_empty() {
+            let msg = match rx.try_recv() {
+                Ok(m) => m,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) if window.is_zero() => break,
+                Err(TryRecvError::Empty) => match rx.recv_deadline(deadline) {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+            };
+            match msg {
+                Msg::Submit(c, r) => batch.push((c, r)),
+                Msg::Stop(done) => stop = Some(Some(done)),
+                Msg::Backup(_, reply) => {
+                    let _ = reply.send(Err("a cluster node takes no backup".into()));
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            last_ts = last_ts.max(now);
+            let (commands, replies): (Vec<Command>, Vec<Reply>) = batch.drain(..).unzip();
+            metrics::histogram!("parley_commit_batch_size").record(commands.len() as f64);
+            rep.clone().propose(&LogEntry { ts: last_ts, commands }, replies);
+        }
+    }
+    if let Some(Some(done)) = stop {
+        let _ = done.send(());
     }
 }
 

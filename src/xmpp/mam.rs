@@ -210,7 +210,8 @@ fn answer(s: &XmppSession, iq: &Element, q: &Element) -> Result<Vec<Element>, Fa
     if let Some(t) = attr!(iq, "to").filter(|t| t.ends_with(&format!("@{}", s.muc_service()))) {
         with = Some(t.to_owned());
     }
-    let state = &s.shared().state;
+    let state_now = s.shared().state();
+    let state = &*state_now;
     let convs: Vec<Conv> = match with {
         Some(w) => {
             let j = jid::Jid::new(w.trim()).map_err(|_| ("modify", "jid-malformed", "with is not a JID"))?;

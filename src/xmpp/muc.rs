@@ -86,7 +86,7 @@ fn invitation(s: &XmppSession, g: &GroupView) -> Option<Element> {
 pub fn backlog_group_event(s: &mut XmppSession, g: &GroupView) -> Vec<Element> {
     let id = g.group.trim_start_matches("g:");
     let me = s.user().to_owned();
-    let member = s.shared().state.group(id).ok().flatten().is_some_and(|gr| gr.members.iter().any(|m| m.user == me));
+    let member = s.shared().state().group(id).ok().flatten().is_some_and(|gr| gr.members.iter().any(|m| m.user == me));
     if !member {
         return Vec::new();
     }
@@ -99,7 +99,7 @@ pub fn group_event(s: &mut XmppSession, g: &GroupView) -> Vec<Element> {
     let room = s.room_jid(&g.group);
     let me = s.user().to_owned();
     let id = g.group.trim_start_matches("g:");
-    let admins: Vec<String> = s.shared().state.group(id).ok().flatten().map(admins_of).unwrap_or_default();
+    let admins: Vec<String> = s.shared().state().group(id).ok().flatten().map(admins_of).unwrap_or_default();
     let mut out: Vec<Element> = invitation(s, g).into_iter().collect();
     out.extend(g.users
         .iter()
@@ -132,7 +132,7 @@ pub fn presence(s: &mut XmppSession, el: Element, ctx: &mut Context<XmppSession>
     };
     let room = format!("{node}@{}", s.muc_service());
     let me = s.user().to_owned();
-    let group = if valid_group_id(&node) { s.shared().state.group(&node).ok().flatten() } else { None };
+    let group = if valid_group_id(&node) { s.shared().state().group(&node).ok().flatten() } else { None };
     let join = el.has_child("x", ns::MUC) && attr!(el, "type").is_none();
     if group.is_none() && join && valid_group_id(&node) {
         return create(s, el, node, ctx);
@@ -189,7 +189,7 @@ fn create(s: &mut XmppSession, el: Element, node: String, ctx: &mut Context<Xmpp
     let fut = async move { shared.pipeline.call(cmd).await };
     ctx.wait(fut.into_actor(s).map(move |res, s, _| {
         let room = format!("{node}@{}", s.muc_service());
-        let group = s.shared().state.group(&node).ok().flatten().filter(|g| g.members.iter().any(|m| m.user == me));
+        let group = s.shared().state().group(&node).ok().flatten().filter(|g| g.members.iter().any(|m| m.user == me));
         match (res, group) {
             (Ok(Outcome::GroupCreated { .. }), Some(g)) => joined(s, &el, &room, &g, &[201]),
             _ => {
@@ -302,7 +302,7 @@ pub fn iq(s: &mut XmppSession, iq: &Element, child: &Element, ctx: &mut Context<
     let cns = child.ns();
     let Some(group) = room_group(s, attr!(iq, "to")) else { return None };
     let me = s.user().to_owned();
-    let rec = s.shared().state.group(&group).ok().flatten().filter(|g| g.members.iter().any(|m| m.user == me));
+    let rec = s.shared().state().group(&group).ok().flatten().filter(|g| g.members.iter().any(|m| m.user == me));
     let Some(rec) = rec else {
         let e = error_reply(iq, None, "auth", "forbidden", Some("not a member of this room"));
         s.send_el(&e);

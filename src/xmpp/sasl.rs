@@ -52,11 +52,11 @@ fn username(identity: &Identity) -> Option<&str> {
 impl Users {
     fn verifiers(&self, identity: &Identity) -> Result<ScramRecord, ProviderError> {
         let u = username(identity).ok_or(ProviderError::AuthenticationFailed)?;
-        match self.shared.state.user(u) {
+        match self.shared.state().user(u) {
             Ok(Some(rec)) if !rec.deleted => {}
             _ => return Err(ProviderError::AuthenticationFailed),
         }
-        self.shared.state.scram(u).ok().flatten().ok_or(ProviderError::AuthenticationFailed)
+        self.shared.state().scram(u).ok().flatten().ok_or(ProviderError::AuthenticationFailed)
     }
 }
 
@@ -80,7 +80,7 @@ sasl::impl_validator_using_provider!(Users, Pbkdf2Sha256);
 impl Validator<Plain> for Users {
     fn validate(&self, identity: &Identity, value: &Plain) -> Result<(), ValidatorError> {
         let u = username(identity).ok_or(ValidatorError::AuthenticationFailed)?;
-        let rec = match self.shared.state.user(u) {
+        let rec = match self.shared.state().user(u) {
             Ok(Some(rec)) if !rec.deleted => rec,
             _ => return Err(ValidatorError::AuthenticationFailed),
         };

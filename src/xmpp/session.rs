@@ -576,7 +576,7 @@ impl XmppSession {
     /// A user registered before the gateway has no SCRAM verifiers: derive them from the
     /// password of its first successful PLAIN login and store them through the log.
     fn add_missing_scram(&self, user: &str, password: String) {
-        if !matches!(self.shared.state.scram(user), Ok(None)) {
+        if !matches!(self.shared.state().scram(user), Ok(None)) {
             return;
         }
         let (shared, user) = (self.shared.clone(), user.to_owned());
@@ -627,8 +627,8 @@ impl XmppSession {
                 return act.end_stream(ctx);
             }
             act.token = Some(hash);
-            let cursor = act.shared.state.cursor(&user, &device).unwrap_or(0);
-            let head = act.shared.state.head(&user).unwrap_or(0);
+            let cursor = act.shared.state().cursor(&user, &device).unwrap_or(0);
+            let head = act.shared.state().head(&user).unwrap_or(0);
             act.device = Some(device);
             act.last_sent = cursor;
             act.cursor_sent = cursor;
@@ -664,7 +664,7 @@ impl XmppSession {
                 }
                 return;
             }
-            let page = match self.shared.state.events_page(self.me(), self.last_sent, self.target, page_max.min(room / 8)) {
+            let page = match self.shared.state().events_page(self.me(), self.last_sent, self.target, page_max.min(room / 8)) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(session = self.id, error = %e, "cannot read events");
@@ -736,7 +736,7 @@ impl XmppSession {
                 if r.up_to <= prev {
                     return Vec::new();
                 }
-                let Ok(Ok(page)) = self.shared.state.history(&me, &Conv::parse(&r.conv).unwrap_or(Conv::Group(String::new())), Some(r.up_to + 1), 20) else {
+                let Ok(Ok(page)) = self.shared.state().history(&me, &Conv::parse(&r.conv).unwrap_or(Conv::Group(String::new())), Some(r.up_to + 1), 20) else {
                     return Vec::new();
                 };
                 let mine: Vec<&MessageView> = page.messages.iter().filter(|m| m.from == me && m.seq > prev).collect();
@@ -767,7 +767,7 @@ impl XmppSession {
             EventPayload::ReadMarker(rm) if self.carbons => {
                 // Read on another device of this user: a carbon of a displayed marker (XEP-0333 §5).
                 let Some(c) = Conv::parse(&rm.conv) else { return Vec::new() };
-                let Ok(Ok(page)) = self.shared.state.history(&me, &c, Some(rm.seq + 1), 1) else { return Vec::new() };
+                let Ok(Ok(page)) = self.shared.state().history(&me, &c, Some(rm.seq + 1), 1) else { return Vec::new() };
                 let Some(last) = page.messages.last() else { return Vec::new() };
                 let inner = build!("message", ns::CLIENT, "from" => self.bare(&me), "to" => self.conv_jid(&rm.conv), "type" => "chat")
                     .append(build!("displayed", ns::MARKERS, "id" => last.id.as_str()).build())
@@ -989,12 +989,12 @@ impl XmppSession {
                 return act.stream_error("internal-server-error", "cannot resume now", ctx);
             }
             act.token = Some(hash);
-            let stored = act.shared.state.cursor(&user, &device).unwrap_or(0);
+            let stored = act.shared.state().cursor(&user, &device).unwrap_or(0);
             let from = stored.max(confirmed);
             act.device = Some(device);
             act.cursor_sent = from;
             act.last_sent = from;
-            act.target = act.shared.state.head(&user).unwrap_or(0).max(from);
+            act.target = act.shared.state().head(&user).unwrap_or(0).max(from);
             act.carbons = p.carbons;
             act.phase = Phase::Ready;
             // The client has h stanzas; what follows is counted from there (the events after
@@ -1073,7 +1073,7 @@ impl XmppSession {
             senders = vec![target.to_owned()];
         }
         senders.push(self.me().to_owned());
-        senders.iter().find_map(|s| self.shared.state.dedup(s, id).ok().flatten().filter(|a| a.conv == conv).map(|a| a.seq))
+        senders.iter().find_map(|s| self.shared.state().dedup(s, id).ok().flatten().filter(|a| a.conv == conv).map(|a| a.seq))
     }
 
     fn send_body(&mut self, el: Element, me: &str, target: &str, body: String, ctx: &mut Context<Self>) {
@@ -1165,7 +1165,7 @@ impl XmppSession {
         let me = self.me();
         let mut v: Vec<String> = self
             .shared
-            .state
+            .state()
             .conversations(me)
             .unwrap_or_default()
             .into_iter()
@@ -1346,9 +1346,9 @@ impl XmppSession {
         match to {
             Some(t) if t == self.muc_domain() => {
                 // The rooms (groups) this user is a member of.
-                for c in self.shared.state.conversations(self.me()).unwrap_or_default() {
+                for c in self.shared.state().conversations(self.me()).unwrap_or_default() {
                     if let Some(Conv::Group(g)) = Conv::parse(&c.conv) {
-                        if self.shared.state.is_member(self.me(), &Conv::Group(g.clone())).unwrap_or(false) {
+                        if self.shared.state().is_member(self.me(), &Conv::Group(g.clone())).unwrap_or(false) {
                             q = q.append(build!("item", ns::DISCO_ITEMS, "jid" => format!("{g}@{}", self.muc_domain())).build());
                         }
                     }

@@ -126,18 +126,26 @@ async fn a_second_server_on_one_directory_is_refused_and_start_up_says_what_it_d
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_node_id_is_refused_until_clustering_exists_and_bad_cluster_keys_are_named() {
+async fn a_data_directory_of_the_other_kind_is_refused_and_bad_cluster_keys_are_named() {
     let dir = TestDir::new();
+    // A single node's data directory (its `wal/`) cannot start a cluster node.
+    let mut single = Server::start(&dir).await;
+    single.sigterm();
+    assert_eq!(single.wait_exit().await.code(), Some(0));
     let cluster = [
         ("PARLEY__CLUSTER__NODE_ID", "1"),
         ("PARLEY__CLUSTER__LISTEN", "127.0.0.1:0"),
         ("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103"),
     ];
     let e = serve(&dir.data(), "127.0.0.1:0", &[], &cluster).await;
-    refused(&e, "cluster.node_id = 1: clustering is not implemented yet");
-    assert!(!dir.data().exists(), "it created the data directory");
-    let e = serve(&dir.data(), "127.0.0.1:0", &[], &[("PARLEY__CLUSTER__NODE_ID", "2")]).await;
+    refused(&e, "holds a single node's log (wal/)");
+    assert!(!dir.data().join("raft").exists(), "it created a cluster log beside the single node's");
+    let other = TestDir::new();
+    let e = serve(&other.data(), "127.0.0.1:0", &[], &[("PARLEY__CLUSTER__NODE_ID", "2")]).await;
     refused(&e, "cluster.listen");
-    let e = serve(&dir.data(), "127.0.0.1:0", &[], &[("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:7101")]).await;
+    let e = serve(&other.data(), "127.0.0.1:0", &[], &[("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:7101")]).await;
     refused(&e, "cluster.node_id");
+    let e = serve(&other.data(), "127.0.0.1:0", &[], &[("PARLEY__CLUSTER__NODE_ID", "1"), ("PARLEY__CLUSTER__LISTEN", "127.0.0.1:0"), ("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:0,2=127.0.0.1:0")]).await;
+    refused(&e, "cluster.peers");
+    assert!(!other.data().exists(), "it created the data directory");
 }

@@ -1,0 +1,596 @@
+//! One parley cluster node: the openraft `Raft` over the log store and the state machine, its
+//! RPC handler, membership start-up, proposals (forwarded to the leader from a follower), read
+//! indexes, status and membership changes.
+//!
+//! # A write's way (issue 12)
+//!
+//! The commit pipeline's batcher (`storage/pipeline.rs`, replicated mode) groups commands into
+//! one batch, as on a single node, and hands it to [`Node`] ([`Replicator::propose`]). The node
+//! registers a waiter for the batch's random id, then proposes it: `Raft::client_write` on the
+//! leader, or [`Request::Propose`] to the leader from a follower. Every node applies every
+//! committed entry; when **this** node's state machine applies a batch whose `origin` is this
+//! node, it hands the outcomes to the waiter ([`Waiters`]), and only then are the clients
+//! answered. So an `ack` leaves only after the entry is committed on a quorum *and* applied on
+//! the node the client is connected to: a history read on that node right after the ack shows
+//! the message (read-your-writes).
+//!
+//! A proposal that finds no leader, or a leader that does not commit it, within
+//! `cluster.commit_timeout_ms` is answered `unavailable` (the client resends with the same id;
+//! apply's dedup stores it once). A proposal is re-sent only when it certainly did not reach a
+//! leader's log (not a leader, cannot connect), never after an ambiguous failure: the waiter
+//! alone decides.
+//!
+//! # Reads
+//!
+//! Each node answers reads from its own state. [`Node::read_barrier`] (at login and at a
+//! session's `hello`) asks the leader for its read index (its commit index, confirmed by a
+//! heartbeat round: the Raft paper §6.4) and waits until this node has applied it: a client that
+//! saw something on another node, or wrote there, sees at least that here (monotonic reads,
+//! read-your-writes across nodes).
+//!
+//! # Start-up (no init step)
+//!
+//! When this node is the lowest id in `cluster.peers` and its log and vote are empty, it asks
+//! every peer ([`Request::Probe`]) until all answer; if none holds anything it initializes the
+//! membership with every configured peer as a voter. A node whose data was wiped is never the
+//! one to initialize while any peer holds a log: it waits for the leader to replicate to it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::log_store::LogStore;
+use super::network::{CallError, Gossip, Handler, Network, Peers, Request, Response};
+use super::state_machine::StateMachine;
+use super::types::{Batch, NodeId, TypeConfig};
+use crate::config::Config;
+use crate::storage::pipeline::{Replicator, Reply};
+use crate::storage::records::{encode, LogEntry};
+use crate::storage::{DataLock, LiveState, Outcome, PipelineError, Sink};
+
+/// Proposals in flight at once; the batcher waits for one to finish beyond this (backpressure:
+/// meanwhile its batch grows).
+const IN_FLIGHT: usize = 8;
+
+/// Who waits for the outcomes of this node's own proposals, by batch id (see the module docs).
+pub struct Waiters {
+    node: NodeId,
+    map: Mutex<HashMap<u64, oneshot::Sender<Vec<Outcome>>>>,
+}
+
+impl Waiters {
+    /// Waiters of node `node`.
+    pub fn new(node: NodeId) -> Arc<Waiters> {
+        Arc::new(Waiters { node, map: Mutex::new(HashMap::new()) })
+    }
+
+    /// This node's id (batches with this `origin` are answered here).
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Called by the state machine when it applied batch `id` of this node.
+    pub fn applied(&self, id: u64, outcomes: Vec<Outcome>) {
+        if let Some(tx) = self.map.lock().remove(&id) {
+            let _ = tx.send(outcomes);
+        }
+    }
+
+    fn wait(&self, id: u64) -> oneshot::Receiver<Vec<Outcome>> {
+        let (tx, rx) = oneshot::channel();
+        self.map.lock().insert(id, tx);
+        rx
+    }
+
+    fn forget(&self, id: u64) {
+        self.map.lock().remove(&id);
+    }
+}
+
+/// Presence and typing from other nodes (the presence hub implements it; see `actors/`).
+pub trait GossipSink: Send + Sync + 'static {
+    /// Handles gossip from node `from`.
+    fn gossip(&self, from: NodeId, g: Gossip);
+}
+
+/// What `parley cluster status` and `GET /v1/cluster/status` show.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub node_id: NodeId,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: &'static str,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    /// The highest Raft index this node knows to be committed.
+    pub commit_index: Option<u64>,
+    /// The highest Raft index applied to this node's state.
+    pub applied_index: Option<u64>,
+    pub last_log_index: Option<u64>,
+    /// Voters of the current membership.
+    pub members: Vec<NodeId>,
+    /// Learners (non-voting members).
+    pub learners: Vec<NodeId>,
+}
+
+/// A running cluster node. Its tasks run on the node's own tokio runtime ([`Node::runtime`]).
+pub struct Node {
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    peers: Arc<Peers>,
+    waiters: Arc<Waiters>,
+    rt: tokio::runtime::Handle,
+    commit_timeout: Duration,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    gossip: Mutex<Option<Arc<dyn GossipSink>>>,
+    /// The configured members, for the start-up initialization.
+    configured: BTreeMap<NodeId, String>,
+    stopping: AtomicBool,
+}
+
+/// What [`open`] recovered from a data directory.
+pub struct Opened {
+    pub log: LogStore,
+    pub sm: StateMachine,
+    pub live: LiveState,
+    pub lock: DataLock,
+}
+
+/// Opens a cluster node's storage under `data` (`raft/log`, `raft/sm`), locked. Blocking.
+///
+/// # Errors
+/// The data directory is locked by another process, or the log or state cannot be opened.
+pub fn open(cfg: &Config, data: &Path, sink: Arc<dyn Sink>) -> anyhow::Result<Opened> {
+    std::fs::create_dir_all(data.join("raft")).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data.join("raft").display()))?;
+    let lock = DataLock::acquire(data)?;
+    let log = LogStore::open(&data.join("raft").join("log"), cfg.storage.segment_bytes).map_err(|e| anyhow::anyhow!("the Raft log: {e}"))?;
+    let sm = StateMachine::open(&data.join("raft").join("sm"), cfg.storage.cache_bytes, sink).map_err(|e| anyhow::anyhow!("the Raft state machine: {e}"))?;
+    let live = sm.live();
+    Ok(Opened { log, sm, live, lock })
+}
+
+impl Node {
+    /// Starts the Raft node on `rt` with `opened`'s storage, serving node-to-node RPC on
+    /// `listener` (already bound). Returns once openraft runs.
+    ///
+    /// # Errors
+    /// An invalid Raft configuration, or openraft failing to start.
+    pub async fn start(cfg: &Config, opened: (LogStore, StateMachine), listener: std::net::TcpListener, rt: tokio::runtime::Handle) -> anyhow::Result<Arc<Node>> {
+        let c = &cfg.cluster;
+        let configured = c.peer_map().map_err(|e| anyhow::anyhow!("cluster.peers: {e}"))?;
+        let raft_cfg = openraft::Config {
+            cluster_name: "parley".into(),
+            heartbeat_interval: c.heartbeat_ms,
+            election_timeout_min: c.election_timeout_ms,
+            election_timeout_max: 2 * c.election_timeout_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_entries),
+            max_in_snapshot_log_to_keep: c.keep_entries,
+            max_payload_entries: 64,
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| anyhow::anyhow!("the Raft configuration: {e}"))?;
+        let (log, sm) = opened;
+        let waiters = Waiters::new(c.node_id);
+        sm.answer_to(waiters.clone());
+        let peers = Peers::new(c.node_id, configured.clone());
+        let id = c.node_id;
+        let commit_timeout = Duration::from_millis(c.commit_timeout_ms);
+        let net = Network { peers: peers.clone() };
+        let raft = rt.spawn(async move { Raft::new(id, Arc::new(raft_cfg), net, log, sm).await }).await??;
+        let node = Arc::new(Node {
+            id,
+            raft,
+            peers,
+            waiters,
+            rt: rt.clone(),
+            commit_timeout,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+            gossip: Mutex::new(None),
+            configured,
+            stopping: AtomicBool::new(false),
+        });
+        listener.set_nonblocking(true)?;
+        let n = node.clone();
+        rt.spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => super::network::serve(l, n).await,
+                Err(e) => tracing::error!(error = %e, "the cluster listener cannot be used"),
+            }
+        });
+        rt.spawn(node.clone().bootstrap());
+        Ok(node)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The runtime the node's tasks run on.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
+    }
+
+    /// Where gossip from other nodes goes (set once the presence hub exists).
+    pub fn set_gossip(&self, sink: Arc<dyn GossipSink>) {
+        *self.gossip.lock() = Some(sink);
+    }
+
+    /// The role and leader as of now.
+    pub fn role(&self) -> (&'static str, Option<NodeId>) {
+        let m = self.raft.metrics().borrow().clone();
+        (role_name(m.state), m.current_leader)
+    }
+
+    /// The node's status (see [`Status`]).
+    pub async fn status(self: &Arc<Self>) -> Status {
+        let me = self.clone();
+        let committed = self.rt.spawn(async move { me.raft.with_raft_state(|st| st.committed.map(|l| l.index)).await.ok().flatten() }).await.ok().flatten();
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let members: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        Status {
+            node_id: self.id,
+            role: role_name(m.state),
+            term: m.current_term,
+            leader: m.current_leader,
+            commit_index: committed,
+            applied_index: m.last_applied.map(|l| l.index),
+            last_log_index: m.last_log_index,
+            members: members.into_iter().collect(),
+            learners,
+        }
+    }
+
+    /// Waits until this node has applied everything the leader had committed when asked (see
+    /// "Reads" in the module docs); at most `cluster.commit_timeout_ms`.
+    ///
+    /// # Errors
+    /// No leader answered in time (no quorum, or this node is cut off), in words.
+    pub async fn read_barrier(self: &Arc<Self>) -> Result<(), String> {
+        let me = self.clone();
+        self.rt.spawn(async move { me.barrier().await }).await.unwrap_or_else(|e| Err(format!("the read barrier failed: {e}")))
+    }
+
+    async fn barrier(self: Arc<Self>) -> Result<(), String> {
+        let deadline = Instant::now() + self.commit_timeout;
+        let index = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("no leader confirmed its commit index in time".into());
+            }
+            let leader = self.raft.metrics().borrow().current_leader;
+            match leader {
+                Some(l) if l == self.id => match tokio::time::timeout(left, self.raft.get_read_log_id()).await {
+                    Ok(Ok((read, _))) => break read.map(|l| l.index),
+                    Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) | Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {}
+                    Ok(Err(e)) => return Err(format!("the read index: {e}")),
+                    Err(_) => return Err("no quorum confirmed this leader in time".into()),
+                },
+                Some(l) => match self.peers.call(l, None, &Request::ReadIndex, left).await {
+                    Ok(Response::ReadIndex { index }) => break index,
+                    Ok(Response::NotLeader { .. }) | Err(CallError::Unreachable(..)) => {}
+                    Ok(r) => return Err(format!("the leader answered the read index with {r:?}")),
+                    Err(e) => return Err(e.to_string()),
+                },
+                None => {}
+            }
+            self.await_change(Duration::from_millis(20).min(left)).await;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(left))
+            .applied_index_at_least(index, "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("this node did not apply the read index {index:?} in time: {e}"))
+    }
+
+    /// Waits for a change of the metrics (a new leader, say), at most `d`.
+    async fn await_change(&self, d: Duration) {
+        let mut rx = self.raft.metrics();
+        let _ = tokio::time::timeout(d, rx.changed()).await;
+    }
+
+    /// Proposes `batch` until a leader took it into its log, or the deadline passes. `Ok` when
+    /// a leader accepted it (it may still fail to commit), `Err` when it certainly was not
+    /// taken (the waiter then decides nothing will come).
+    async fn submit(&self, batch: &Batch, deadline: Instant) -> Result<(), ()> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(());
+            }
+            let leader = self.raft.metrics().borrow().current_leader;
+            match leader {
+                Some(l) if l == self.id => match tokio::time::timeout(left, self.raft.client_write(batch.clone())).await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {}
+                    // Stopped, or the time ran out: it may be in this node's log.
+                    Ok(Err(_)) | Err(_) => return Ok(()),
+                },
+                Some(l) => match self.peers.call(l, None, &Request::Propose(batch.clone()), left).await {
+                    Ok(Response::Proposed { .. }) => return Ok(()),
+                    Ok(Response::NotLeader { .. }) | Err(CallError::Unreachable(..)) => {}
+                    // Sent, with no clear answer: it may be in the leader's log.
+                    Ok(_) | Err(CallError::NoAnswer(..)) => return Ok(()),
+                },
+                None => {}
+            }
+            self.await_change(Duration::from_millis(20).min(left)).await;
+        }
+    }
+
+    /// Proposes `batch` and waits for its outcomes until `deadline`. When the leader changes
+    /// while it waits (the old one died or was cut off, and may never commit it), the same batch
+    /// is proposed to the new leader: should both copies commit, the waiter takes the first one
+    /// applied and the second changes nothing (every command is idempotent by its id or its
+    /// effect: a resent `send` is answered from its dedup record, a cursor only moves forward).
+    async fn settle(&self, batch: &Batch, mut rx: oneshot::Receiver<Vec<Outcome>>, deadline: Instant) -> Option<Vec<Outcome>> {
+        let mut metrics = self.raft.metrics();
+        for _ in 0..16 {
+            let leader = self.raft.metrics().borrow().current_leader;
+            if self.submit(batch, deadline).await.is_err() {
+                return None;
+            }
+            loop {
+                tokio::select! {
+                    r = &mut rx => return r.ok(),
+                    _ = tokio::time::sleep_until(deadline.into()) => return None,
+                    changed = metrics.changed() => {
+                        if changed.is_err() {
+                            return None;
+                        }
+                        let now = metrics.borrow().current_leader;
+                        if now.is_some() && now != leader {
+                            tracing::info!(old = ?leader, new = ?now, "the leader changed while a batch waited: proposing it again");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::timeout_at(deadline.into(), rx).await.ok().and_then(Result::ok)
+    }
+
+    async fn propose_async(self: Arc<Self>, entry: Vec<u8>, replies: Vec<Reply>, permit: tokio::sync::OwnedSemaphorePermit) {
+        let id: u64 = rand::random();
+        let rx = self.waiters.wait(id);
+        let batch = Batch { origin: self.id, id, entry };
+        let deadline = Instant::now() + self.commit_timeout;
+        let outcomes = self.settle(&batch, rx, deadline).await;
+        self.waiters.forget(id);
+        drop(permit);
+        match outcomes {
+            Some(outcomes) if outcomes.len() == replies.len() => {
+                for (reply, o) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(o));
+                }
+            }
+            Some(outcomes) => {
+                tracing::error!(commands = replies.len(), outcomes = outcomes.len(), "a batch's outcomes do not match its commands; answering unavailable");
+                for reply in replies {
+                    let _ = reply.send(Err(PipelineError::Unavailable));
+                }
+            }
+            None => {
+                metrics::counter!("parley_cluster_unavailable_total").increment(replies.len() as u64);
+                for reply in replies {
+                    let _ = reply.send(Err(PipelineError::Unavailable));
+                }
+            }
+        }
+    }
+
+    /// The start-up initialization (see the module docs). Runs until the node is initialized
+    /// or learns that another node holds a log.
+    async fn bootstrap(self: Arc<Self>) {
+        let lowest = self.configured.keys().next().copied();
+        if lowest != Some(self.id) {
+            return;
+        }
+        for attempt in 0u64.. {
+            if self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            match self.raft.is_initialized().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(_) => return,
+            }
+            let mut all_empty = true;
+            for p in self.peers.others() {
+                match self.peers.call(p, None, &Request::Probe, Duration::from_millis(500)).await {
+                    Ok(Response::Probe { initialized: false }) => {}
+                    Ok(Response::Probe { initialized: true }) => {
+                        tracing::info!(peer = p, "a peer holds a log: waiting for the leader to replicate to this node");
+                        return;
+                    }
+                    _ => all_empty = false,
+                }
+            }
+            if all_empty {
+                let members: BTreeMap<NodeId, BasicNode> = self.configured.iter().map(|(&id, a)| (id, BasicNode::new(a))).collect();
+                match self.raft.initialize(members).await {
+                    Ok(()) => tracing::info!(members = ?self.configured.keys().collect::<Vec<_>>(), "initialized the cluster's membership"),
+                    Err(e) => tracing::warn!(error = %e, "initialize"),
+                }
+                return;
+            }
+            if attempt % 20 == 0 {
+                tracing::info!("waiting for every peer to answer before initializing the cluster");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Adds node `id` at `addr` as a voter (a learner first, caught up, then a membership
+    /// change), through the leader.
+    ///
+    /// # Errors
+    /// No leader, or the change failed, in words.
+    pub async fn add_member(self: &Arc<Self>, id: NodeId, addr: String) -> Result<(), String> {
+        self.to_leader(Request::AddMember { id, addr }).await
+    }
+
+    /// Removes voter `id`, through the leader.
+    ///
+    /// # Errors
+    /// No leader, or the change failed, in words.
+    pub async fn remove_member(self: &Arc<Self>, id: NodeId) -> Result<(), String> {
+        self.to_leader(Request::RemoveMember { id }).await
+    }
+
+    async fn to_leader(self: &Arc<Self>, req: Request) -> Result<(), String> {
+        let me = self.clone();
+        self.rt
+            .spawn(async move {
+                let leader = me.raft.metrics().borrow().current_leader.ok_or("no leader")?;
+                let r = if leader == me.id { me.clone().handle(req).await } else { me.peers.call(leader, None, &req, Duration::from_secs(60)).await.map_err(|e| e.to_string())? };
+                match r {
+                    Response::Done => Ok(()),
+                    Response::Error(e) => Err(e),
+                    Response::NotLeader { leader } => Err(format!("the leader changed (now {leader:?}); retry")),
+                    r => Err(format!("unexpected answer {r:?}")),
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Tells every peer `g` (fire and forget).
+    pub fn broadcast(self: &Arc<Self>, g: Gossip) {
+        let me = self.clone();
+        self.rt.spawn(async move {
+            let members: Vec<(NodeId, String)> = {
+                let m = me.raft.metrics().borrow().membership_config.clone();
+                m.nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+            };
+            let mut ids: BTreeMap<NodeId, Option<String>> = me.peers.others().into_iter().map(|id| (id, None)).collect();
+            for (id, a) in members {
+                if id != me.id {
+                    ids.entry(id).or_insert(Some(a));
+                }
+            }
+            let from = me.id;
+            for (id, addr) in ids {
+                let (p, g) = (me.peers.clone(), g.clone());
+                tokio::spawn(async move {
+                    let _ = p.call(id, addr.as_deref(), &Request::Gossip { from, g }, Duration::from_secs(2)).await;
+                });
+            }
+        });
+    }
+
+    /// Stops openraft (no more votes, appends or applies).
+    pub async fn shutdown(self: &Arc<Self>) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let me = self.clone();
+        let _ = self.rt.spawn(async move { me.raft.shutdown().await }).await;
+    }
+
+    fn gossip_from(&self, from: NodeId, g: Gossip) {
+        let sink = self.gossip.lock().clone();
+        if let Some(s) = sink {
+            s.gossip(from, g);
+        }
+    }
+}
+
+fn role_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl Replicator for Node {
+    fn propose(self: Arc<Self>, entry: &LogEntry, replies: Vec<Reply>) {
+        let bytes = match encode(entry) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a batch");
+                for r in replies {
+                    let _ = r.send(Err(PipelineError::Unavailable));
+                }
+                return;
+            }
+        };
+        let sem = self.in_flight.clone();
+        // Blocks the batcher while IN_FLIGHT proposals run: its next batch grows meanwhile.
+        let permit = match self.rt.block_on(sem.acquire_owned()) {
+            Ok(p) => p,
+            Err(_) => {
+                for r in replies {
+                    let _ = r.send(Err(PipelineError::Unavailable));
+                }
+                return;
+            }
+        };
+        let rt = self.rt.clone();
+        rt.spawn(self.propose_async(bytes, replies, permit));
+    }
+
+    fn healthy(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.running_state.is_ok() && m.current_leader.is_some()
+    }
+}
+
+impl Handler for Node {
+    async fn handle(self: Arc<Self>, req: Request) -> Response {
+        use super::network::remote_error;
+        match req {
+            Request::Append(r) => self.raft.append_entries(r).await.map_or_else(remote_error, Response::Append),
+            Request::Vote(r) => self.raft.vote(r).await.map_or_else(remote_error, Response::Vote),
+            Request::Snapshot(r) => self.raft.install_snapshot(r).await.map_or_else(remote_error, Response::Snapshot),
+            Request::Propose(b) => match self.raft.client_write(b).await {
+                Ok(w) => Response::Proposed { index: w.log_id.index },
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Response::NotLeader { leader: f.leader_id },
+                Err(e) => remote_error(e),
+            },
+            Request::ReadIndex => match self.raft.get_read_log_id().await {
+                Ok((read, _)) => Response::ReadIndex { index: read.map(|l| l.index) },
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Response::NotLeader { leader: f.leader_id },
+                Err(e) => remote_error(e),
+            },
+            Request::Probe => Response::Probe { initialized: self.raft.is_initialized().await.unwrap_or(true) },
+            Request::AddMember { id, addr } => {
+                if let Err(e) = self.raft.add_learner(id, BasicNode::new(addr), true).await {
+                    return leader_error(e);
+                }
+                match self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await {
+                    Ok(_) => Response::Done,
+                    Err(e) => leader_error(e),
+                }
+            }
+            Request::RemoveMember { id } => match self.raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await {
+                Ok(_) => Response::Done,
+                Err(e) => leader_error(e),
+            },
+            Request::Gossip { from, g } => {
+                self.gossip_from(from, g);
+                Response::Done
+            }
+        }
+    }
+}
+
+fn leader_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Response {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Response::NotLeader { leader: f.leader_id },
+        e => Response::Error(e.to_string()),
+    }
+}
