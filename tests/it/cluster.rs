@@ -193,7 +193,11 @@ async fn read_your_writes_on_a_follower_and_monotonic_reads_across_nodes() {
     let mut acked: Vec<(String, u64)> = Vec::new();
     for (k, body) in dialog(1, 8).into_iter().enumerate() {
         let id = format!("ryw-{k}");
+        let t0 = Instant::now();
         let (cv, seq, _) = alice.send_acked(&id, "bob", &body).await;
+        // The entry reaches this follower 300 ms after the leader sent it (its commit as late):
+        // an ack sooner than that was not waiting for this node to apply it.
+        assert!(t0.elapsed() >= Duration::from_millis(300), "{id} acked after {:?} by a follower 300 ms behind", t0.elapsed());
         assert_eq!(cv, conv);
         acked.push((id.clone(), seq));
         let h = alice.history_all(&conv).await;
@@ -296,6 +300,16 @@ impl World {
 
     fn up(&self, i: usize, addr: SocketAddr) {
         self.addrs.lock().unwrap()[i] = Some(addr);
+    }
+
+    /// The connection ends by node and reason (the reason's first word), for the report.
+    fn ends_summary(&self) -> String {
+        let mut by: BTreeMap<(usize, String), usize> = BTreeMap::new();
+        for (_, node, why) in self.ends.lock().unwrap().iter() {
+            let kind = if why.starts_with("error") { why.clone() } else { why.split_whitespace().next().unwrap_or("").to_owned() };
+            *by.entry((node + 1, kind)).or_default() += 1;
+        }
+        by.iter().map(|((n, w), k)| format!("node {n} {w} x{k}")).collect::<Vec<_>>().join(", ")
     }
 
     /// Waits until `n` acks were received in all.
@@ -600,8 +614,7 @@ async fn leader_kill_9_under_load_loses_no_acked_message() {
     load.finish().await;
     c.wait_leader().await;
     let n = load.verify(&c).await;
-    let ends = load.world.ends.lock().unwrap().len();
-    eprintln!("cluster: leader kill: {n} acked messages verified on 3 nodes, {ends} reconnections, {:?}", t0.elapsed());
+    eprintln!("cluster: leader kill: {n} acked messages verified on 3 nodes, reconnections {}, {:?}", load.world.ends_summary(), t0.elapsed());
 }
 
 /// The leader and a follower killed at once (no quorum left), then both restarted: everything
@@ -629,7 +642,7 @@ async fn leader_and_follower_killed_then_restarted_keep_every_acked_message() {
     load.finish().await;
     c.wait_leader().await;
     let n = load.verify(&c).await;
-    eprintln!("cluster: double crash: {n} acked messages verified on 3 nodes");
+    eprintln!("cluster: double crash: {n} acked messages verified on 3 nodes; reconnections {}", load.world.ends_summary());
 }
 
 // ---------------------------------------------------------------------------------- partition

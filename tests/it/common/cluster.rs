@@ -293,7 +293,8 @@ impl Cluster {
     pub async fn start_extra(&mut self) -> usize {
         let k = self.nodes.len();
         for to in 0..k {
-            self.links.push(Link { from: Some(k), to, proxy: Proxy::start(None).await });
+            let target = self.nodes[to].srv.is_running().then_some(self.nodes[to].srv.cluster).flatten();
+            self.links.push(Link { from: Some(k), to, proxy: Proxy::start(target).await });
         }
         self.links.push(Link { from: None, to: k, proxy: Proxy::start(None).await });
         let dir = TestDir::new();
