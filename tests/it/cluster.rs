@@ -676,43 +676,73 @@ async fn expect_unavailable(c: &mut Client, ids: &[String]) -> (Vec<String>, boo
     (answered, goaway)
 }
 
-/// The leader cut off by the proxies: its client's sends get `unavailable`, never an ack; a new
-/// client there gets `goaway` and a close; the majority elects a new leader and acks. After the
-/// heal the nodes converge by themselves and serve identical histories: every ack there exactly
-/// once at its seq; the minority's sends at most once, the one resent (same id) exactly once at
-/// the seq its ack gives.
+/// The leader cut off by the proxies (connections reset): see [`partitioned`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_leader_acks_nothing_and_the_majority_goes_on() {
+    partitioned(true, Mode::Cut).await;
+}
+
+/// The leader behind a black hole (connections stay open, every byte is swallowed: the nodes
+/// must time out on their own): see [`partitioned`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_leader_acks_nothing_and_the_majority_goes_on() {
+    partitioned(true, Mode::Drop).await;
+}
+
+/// A follower cut off: its clients are told so just the same (see [`partitioned`]), and the
+/// leader and the other follower go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_follower_acks_nothing_and_the_majority_goes_on() {
+    partitioned(false, Mode::Cut).await;
+}
+
+/// One node isolated by the proxies (`how`: `Cut` or `Drop`; the leader when `leader`, else a
+/// follower): its client's sends get `unavailable`, never an ack; a new client there gets
+/// `goaway` and a close; the other two have (or elect) a leader and ack. After the heal the
+/// nodes converge by themselves and serve identical histories: every ack there exactly once at
+/// its seq; the isolated node's sends at most once, the one resent (same id) exactly once at
+/// the seq its ack gives.
+async fn partitioned(leader: bool, how: Mode) {
     let c = Cluster::start(3, &[]).await;
     let l = c.wait_leader().await;
-    let (f1, f2) = (c.others(l)[0], c.others(l)[1]);
-    let ta = c.nodes[l].srv.user("alice").await;
-    let tb = c.nodes[f1].srv.user("bob").await;
+    // x is isolated, alice's node; bob is on y, a follower of the majority; z is the third.
+    let x = if leader { l } else { c.others(l)[0] };
+    let (y, z) = {
+        let m = c.others(x);
+        if m[0] == l {
+            (m[1], m[0])
+        } else {
+            (m[0], m[1])
+        }
+    };
+    let ta = c.nodes[x].srv.user("alice").await;
+    let tb = c.nodes[y].srv.user("bob").await;
     let conv = Conv::dm("alice", "bob").to_string();
     let mut acks: BTreeMap<String, (String, u64, u64)> = BTreeMap::new();
-    let mut alice = Client::connect(c.addr(l), &ta, None, Encoding::Json).await.client;
-    let mut bob = Client::connect(c.addr(f1), &tb, None, Encoding::Json).await.client;
+    let mut alice = Client::connect(c.addr(x), &ta, None, Encoding::Json).await.client;
+    let mut bob = Client::connect(c.addr(y), &tb, None, Encoding::Json).await.client;
     let bodies = dialog(7, 20);
     for k in 0..3 {
         acks.insert(format!("a-before-{k}"), alice.send_acked(&format!("a-before-{k}"), "bob", &bodies[k]).await);
         acks.insert(format!("b-before-{k}"), bob.send_acked(&format!("b-before-{k}"), "alice", &bodies[k + 3]).await);
     }
 
-    c.partition(l);
+    c.isolate(x, how);
     let minority: Vec<String> = (0..3).map(|k| format!("a-minority-{k}")).collect();
     for (k, id) in minority.iter().enumerate() {
         alice.send_msg(id, "bob", &bodies[6 + k]).await;
     }
-    let l2 = c.wait_leader_among(&[f1, f2]).await;
-    assert_ne!(l2, l);
+    let l2 = c.wait_leader_among(&[y, z]).await;
+    assert_ne!(l2, x, "the isolated node leads the majority");
     for k in 0..3 {
         let id = format!("b-majority-{k}");
         acks.insert(id.clone(), bob.send_acked(&id, "alice", &bodies[9 + k]).await);
     }
     let (answered, goaway) = expect_unavailable(&mut alice, &minority).await;
-    eprintln!("cluster: partition: the cut-off leader answered {answered:?} unavailable (goaway: {goaway}); its status {:?}", c.status(l).await);
+    let what = if leader { "leader" } else { "follower" };
+    eprintln!("cluster: partition ({how:?}): the cut-off {what} answered {answered:?} unavailable (goaway: {goaway}); its status {:?}", c.status(x).await);
     // A new client on the cut-off node is told to go, not welcomed to stale reads.
-    let mut fresh = Client::open(c.addr(l), &ta, None, Encoding::Json).await;
+    let mut fresh = Client::open(c.addr(x), &ta, None, Encoding::Json).await;
     let (frames, _) = within(DEADLINE, "the cut-off node to close a new socket", fresh.until_closed()).await;
     assert!(!frames.iter().any(|f| matches!(f, ServerFrame::Welcome { .. })), "the cut-off node welcomed a client: {frames:?}");
     assert!(frames.iter().any(|f| matches!(f, ServerFrame::Goaway { .. })), "no goaway before the close: {frames:?}");
@@ -721,7 +751,7 @@ async fn a_partitioned_leader_acks_nothing_and_the_majority_goes_on() {
     c.wait_leader().await;
     c.wait_converged(&[0, 1, 2]).await;
     // The client resends its first unanswered message with the same id, through the majority.
-    let mut alice = Client::connect(c.addr(f2), &ta, None, Encoding::Json).await.client;
+    let mut alice = Client::connect(c.addr(z), &ta, None, Encoding::Json).await.client;
     let resent = &minority[0];
     acks.insert(resent.clone(), alice.send_acked(resent, "bob", &bodies[6]).await);
     // A resend of an acked message gets its ack again.
@@ -754,7 +784,7 @@ async fn a_partitioned_leader_acks_nothing_and_the_majority_goes_on() {
         }
     }
     let kept: Vec<&String> = minority[1..].iter().filter(|id| first.as_ref().is_some_and(|f| f.iter().any(|r| &r.2 == *id))).collect();
-    eprintln!("cluster: partition: unanswered-then-not-resent minority sends stored after the heal: {kept:?}");
+    eprintln!("cluster: partition ({how:?}, {what}): unanswered-then-not-resent minority sends stored after the heal: {kept:?}");
 }
 
 // ---------------------------------------------------------------------------------- catch-up

@@ -251,8 +251,14 @@ impl Cluster {
 
     /// Cuts node `i` off: every link from and to it refuses and closes connections.
     pub fn partition(&self, i: usize) {
+        self.isolate(i, Mode::Cut);
+    }
+
+    /// Puts every link from and to node `i` in `mode` (`Cut`: a partition that resets
+    /// connections; `Drop`: one that silently swallows everything).
+    pub fn isolate(&self, i: usize, mode: Mode) {
         for l in self.links.iter().filter(|l| l.to == i || l.from == Some(i)) {
-            l.proxy.set_mode(Mode::Cut);
+            l.proxy.set_mode(mode);
         }
     }
 
