@@ -9,7 +9,7 @@ use crate::storage::Pipeline;
 /// Starts the retention job (unless `retention.mode` is `forever`): every `interval_ms`, purge
 /// entries of at most `batch` messages each, through the commit pipeline like any command, until
 /// a pass finds nothing more to delete. Small entries interleave with live traffic.
-pub fn start(cfg: &Config, pipeline: &Pipeline) {
+pub fn start(cfg: &Config, pipeline: &Pipeline, cluster: Option<std::sync::Arc<crate::cluster::node::Node>>) {
     use crate::storage::records::{Command, PurgePolicy};
     use crate::storage::Outcome;
     let r = cfg.retention.clone();
@@ -19,6 +19,10 @@ pub fn start(cfg: &Config, pipeline: &Pipeline) {
     let pipeline = pipeline.clone();
     let _ = std::thread::Builder::new().name("parley-retention".into()).spawn(move || loop {
         std::thread::sleep(Duration::from_millis(r.interval_ms));
+        // In a cluster only the leader purges: the purge is one log entry every node applies.
+        if cluster.as_ref().is_some_and(|n| n.role().0 != "leader") {
+            continue;
+        }
         let policy = if r.mode == "days" {
             let now = crate::actors::presence::now_ms();
             PurgePolicy::Before { ts: now.saturating_sub(r.days * 86_400_000) }

@@ -128,11 +128,6 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         let presence = presence.clone();
         Supervisor::start_in_arbiter(&arbiter.handle(), move |_| Registry::new(online, presence))
     };
-    {
-        let (hub, online) = (presence.clone(), online.clone());
-        let every = Duration::from_millis(100);
-        Supervisor::start_in_arbiter(&arbiter.handle(), move |_| PresenceFlusher { hub, online, every });
-    }
     let (pipeline, backend) = match backend_parts {
         Ok((state, wal)) => {
             let (pipeline, commit_thread) = Pipeline::start(state, wal, cfg.storage.clone(), storage::snapshot::dir_of(&data), sink);
@@ -151,6 +146,15 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
             (pipeline, Backend::Cluster { node, rt, batcher })
         }
     };
+    {
+        let (hub, online) = (presence.clone(), online.clone());
+        let every = Duration::from_millis(100);
+        let cluster = match &backend {
+            Backend::Cluster { node, .. } => Some(node.clone()),
+            Backend::Single { .. } => None,
+        };
+        Supervisor::start_in_arbiter(&arbiter.handle(), move |_| PresenceFlusher { hub, online, every, cluster });
+    }
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         pipeline: pipeline.clone(),
@@ -173,7 +177,10 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         hash_slots: tokio::sync::Semaphore::new(crate::http::auth::hash_slots(&cfg)),
         upgrade_limiter: RateLimiter::new(cfg.admission.upgrades_per_s, cfg.admission.upgrade_burst),
     });
-    crate::retention::start(&cfg, &pipeline);
+    if let Some(n) = &shared.cluster {
+        n.set_gossip(Arc::new(crate::actors::ops::Gossiped(Arc::downgrade(&shared))));
+    }
+    crate::retention::start(&cfg, &pipeline, shared.cluster.clone());
     let addr = listener.local_addr()?;
     boot_handle.stop(false).await;
     let _ = boot_task.await;

@@ -105,8 +105,16 @@ pub fn others_in(shared: &Shared, user: &str, conv: &str) -> Vec<String> {
 }
 
 /// Relays `from`'s typing `state` in `conv` to every online device of `users` (ephemeral: each
-/// session drops it when its queue is full).
+/// session drops it when its queue is full), on this node and, in a cluster, on the others.
 pub fn relay_typing(shared: &Shared, users: &[String], from: &str, conv: &str, state: TypingState) {
+    relay_typing_here(shared, users, from, conv, state);
+    if let Some(n) = &shared.cluster {
+        n.broadcast(crate::cluster::network::Gossip::Typing { to: users.to_vec(), from: from.to_owned(), conv: conv.to_owned(), state });
+    }
+}
+
+/// [`relay_typing`] to this node's devices only (typing gossiped from another node).
+pub fn relay_typing_here(shared: &Shared, users: &[String], from: &str, conv: &str, state: TypingState) {
     let f = Arc::new(ServerFrame::Typing { conv: conv.to_owned(), from: from.to_owned(), state });
     for u in users {
         if let Some(conns) = shared.online.get(u) {
@@ -140,5 +148,21 @@ pub fn arm_typing<A: TypingTimers>(act: &mut A, ctx: &mut actix::Context<A>, con
             act.typing_expired(&c2);
         });
         act.composing().insert(conv.to_owned(), h);
+    }
+}
+
+/// Gossip from the other cluster nodes, into this node's presence hub and sessions. Holds the
+/// [`Shared`] weakly (the node holds this, and `Shared` the node).
+pub struct Gossiped(pub std::sync::Weak<Shared>);
+
+impl crate::cluster::node::GossipSink for Gossiped {
+    fn gossip(&self, from: u64, g: crate::cluster::network::Gossip) {
+        use crate::cluster::network::Gossip;
+        let Some(shared) = self.0.upgrade() else { return };
+        match g {
+            Gossip::Presence { changes, at_ms } => shared.presence.remote(from, changes, at_ms, false),
+            Gossip::Table { online, at_ms } => shared.presence.remote(from, online, at_ms, true),
+            Gossip::Typing { to, from: user, conv, state } => relay_typing_here(&shared, &to, &user, &conv, state),
+        }
     }
 }

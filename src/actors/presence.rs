@@ -7,6 +7,12 @@
 //!
 //! `last_seen` is written lazily to its own sled tree (`presence_last_seen`, outside the log:
 //! presence is not messaging state) by the flusher, so it survives a restart.
+//!
+//! On a cluster node, the hub also knows the users online on the other nodes, from their gossip
+//! (`cluster::network::Gossip`: deltas at each flush, the whole table every second): a user is
+//! online while any device is connected to any node. A node not heard from for
+//! [`REMOTE_TTL_MS`] is taken as gone, and its users go offline here (their `last_seen` is
+//! then the time it was dropped).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,6 +28,19 @@ use crate::protocol::ServerFrame;
 /// Now, in ms since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A peer node's presence table expires this long after its last gossip, ms: then its users go
+/// offline here. Three of its whole-table gossips (one a second) missed.
+pub const REMOTE_TTL_MS: u64 = 3_000;
+
+/// What the hub knows of one other node.
+#[derive(Default)]
+struct RemoteNode {
+    /// When its last gossip came (ms since the epoch, this node's clock).
+    heard_ms: u64,
+    /// Its users with devices online there.
+    users: HashSet<String>,
 }
 
 /// A state as a watcher sees it: (online, last_seen).
@@ -51,6 +70,12 @@ pub struct PresenceHub {
     /// Users whose last_seen must still be written.
     unsaved: Mutex<HashSet<String>>,
     tree: sled::Tree,
+    /// Other cluster nodes: node id → its users online there (empty on a single node).
+    remote: Mutex<HashMap<u64, RemoteNode>>,
+    /// Users online on some other node (a count of nodes), for `frame`.
+    remote_online: DashMap<String, u32>,
+    /// This node's changes not yet told to the other nodes: user → online here.
+    outbox: Mutex<HashMap<String, bool>>,
 }
 
 impl PresenceHub {
@@ -68,12 +93,87 @@ impl PresenceHub {
             dirty: Mutex::new(HashSet::new()),
             unsaved: Mutex::new(HashSet::new()),
             tree,
+            remote: Mutex::new(HashMap::new()),
+            remote_online: DashMap::new(),
+            outbox: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This node's changes since the last call (user, devices online here: 1 or 0), for the
+    /// other nodes.
+    pub fn take_outbox(&self) -> Vec<(String, u32)> {
+        self.outbox.lock().drain().map(|(u, on)| (u, u32::from(on))).collect()
+    }
+
+    /// This node's whole table: every user with a device online here.
+    pub fn local_table(online: &DashMap<String, Vec<DeviceConn>>) -> Vec<(String, u32)> {
+        online.iter().filter(|e| !e.value().is_empty()).map(|e| (e.key().clone(), e.value().len() as u32)).collect()
+    }
+
+    /// Gossip from node `from`: `changes` (user, devices online there) as of `at_ms`. With
+    /// `whole`, `changes` is that node's whole table and replaces what was known of it.
+    pub fn remote(&self, from: u64, changes: Vec<(String, u32)>, at_ms: u64, whole: bool) {
+        let mut remote = self.remote.lock();
+        let node = remote.entry(from).or_default();
+        node.heard_ms = now_ms();
+        let mut gone: Vec<String> = Vec::new();
+        if whole {
+            let now: HashSet<String> = changes.iter().filter(|(_, n)| *n > 0).map(|(u, _)| u.clone()).collect();
+            gone.extend(node.users.difference(&now).cloned());
+        } else {
+            gone.extend(changes.iter().filter(|(u, n)| *n == 0 && node.users.contains(u)).map(|(u, _)| u.clone()));
+        }
+        let mut came = Vec::new();
+        for (u, n) in changes {
+            if n > 0 && node.users.insert(u.clone()) {
+                came.push(u);
+            }
+        }
+        for u in &gone {
+            node.users.remove(u);
+        }
+        drop(remote);
+        self.moved(came, gone, at_ms);
+    }
+
+    /// Takes the users of nodes not heard from for [`REMOTE_TTL_MS`] offline.
+    pub fn expire_remote(&self) {
+        let now = now_ms();
+        let mut gone = Vec::new();
+        self.remote.lock().retain(|id, n| {
+            let alive = now.saturating_sub(n.heard_ms) < REMOTE_TTL_MS;
+            if !alive {
+                tracing::info!(node = id, users = n.users.len(), "no presence from a node for a while: its users go offline here");
+                gone.extend(n.users.drain());
+            }
+            alive
+        });
+        self.moved(Vec::new(), gone, now);
+    }
+
+    fn moved(&self, came: Vec<String>, gone: Vec<String>, at_ms: u64) {
+        let mut dirty = self.dirty.lock();
+        for u in came {
+            *self.remote_online.entry(u.clone()).or_insert(0) += 1;
+            dirty.insert(u);
+        }
+        for u in gone {
+            let last = self.remote_online.get_mut(&u).map(|mut n| {
+                *n = n.saturating_sub(1);
+                *n
+            });
+            if last == Some(0) {
+                self.remote_online.remove(&u);
+                self.last_seen.insert(u.clone(), at_ms.max(self.last_seen.get(&u).map_or(0, |v| *v)));
+            }
+            dirty.insert(u);
+        }
     }
 
     /// The user's first device connected.
     pub fn set_online(&self, user: &str, _online: &DashMap<String, Vec<DeviceConn>>) {
         self.dirty.lock().insert(user.to_owned());
+        self.outbox.lock().insert(user.to_owned(), true);
     }
 
     /// The user's last device disconnected.
@@ -81,13 +181,14 @@ impl PresenceHub {
         self.last_seen.insert(user.to_owned(), now_ms());
         self.unsaved.lock().insert(user.to_owned());
         self.dirty.lock().insert(user.to_owned());
+        self.outbox.lock().insert(user.to_owned(), false);
     }
 
     /// The presence frame of `user` now.
     pub fn frame(&self, user: &str, online: &DashMap<String, Vec<DeviceConn>>) -> ServerFrame {
         ServerFrame::Presence {
             user: user.to_owned(),
-            online: online.get(user).is_some_and(|v| !v.is_empty()),
+            online: online.get(user).is_some_and(|v| !v.is_empty()) || self.remote_online.contains_key(user),
             last_seen: self.last_seen.get(user).map(|v| *v),
         }
     }
@@ -160,6 +261,9 @@ pub struct PresenceFlusher {
     pub hub: Arc<PresenceHub>,
     pub online: Arc<DashMap<String, Vec<DeviceConn>>>,
     pub every: Duration,
+    /// On a cluster node: where this node's presence goes (deltas at each flush, the whole
+    /// table every second) and whose silence expires remote tables.
+    pub cluster: Option<Arc<crate::cluster::node::Node>>,
 }
 
 impl actix::Actor for PresenceFlusher {
@@ -168,6 +272,20 @@ impl actix::Actor for PresenceFlusher {
     fn started(&mut self, ctx: &mut Self::Context) {
         use actix::AsyncContext;
         ctx.run_interval(self.every, |act, _| act.hub.flush(&act.online));
+        if let Some(node) = self.cluster.clone() {
+            use crate::cluster::network::Gossip;
+            let n = node.clone();
+            ctx.run_interval(self.every, move |act, _| {
+                let changes = act.hub.take_outbox();
+                if !changes.is_empty() {
+                    n.broadcast(Gossip::Presence { changes, at_ms: now_ms() });
+                }
+            });
+            ctx.run_interval(Duration::from_secs(1), move |act, _| {
+                node.broadcast(Gossip::Table { online: PresenceHub::local_table(&act.online), at_ms: now_ms() });
+                act.hub.expire_remote();
+            });
+        }
     }
 }
 

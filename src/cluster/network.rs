@@ -69,16 +69,20 @@ pub enum Request {
     Gossip { from: NodeId, g: Gossip },
 }
 
-/// Presence and typing between nodes: each node tells the others what its own sessions do.
+/// Presence and typing between nodes: each node tells the others what its own sessions do
+/// (not through Raft: presence is not messaging state, and a lost gossip costs a stale dot).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Gossip {
-    /// `user` has `devices` online devices on the sending node (0: none), as of `at_ms`.
-    Presence { user: String, devices: u32, at_ms: u64 },
+    /// Users whose number of online devices on the sending node changed (0: none left), as of
+    /// `at_ms` (ms since the Unix epoch; a user that went to 0 was last seen then).
+    Presence { changes: Vec<(String, u32)>, at_ms: u64 },
+    /// The sending node's whole presence table (every user with devices online there), sent
+    /// every second: it replaces what the receiver knew of that node, and its absence for
+    /// [`crate::actors::presence::REMOTE_TTL_MS`] takes that node's users offline (a dead node
+    /// takes its sessions' presence with it).
+    Table { online: Vec<(String, u32)>, at_ms: u64 },
     /// A typing notification to relay to `to`'s devices on the receiving node.
-    Typing { to: Vec<String>, from: String, conv: String, composing: bool },
-    /// The sending node's full presence table (sent on connect, and periodically): every user
-    /// with devices online there.
-    Table { online: Vec<(String, u32)> },
+    Typing { to: Vec<String>, from: String, conv: String, state: crate::protocol::TypingState },
 }
 
 /// An answer.
@@ -348,8 +352,8 @@ impl RaftNetwork<TypeConfig> for Conn {
     }
 
     fn backoff(&self) -> openraft::network::Backoff {
-        // A dead peer is retried every 200 ms: a restarted node is back in the cluster quickly.
-        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+        // A dead peer is retried every 500 ms (openraft's default): a restarted node is back in the cluster quickly.
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(500)))
     }
 }
 

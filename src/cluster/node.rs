@@ -127,6 +127,8 @@ pub struct Node {
     waiters: Arc<Waiters>,
     rt: tokio::runtime::Handle,
     commit_timeout: Duration,
+    /// `cluster.election_timeout_ms`.
+    election_ms: u64,
     in_flight: Arc<tokio::sync::Semaphore>,
     gossip: Mutex<Option<Arc<dyn GossipSink>>>,
     /// The configured members, for the start-up initialization.
@@ -192,6 +194,7 @@ impl Node {
             waiters,
             rt: rt.clone(),
             commit_timeout,
+            election_ms: c.election_timeout_ms,
             in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             gossip: Mutex::new(None),
             configured,
@@ -206,7 +209,33 @@ impl Node {
             }
         });
         rt.spawn(node.clone().bootstrap());
+        rt.spawn(node.clone().watchdog());
         Ok(node)
+    }
+
+    /// Ends the process when openraft's core stops outside a shutdown (a panic or a fatal
+    /// storage error inside it): a node without its Raft core would keep its clients and answer
+    /// every write `unavailable` forever. Let it crash (Erlang/OTP): the service manager restarts
+    /// it, and recovery starts from what is durable.
+    async fn watchdog(self: Arc<Self>) {
+        let mut m = self.raft.metrics();
+        loop {
+            let fatal = m.borrow().running_state.clone();
+            if let Err(e) = fatal {
+                if !self.stopping.load(Ordering::Relaxed) {
+                    tracing::error!(error = %e, "the Raft core stopped; exiting so that the node restarts from its durable state");
+                    std::process::exit(70);
+                }
+                return;
+            }
+            if m.changed().await.is_err() {
+                if !self.stopping.load(Ordering::Relaxed) {
+                    tracing::error!("the Raft core stopped; exiting so that the node restarts from its durable state");
+                    std::process::exit(70);
+                }
+                return;
+            }
+        }
     }
 
     /// This node's id.
@@ -543,9 +572,13 @@ impl Replicator for Node {
         rt.spawn(self.propose_async(bytes, replies, permit));
     }
 
+    /// A leader is known and, on the leader, a quorum acknowledged it within an election
+    /// timeout (a leader cut off from the majority keeps its role in openraft 0.9 until it
+    /// hears a higher term; it is unhealthy meanwhile).
     fn healthy(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
-        m.running_state.is_ok() && m.current_leader.is_some()
+        let quorum_ok = m.state != ServerState::Leader || m.millis_since_quorum_ack.is_some_and(|ms| ms < 2 * self.election_ms);
+        m.running_state.is_ok() && m.current_leader.is_some() && quorum_ok
     }
 }
 

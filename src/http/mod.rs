@@ -197,6 +197,9 @@ async fn healthz(s: web::Data<Arc<Shared>>) -> HttpResponse {
         "starting"
     } else if s.draining.load(Ordering::Relaxed) {
         "draining"
+    } else if !s.pipeline.healthy() && s.cluster.is_some() {
+        // No leader known, or a leader no quorum acknowledged lately: writes cannot commit here.
+        "no_quorum"
     } else if !s.pipeline.healthy() {
         "storage_unavailable"
     } else {

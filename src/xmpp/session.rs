@@ -531,6 +531,11 @@ impl XmppSession {
         // PLAIN verifies an argon2id hash: through the server's hash slots, like HTTP logins.
         let shared = self.shared.clone();
         let job = async move {
+            // A cluster node first applies what the leader had committed: a user registered or
+            // a SCRAM verifier set through another node is known here. No leader: try later.
+            if shared.read_barrier().await.is_err() {
+                return Err(crate::http::auth::HashBusy);
+            }
             crate::http::auth::hash_job(&shared, move || {
                 let r = mech.respond(&payload);
                 (mech, r)
