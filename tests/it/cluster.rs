@@ -5,8 +5,9 @@
 //! - read-your-writes on a lagging follower, monotonic reads for a client moving between nodes;
 //! - `kill -9` of the leader under load, and of the leader and a follower at once: nothing acked
 //!   lost, nothing twice, seq gapless, every node's history identical (failover time printed);
-//! - the leader cut off by a partition: no ack from the minority, a new leader in the majority,
-//!   convergence after the heal;
+//! - the leader (cut or black-holed) or a follower cut off by a partition: no ack from the
+//!   minority, its clients told so, a leader in the majority, convergence after the heal;
+//! - presence and typing across nodes, and a dead node's users going offline;
 //! - a wiped follower catching up by snapshot;
 //! - `parley cluster add|remove` of a fourth node;
 //! - `parley load chat` spread over the three nodes.
@@ -741,6 +742,11 @@ async fn partitioned(leader: bool, how: Mode) {
     let (answered, goaway) = expect_unavailable(&mut alice, &minority).await;
     let what = if leader { "leader" } else { "follower" };
     eprintln!("cluster: partition ({how:?}): the cut-off {what} answered {answered:?} unavailable (goaway: {goaway}); its status {:?}", c.status(x).await);
+    // Its healthz says it cannot commit; the majority's say ok.
+    wait_health(&c, x, "no_quorum").await;
+    for i in [y, z] {
+        wait_health(&c, i, "ok").await;
+    }
     // A new client on the cut-off node is told to go, not welcomed to stale reads.
     let mut fresh = Client::open(c.addr(x), &ta, None, Encoding::Json).await;
     let (frames, _) = within(DEADLINE, "the cut-off node to close a new socket", fresh.until_closed()).await;
@@ -750,6 +756,9 @@ async fn partitioned(leader: bool, how: Mode) {
     c.heal();
     c.wait_leader().await;
     c.wait_converged(&[0, 1, 2]).await;
+    for i in 0..3 {
+        wait_health(&c, i, "ok").await;
+    }
     // The client resends its first unanswered message with the same id, through the majority.
     let mut alice = Client::connect(c.addr(z), &ta, None, Encoding::Json).await.client;
     let resent = &minority[0];
@@ -785,6 +794,56 @@ async fn partitioned(leader: bool, how: Mode) {
     }
     let kept: Vec<&String> = minority[1..].iter().filter(|id| first.as_ref().is_some_and(|f| f.iter().any(|r| &r.2 == *id))).collect();
     eprintln!("cluster: partition ({how:?}, {what}): unanswered-then-not-resent minority sends stored after the heal: {kept:?}");
+}
+
+/// Waits until node `i`'s `healthz` says `status` (200 for `ok`, else 503).
+async fn wait_health(c: &Cluster, i: usize, status: &str) {
+    let t0 = Instant::now();
+    loop {
+        let (code, h) = c.healthz(i).await;
+        if h["status"] == status {
+            assert_eq!(code, if status == "ok" { 200 } else { 503 }, "node {}: {h}", i + 1);
+            return;
+        }
+        assert!(t0.elapsed() < DEADLINE, "node {}'s healthz never said {status} within {DEADLINE:?}: {h}", i + 1);
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------- presence
+
+/// Presence and typing cross nodes (gossiped, not through Raft): bob on one node sees alice, on
+/// another, come online and her typing; when her node is `kill -9`ed, bob sees her go offline
+/// (within the failure-detection time; printed) with a last seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_typing_cross_nodes_and_a_dead_node_takes_its_users_offline() {
+    let mut c = Cluster::start(3, &[]).await;
+    let l = c.wait_leader().await;
+    let (a, b) = (c.others(l)[0], c.others(l)[1]);
+    let ta = c.nodes[a].srv.user("alice").await;
+    let tb = c.nodes[b].srv.user("bob").await;
+    let mut bob = Client::connect(c.addr(b), &tb, None, Encoding::Json).await.client;
+    bob.send(ClientFrame::Watch { users: vec!["alice".into()] }).await;
+    let (online, _) = bob.presence_of("alice").await;
+    assert!(!online, "alice is online before she connects");
+    let mut alice = Client::connect(c.addr(a), &ta, None, Encoding::Json).await.client;
+    let (online, _) = bob.presence_of("alice").await;
+    assert!(online, "bob saw alice's presence change, but not to online");
+    let conv = Conv::dm("alice", "bob").to_string();
+    alice.send(ClientFrame::Typing { conv: conv.clone(), state: parley::protocol::TypingState::Composing }).await;
+    let from = bob
+        .until("alice's typing", |f| match f {
+            ServerFrame::Typing { conv: cv, from, .. } if *cv == conv => Some(from.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(from, "alice");
+
+    let t0 = Instant::now();
+    c.kill9(a).await;
+    let (online, last_seen) = within(DEADLINE, "alice offline after her node died", bob.presence_of("alice")).await;
+    assert!(!online && last_seen.is_some(), "after her node died: online {online}, last seen {last_seen:?}");
+    eprintln!("cluster: presence: a kill -9'd node's user went offline for a watcher on another node after {:?}", t0.elapsed());
 }
 
 // ---------------------------------------------------------------------------------- catch-up

@@ -661,6 +661,15 @@ impl Client {
         }
     }
 
+    /// The next `presence` frame about `user` (other frames stay stashed): (online, last_seen).
+    pub async fn presence_of(&mut self, user: &str) -> (bool, Option<u64>) {
+        self.until(&format!("presence of {user}"), |f| match f {
+            ServerFrame::Presence { user: u, online, last_seen } if u == user => Some((*online, *last_seen)),
+            _ => None,
+        })
+        .await
+    }
+
     /// A request with `rid`; returns its reply (the frame echoing `rid`). Other frames stay stashed.
     pub async fn request(&mut self, rid: &str, frame: ClientFrame) -> ServerFrame {
         self.send_rid(rid, frame).await;
