@@ -90,6 +90,15 @@ pub enum UserCmd {
 /// parley's or is held by a running server, a refused change (unknown or deleted user), I/O.
 pub fn run(cfg: &Config, data: &Path, cmd: AdminCmd) -> anyhow::Result<()> {
     crate::data_dir::check(data)?;
+    // A cluster node's directory holds `raft/`, not a single node's `wal/` and `state/`: opening
+    // it as a single node would create those beside the cluster's log, and the node would then
+    // refuse to start.
+    if data.join("raft").exists() {
+        anyhow::bail!(
+            "{} is a cluster node's data directory (raft/); parley admin works on a single node's. A cluster's state is on every node: use the cluster's HTTP API (parley cluster status), or stop the node and copy its directory",
+            data.display()
+        );
+    }
     run_on(cfg, data, cmd).map_err(|e| match e.downcast_ref::<storage::StorageError>() {
         // The hint belongs here, not to `serve`: an admin command cannot share the directory.
         Some(storage::StorageError::Locked { .. }) => anyhow::anyhow!("{e}; a running server takes backups through POST /v1/admin/backup"),

@@ -63,8 +63,9 @@ pub struct ClusterConfig {
     pub peers: Peers,
     /// How often the leader sends heartbeats (Raft paper §5.2), ms.
     pub heartbeat_ms: u64,
-    /// A follower that hears no leader for a random time in `[t, 2t)` ms starts an election
-    /// (Raft paper §5.2: randomized election timeouts). Must exceed `heartbeat_ms` several times.
+    /// A follower that hears no leader for a random time in `[t, 1.5t)` ms starts an election
+    /// (Raft paper §5.2: randomized election timeouts); one that heard the leader within 1.5t
+    /// refuses to vote (openraft's leader lease). At least 3 × `heartbeat_ms`.
     pub election_timeout_ms: u64,
     /// A write not committed on a quorum and applied on this node within this many ms is
     /// answered `unavailable` (the client resends with the same id; never a false ack).

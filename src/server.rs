@@ -47,7 +47,13 @@ pub fn check_supported(cfg: &Config) -> Result<(), UserError> {
 /// What the server runs on: its own log (a single node), or a Raft node.
 enum Backend {
     Single { commit_thread: std::thread::JoinHandle<()> },
-    Cluster { node: Arc<crate::cluster::node::Node>, rt: tokio::runtime::Runtime, batcher: std::thread::JoinHandle<()> },
+    Cluster {
+        node: Arc<crate::cluster::node::Node>,
+        rt: tokio::runtime::Runtime,
+        batcher: std::thread::JoinHandle<()>,
+        /// Dropping it stops the materializer thread.
+        _materializer: crossbeam_channel::Sender<()>,
+    },
 }
 
 /// Runs the server on `listener` until `shutdown` completes, then shuts down in order: stop
@@ -143,7 +149,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
             tracing::info!(%caddr, node_id = node.id(), "parley cluster listening");
             println!("parley cluster listening on {caddr}");
             let (pipeline, batcher) = Pipeline::start_replicated(cfg.storage.clone(), node.clone());
-            (pipeline, Backend::Cluster { node, rt, batcher })
+            let materializer = storage::pipeline::spawn_materializer(live.clone(), Duration::from_millis(cfg.storage.materialize_interval_ms));
+            (pipeline, Backend::Cluster { node, rt, batcher, _materializer: materializer })
         }
     };
     {
@@ -227,7 +234,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         Backend::Single { commit_thread } => {
             let _ = actix_web::rt::task::spawn_blocking(move || commit_thread.join()).await;
         }
-        Backend::Cluster { node, rt, batcher } => {
+        Backend::Cluster { node, rt, batcher, .. } => {
             let _ = actix_web::rt::task::spawn_blocking(move || batcher.join()).await;
             node.shutdown().await;
             drop(node);

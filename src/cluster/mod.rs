@@ -15,10 +15,11 @@
 //!   replaces the live one (`LiveState`). Checked by the same suite and by snapshot transfer and
 //!   reopen tests.
 //!
-//! What does not exist yet: the node-to-node network (snapshots to followers included),
-//! membership start-up, forwarding to the leader, a materializer and checkpoints for the
-//! cluster's state, and the wiring into `server::run`; `parley serve` refuses
-//! `cluster.node_id` above 0 until then (`server::check_supported`).
+//! - [`network`]: node-to-node RPC (own listener, postcard frames, a bounded queue per peer
+//!   and lane) and openraft's `RaftNetwork` on it.
+//! - [`node`]: the running node: start-up initialization, proposals forwarded to the leader and
+//!   answered from this node's own apply, the read index, status, membership changes, gossip.
+//! - [`cli`]: `parley cluster status|add|remove`.
 
 pub mod cli;
 pub mod log_store;

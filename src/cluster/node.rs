@@ -170,7 +170,7 @@ impl Node {
             cluster_name: "parley".into(),
             heartbeat_interval: c.heartbeat_ms,
             election_timeout_min: c.election_timeout_ms,
-            election_timeout_max: 2 * c.election_timeout_ms,
+            election_timeout_max: c.election_timeout_ms * 3 / 2,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_entries),
             max_in_snapshot_log_to_keep: c.keep_entries,
             max_payload_entries: 64,

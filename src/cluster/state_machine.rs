@@ -59,15 +59,17 @@
 //! entries that a snapshot of this node already holds, when the log below it may be purged.
 //!
 //! **Swapping the state.** The adapter owns the live [`State`] in a [`LiveState`] cell (a lock
-//! around an `Arc<State>`); an install replaces the `Arc`. Readers (the server's queries, once
-//! wired) must take [`LiveState::get`] per request: an `Arc<State>` kept longer keeps reading the
+//! around an `Arc<State>`); an install replaces the `Arc`. Readers (the server's queries) must
+//! take [`LiveState::get`] per request: an `Arc<State>` kept longer keeps reading the
 //! replaced state (consistent, but stale). The replaced generation is closed and deleted at once
 //! when nobody else holds it, otherwise at the next open.
 //!
-//! All I/O is blocking and runs on tokio's blocking pool. Not here yet: the wiring into the
-//! server (the sink, readers through [`LiveState`]), a materializer thread and checkpoints for
-//! the cluster's state (apply materializes inline once the overlay is large; a snapshot
-//! materializes), rebuilding a damaged sled (today an open error).
+//! All I/O is blocking and runs on tokio's blocking pool. A materializer thread
+//! (`storage::pipeline::spawn_materializer`, started by the server) writes the applied entries
+//! to sled off the apply path; sled is never fsync'd for the cluster's sake: the Raft log below
+//! the newest snapshot is what recovery needs, and open restores this node's own snapshot when
+//! sled lost entries it holds. Not here yet: rebuilding a damaged sled (today an open error; wipe
+//! the node's data directory and it catches up from the leader).
 
 use std::io;
 use std::os::unix::fs::MetadataExt;

@@ -454,11 +454,28 @@ impl Worker {
 
 /// Materializes every `every` until the channel disconnects (see [`State::materialize`]).
 fn materialize_loop(state: Arc<State>, stop: Receiver<()>, every: Duration) {
+    materialize_live(&super::LiveState::new(state), stop, every);
+}
+
+/// Starts a materializer thread for the state in `live` (a cluster node's, which a snapshot
+/// install may replace): every `every` it writes the applied entries from memory to sled, off
+/// the apply path. It stops when the returned sender is dropped.
+pub fn spawn_materializer(live: super::LiveState, every: Duration) -> Sender<()> {
+    let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+    std::thread::Builder::new()
+        .name("parley-materialize".into())
+        .spawn(move || materialize_live(&live, rx, every))
+        .ok();
+    tx
+}
+
+fn materialize_live(live: &super::LiveState, stop: Receiver<()>, every: Duration) {
     loop {
         match stop.recv_timeout(every) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
+        let state = live.get();
         let t0 = Instant::now();
         let keys = state.dirty_keys();
         match state.materialize() {

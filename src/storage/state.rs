@@ -871,13 +871,16 @@ impl Applier<'_> {
         };
         let mut meta = self.meta(conv)?;
         meta.last_seq += 1;
-        meta.last_ts = self.ts;
+        // A conversation's ts never goes backwards, whichever clock stamped the entry (on a
+        // cluster each node stamps the batches it proposes; a single node's stamps only rise).
+        let ts = self.ts.max(meta.last_ts);
+        meta.last_ts = ts;
         meta.last_order = self.order();
         let seq = meta.last_seq;
         self.tx.put(TreeId::ConvMeta, conv.as_bytes().to_vec(), &meta)?;
-        let rec = MessageRecord { id: id.to_owned(), from: from.to_owned(), body: body.to_owned(), ts: self.ts };
+        let rec = MessageRecord { id: id.to_owned(), from: from.to_owned(), body: body.to_owned(), ts };
         self.tx.put(TreeId::ConvSeqMessage, keys::num(conv, seq), &rec)?;
-        let ack = AckRecord { conv: conv.to_owned(), seq, ts: self.ts };
+        let ack = AckRecord { conv: conv.to_owned(), seq, ts };
         self.tx.put(TreeId::SenderIdAck, keys::pair(from, id), &ack)?;
         self.tx.note_sent(from, id);
         let payload = Arc::new(EventPayload::Message(message_view(conv, seq, rec)));
@@ -890,7 +893,7 @@ impl Applier<'_> {
             }
             self.put_user_conv(m, conv, &uc)?;
         }
-        Ok(Outcome::Sent { conv: conv.to_owned(), seq, ts: self.ts, duplicate: false })
+        Ok(Outcome::Sent { conv: conv.to_owned(), seq, ts, duplicate: false })
     }
 
     fn received(&mut self, user: &str, device: &str, up_to: u64) -> Result<Outcome, StorageError> {

@@ -148,4 +148,11 @@ async fn a_data_directory_of_the_other_kind_is_refused_and_bad_cluster_keys_are_
     let e = serve(&other.data(), "127.0.0.1:0", &[], &[("PARLEY__CLUSTER__NODE_ID", "1"), ("PARLEY__CLUSTER__LISTEN", "127.0.0.1:0"), ("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:0,2=127.0.0.1:0")]).await;
     refused(&e, "cluster.peers");
     assert!(!other.data().exists(), "it created the data directory");
+    // parley admin on a cluster node's directory refuses, and creates nothing in it.
+    std::fs::create_dir_all(other.data().join("raft")).expect("mkdir");
+    std::fs::write(other.data().join("PARLEY_DATA"), b"").expect("marker");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_parley")).args(["admin", "user", "list", "--data"]).arg(other.data()).output().expect("run admin");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cluster node's data directory"), "{err}");
+    assert!(!other.data().join("wal").exists() && !other.data().join("state").exists(), "admin created a single node's state in a cluster node's directory");
 }
