@@ -830,6 +830,62 @@ async fn wait_health(c: &Cluster, i: usize, status: &str) {
     }
 }
 
+/// A proposal whose proposer did not see it applied when the leader changed is not applied a
+/// second time later: alice adds bob to a group through a follower that hears nothing from the
+/// leader (its inbound link black-holed), the add commits on the other two, alice (another
+/// socket) then removes bob, and the leader dies. Whatever the follower does with its pending
+/// proposal, bob must stay removed on every node (a second copy of the add applied after the
+/// remove would put him back: an operation taking effect twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_pending_across_a_leader_change_takes_effect_once() {
+    // A long election timeout: the follower must not campaign before the leader is killed.
+    let mut c = Cluster::start(3, &[("PARLEY__CLUSTER__ELECTION_TIMEOUT_MS", "2000"), ("PARLEY__CLUSTER__COMMIT_TIMEOUT_MS", "15000")]).await;
+    let l = c.wait_leader().await;
+    let (f1, f2) = (c.others(l)[0], c.others(l)[1]);
+    let ta = c.nodes[f1].srv.user("alice").await;
+    c.nodes[f2].srv.register("bob").await;
+    c.nodes[f2].srv.register("carol").await;
+    let mut a1 = Client::connect(c.addr(f1), &ta, None, Encoding::Json).await.client;
+    let g = a1.create_group("twice?", &["carol"]).await;
+    let group = g.clone();
+    let mut a2 = Client::connect(c.addr(f2), &ta, None, Encoding::Json).await.client;
+    assert_eq!(a2.group_info(&group).await.1, vec!["alice".to_owned(), "carol".to_owned()]);
+
+    c.set_link(l, f1, Mode::Drop);
+    a1.send_rid("add", ClientFrame::GroupAdd { group: group.clone(), users: vec!["bob".into()] }).await;
+    let t0 = Instant::now();
+    while !a2.group_info(&group).await.1.contains(&"bob".to_owned()) {
+        assert!(t0.elapsed() < T, "the add never committed on the majority");
+        tokio::time::sleep(POLL).await;
+    }
+    let removed = a2.request("rm", ClientFrame::GroupRemove { group: group.clone(), users: vec!["bob".into()] }).await;
+    assert!(matches!(removed, ServerFrame::Result { .. }), "remove: {removed:?}");
+    assert!(!a2.group_info(&group).await.1.contains(&"bob".to_owned()));
+    c.kill9(l).await;
+    let added = within(DEADLINE, "an answer to the add", a1.until("the reply to add", |f| match f {
+        ServerFrame::Result { rid: Some(r), .. } | ServerFrame::Error { rid: Some(r), .. } if r == "add" => Some(f.clone()),
+        _ => None,
+    }))
+    .await;
+    c.heal();
+    c.restart(l).await;
+    c.wait_converged(&[0, 1, 2]).await;
+    // For the report only: whether the follower proposed its batch again (its log says so).
+    let repropose = c.nodes[f1].srv.log().lines().filter(|l| l.contains("proposing it again")).count();
+    eprintln!("cluster: pending proposal: the add was answered {added:?}; the follower re-proposed {repropose} time(s)");
+    for i in 0..3 {
+        let mut r = Client::connect(c.addr(i), &ta, None, Encoding::Json).await.client;
+        let (_, members, _) = r.group_info(&group).await;
+        assert_eq!(
+            members,
+            vec!["alice".to_owned(), "carol".to_owned()],
+            "node {}: bob is back in the group after his removal (the add was answered {added:?}; the proposer re-proposed {repropose} time(s))",
+            i + 1
+        );
+        r.close().await;
+    }
+}
+
 // ---------------------------------------------------------------------------------- presence
 
 /// Presence and typing cross nodes (gossiped, not through Raft): bob on one node sees alice, on
