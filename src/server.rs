@@ -238,7 +238,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
             let _ = actix_web::rt::task::spawn_blocking(move || batcher.join()).await;
             node.shutdown().await;
             drop(node);
-            rt.shutdown_timeout(Duration::from_secs(5));
+            let _ = actix_web::rt::task::spawn_blocking(move || rt.shutdown_timeout(Duration::from_secs(5))).await;
         }
     }
     drop(shared);
