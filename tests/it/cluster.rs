@@ -594,13 +594,25 @@ impl Load {
     }
 }
 
-/// `kill -9` of the leader under load, clients on every node: the dead node's clients go to
-/// another node and resend what was unacked with the same ids; a new leader takes over; the
-/// killed node comes back and catches up. At the end nothing acked is lost or stored twice, seqs
-/// are gapless and every node serves the same history. Prints the failover time (the kill to
-/// the first ack of a message sent after it).
+/// `kill -9` of the leader under load: see [`leader_down_under_load`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_9_under_load_loses_no_acked_message() {
+    leader_down_under_load(false).await;
+}
+
+/// The leader stopped by SIGTERM under load (it says goaway to its sessions, drains, exits 0):
+/// see [`leader_down_under_load`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_sigterm_under_load_loses_no_acked_message() {
+    leader_down_under_load(true).await;
+}
+
+/// The leader `kill -9`ed (or, `graceful`, stopped by SIGTERM) under load, clients on every
+/// node: the dead node's clients go to another node and resend what was unacked with the same
+/// ids; a new leader takes over; the stopped node comes back and catches up. At the end nothing
+/// acked is lost or stored twice, seqs are gapless and every node serves the same history.
+/// Prints the failover time (the kill to the first ack of a message sent after it).
+async fn leader_down_under_load(graceful: bool) {
     let t0 = Instant::now();
     let mut c = Cluster::start(3, &[]).await;
     let l = c.wait_leader().await;
@@ -610,15 +622,20 @@ async fn leader_kill_9_under_load_loses_no_acked_message() {
     let before = load.acked();
     load.world.down(l);
     let kill = Instant::now();
-    c.kill9(l).await;
+    if graceful {
+        c.stop(l).await;
+    } else {
+        c.kill9(l).await;
+    }
     let l2 = c.wait_leader().await;
     let elected = kill.elapsed();
     assert_ne!(l2, l, "the killed node is the leader");
     until("an ack of a message sent after the kill", || load.world.failover.lock().unwrap().is_some()).await;
     let failover = load.world.failover.lock().unwrap().expect("failover");
     let first = load.world.first_ack.lock().unwrap().expect("an ack");
+    let how = if graceful { "SIGTERM" } else { "kill -9" };
     eprintln!(
-        "cluster: leader {} killed after {before} acks; new leader {} agreed after {elected:?} (polled every {POLL:?}); \
+        "cluster: leader {} stopped ({how}) after {before} acks; new leader {} agreed after {elected:?} (polled every {POLL:?}); \
          first ack after the kill {first:?}; failover (kill → first ack of a message sent after it) {failover:?}",
         l + 1,
         l2 + 1
@@ -631,7 +648,7 @@ async fn leader_kill_9_under_load_loses_no_acked_message() {
     load.finish().await;
     c.wait_leader().await;
     let n = load.verify(&c).await;
-    eprintln!("cluster: leader kill: {n} acked messages verified on 3 nodes, reconnections {}, {:?}", load.world.ends_summary(), t0.elapsed());
+    eprintln!("cluster: leader {how}: {n} acked messages verified on 3 nodes, reconnections {}, {:?}", load.world.ends_summary(), t0.elapsed());
 }
 
 /// The leader and a follower killed at once (no quorum left), then both restarted: everything
@@ -951,22 +968,54 @@ async fn a_wiped_follower_catches_up_by_snapshot() {
     c.restart(f).await;
     let done = c.wait_converged(&[0, 1, 2]).await;
     assert!(done.applied_index >= before.commit_index);
-    let sm = c.nodes[f].dir.data().join("raft/sm");
-    let gens: Vec<String> = std::fs::read_dir(&sm)
-        .unwrap_or_else(|e| panic!("{}: {e}", sm.display()))
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| n.starts_with("state-"))
-        .collect();
-    assert!(
-        gens.iter().any(|g| g.trim_start_matches("state-").parse::<u64>().is_ok_and(|n| n >= 1)),
-        "the wiped follower caught up without installing a snapshot (state generations {gens:?})"
-    );
+    assert!(installed_a_snapshot(&c, f), "the wiped follower caught up without installing a snapshot");
     let want = rows(&alice.history_all(&conv).await);
     assert_eq!(want.len(), 120);
     let mut r = Client::connect(c.addr(f), &tb, Some(0), Encoding::Json).await;
     assert_eq!(rows(&r.client.history_all(&conv).await), want, "the caught-up follower's history");
     let streamed: Vec<Row> = r.messages().iter().map(|(_, m)| (m.seq, m.from.clone(), m.id.clone(), m.body.clone(), m.ts)).collect();
     assert_eq!(streamed, want, "bob's stream from cursor 0 on the caught-up follower");
+}
+
+/// The same catch-up while the load goes on: the follower is wiped and restarted while
+/// senders keep writing (the leader snapshots every 20 entries meanwhile), its clients come back
+/// to it, and at the end every node, the wiped one included, holds every acked message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_follower_catches_up_under_load() {
+    let mut c = Cluster::start(3, &[("PARLEY__CLUSTER__SNAPSHOT_ENTRIES", "20"), ("PARLEY__CLUSTER__KEEP_ENTRIES", "5")]).await;
+    let l = c.wait_leader().await;
+    let f = c.others(l)[0];
+    let mut load = Load::start(&c).await;
+    load.world.wait_acked(60).await;
+    load.world.down(f);
+    c.kill9(f).await;
+    c.wipe(f);
+    let at_wipe = c.status(l).await.expect("leader status").commit_index;
+    load.world.wait_acked(load.acked() + 150).await;
+    until_committed(&c, l, at_wipe + 60).await;
+    c.restart(f).await;
+    load.world.up(f, c.addr(f));
+    load.world.wait_acked(load.acked() + 100).await;
+    load.finish().await;
+    c.wait_converged(&[0, 1, 2]).await;
+    assert!(installed_a_snapshot(&c, f), "the wiped follower caught up without installing a snapshot");
+    let n = load.verify(&c).await;
+    eprintln!("cluster: catch-up under load: {n} acked messages verified on 3 nodes; reconnections {}", load.world.ends_summary());
+}
+
+/// Waits until node `i` has committed index `n`.
+async fn until_committed(c: &Cluster, i: usize, n: u64) {
+    c.poll(&format!("commit index {n}"), &[i], |st| st[0].as_ref().filter(|s| s.commit_index >= n).map(|_| ())).await
+}
+
+/// Whether node `i`'s state machine directory holds a state generation above 0, i.e. one
+/// restored from a received snapshot (`DATA/raft/sm/state-N`).
+fn installed_a_snapshot(c: &Cluster, i: usize) -> bool {
+    let sm = c.nodes[i].dir.data().join("raft/sm");
+    std::fs::read_dir(&sm)
+        .unwrap_or_else(|e| panic!("{}: {e}", sm.display()))
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .any(|n| n.strip_prefix("state-").and_then(|g| g.parse::<u64>().ok()).is_some_and(|g| g >= 1))
 }
 
 // ---------------------------------------------------------------------------------- membership

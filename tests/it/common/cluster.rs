@@ -280,6 +280,15 @@ impl Cluster {
         self.retarget(i);
     }
 
+    /// Stops node `i` gracefully (SIGTERM) and waits for its exit, which must be 0; the links
+    /// into it lead nowhere until it restarts.
+    pub async fn stop(&mut self, i: usize) {
+        self.nodes[i].srv.sigterm();
+        let st = self.nodes[i].srv.wait_exit().await;
+        assert!(st.success(), "node {} exited {st} after SIGTERM; log:\n{}", i + 1, self.nodes[i].srv.log());
+        self.retarget(i);
+    }
+
     /// Starts node `i` again on its data directory (new ports) and retargets the links into it.
     pub async fn restart(&mut self, i: usize) {
         self.nodes[i].srv.restart().await;
