@@ -941,9 +941,23 @@ async fn presence_and_typing_cross_nodes_and_a_dead_node_takes_its_users_offline
 
 // ---------------------------------------------------------------------------------- catch-up
 
+/// A message body of `len` bytes that does not compress (letters from a seeded generator).
+fn incompressible(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
 /// A follower's data directory wiped while the leader snapshots every 20 entries and keeps 5
 /// below: restarted empty, it catches up by a snapshot (a new state generation installed) and
-/// serves the same history.
+/// serves the same history. Most messages after the wipe are 60 KB, so the snapshot (over 5 MB)
+/// is larger than openraft's default chunk (3 MiB) and travels in several.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_follower_catches_up_by_snapshot() {
     let mut c = Cluster::start(3, &[("PARLEY__CLUSTER__SNAPSHOT_ENTRIES", "20"), ("PARLEY__CLUSTER__KEEP_ENTRIES", "5")]).await;
@@ -953,7 +967,10 @@ async fn a_wiped_follower_catches_up_by_snapshot() {
     let tb = c.nodes[l].srv.user("bob").await;
     let conv = Conv::dm("alice", "bob").to_string();
     let mut alice = Client::connect(c.addr(l), &ta, None, Encoding::Json).await.client;
-    let bodies = dialog(11, 120);
+    let mut bodies = dialog(11, 120);
+    for (k, b) in bodies.iter_mut().enumerate().skip(30).filter(|(k, _)| k % 10 != 0) {
+        *b = incompressible(k as u64, 60_000);
+    }
     for (k, b) in bodies[..30].iter().enumerate() {
         alice.send_acked(&format!("c-{k}"), "bob", b).await;
     }
@@ -969,6 +986,10 @@ async fn a_wiped_follower_catches_up_by_snapshot() {
     let done = c.wait_converged(&[0, 1, 2]).await;
     assert!(done.applied_index >= before.commit_index);
     assert!(installed_a_snapshot(&c, f), "the wiped follower caught up without installing a snapshot");
+    let snap = c.nodes[f].dir.data().join("raft/sm/snapshots");
+    let bytes: u64 = std::fs::read_dir(&snap).expect("snapshots").filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+    assert!(bytes > 3 << 20, "the follower's snapshot is {bytes} bytes, not over one 3 MiB chunk");
+    eprintln!("cluster: catch-up: the wiped follower holds a {bytes}-byte snapshot");
     let want = rows(&alice.history_all(&conv).await);
     assert_eq!(want.len(), 120);
     let mut r = Client::connect(c.addr(f), &tb, Some(0), Encoding::Json).await;
