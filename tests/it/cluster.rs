@@ -287,10 +287,10 @@ impl World {
         })
     }
 
-    /// The first node from `start` on that is up.
-    fn pick(&self, start: usize) -> (usize, SocketAddr) {
+    /// The first node from `start` on that is up (none while the test has them all down).
+    fn pick(&self, start: usize) -> Option<(usize, SocketAddr)> {
         let a = self.addrs.lock().unwrap();
-        (0..a.len()).map(|k| (start + k) % a.len()).find_map(|i| a[i].map(|addr| (i, addr))).expect("a node that is up")
+        (0..a.len()).map(|k| (start + k) % a.len()).find_map(|i| a[i].map(|addr| (i, addr)))
     }
 
     /// Marks node `i` down (before its kill) and starts the failover clock.
@@ -426,7 +426,10 @@ async fn sender(w: Arc<World>, i: usize, token: String, group: String, l: Arc<Mu
     let mut node = i % 3;
     for attempt in 0.. {
         assert!(attempt < 10_000, "{user}: 10,000 connections");
-        let (n, addr) = w.pick(node);
+        let Some((n, addr)) = w.pick(node) else {
+            tokio::time::sleep(Duration::from_millis(50)).await; // every node is down: wait for one
+            continue;
+        };
         match sender_conn(&w, addr, &user, &token, &group, &l, i).await {
             End::Finished => return,
             End::Why(why) => {
@@ -460,7 +463,10 @@ async fn recipient(w: Arc<World>, r: usize, token: String) {
     let mut node = RECIPIENT_HOME[r];
     for attempt in 0.. {
         assert!(attempt < 10_000, "{}: 10,000 connections", RECIPIENTS[r]);
-        let (n, addr) = w.pick(node);
+        let Some((n, addr)) = w.pick(node) else {
+            tokio::time::sleep(Duration::from_millis(50)).await; // every node is down: wait for one
+            continue;
+        };
         match recipient_conn(&w, addr, RECIPIENTS[r], &token).await {
             None => return,
             Some(why) => {
@@ -677,6 +683,32 @@ async fn leader_and_follower_killed_then_restarted_keep_every_acked_message() {
     c.wait_leader().await;
     let n = load.verify(&c).await;
     eprintln!("cluster: double crash: {n} acked messages verified on 3 nodes; reconnections {}", load.world.ends_summary());
+}
+
+/// All three nodes `kill -9`ed at once under load and restarted: a leader again, and every
+/// acked message on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_cluster_killed_and_restarted_keeps_every_acked_message() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.wait_leader().await;
+    let mut load = Load::start(&c).await;
+    load.world.wait_acked(60).await;
+    for i in 0..3 {
+        load.world.down(i);
+    }
+    for i in 0..3 {
+        c.kill9(i).await;
+    }
+    let at_kill = load.acked();
+    c.restart_all(&[0, 1, 2]).await;
+    for i in 0..3 {
+        load.world.up(i, c.addr(i));
+    }
+    c.wait_leader().await;
+    load.world.wait_acked(at_kill + 60).await;
+    load.finish().await;
+    let n = load.verify(&c).await;
+    eprintln!("cluster: whole cluster killed: {n} acked messages verified on 3 nodes; reconnections {}", load.world.ends_summary());
 }
 
 // ---------------------------------------------------------------------------------- partition

@@ -295,6 +295,15 @@ impl Cluster {
         self.retarget(i);
     }
 
+    /// Restarts the stopped nodes `which` at once (a node may wait for its peers at start-up).
+    pub async fn restart_all(&mut self, which: &[usize]) {
+        let starts = self.nodes.iter_mut().enumerate().filter(|(i, _)| which.contains(i)).map(|(_, n)| n.srv.restart());
+        futures_util::future::join_all(starts).await;
+        for &i in which {
+            self.retarget(i);
+        }
+    }
+
     /// Deletes node `i`'s whole data directory; the node must be stopped.
     pub fn wipe(&self, i: usize) {
         assert!(!self.nodes[i].srv.is_running(), "wipe of running node {}", i + 1);
