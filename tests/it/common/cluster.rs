@@ -315,6 +315,12 @@ impl Cluster {
     /// and itself) but is no member yet; the others will reach it through one shared proxy,
     /// whose address [`Cluster::join_addr`] gives for `cluster add --addr`. Returns its index.
     pub async fn start_extra(&mut self) -> usize {
+        self.start_extra_with(&[]).await
+    }
+
+    /// [`Cluster::start_extra`] with `extra` in that node's environment too (after the
+    /// cluster's own, so it wins).
+    pub async fn start_extra_with(&mut self, extra: &[(&str, &str)]) -> usize {
         let k = self.nodes.len();
         for to in 0..k {
             let target = self.nodes[to].srv.is_running().then_some(self.nodes[to].srv.cluster).flatten();
@@ -323,6 +329,9 @@ impl Cluster {
         self.links.push(Link { from: None, to: k, proxy: Proxy::start(None).await });
         let dir = TestDir::new();
         let mut srv = self.prepare(k, k + 1, &dir);
+        if !extra.is_empty() {
+            srv.set_env(extra);
+        }
         srv.restart().await;
         self.nodes.push(Node { id: k as u64 + 1, srv, dir });
         self.retarget(k);
