@@ -305,7 +305,7 @@ impl Node {
                     Ok(Err(e)) => return Err(format!("the read index: {e}")),
                     Err(_) => return Err("no quorum confirmed this leader in time".into()),
                 },
-                Some(l) => match self.peers.call(l, None, &Request::ReadIndex, left).await {
+                Some(l) => match self.peers.call(l, self.known(l).as_deref(), &Request::ReadIndex, left).await {
                     Ok(Response::ReadIndex { index }) => break index,
                     Ok(Response::NotLeader { .. }) | Err(CallError::Unreachable(..)) => {}
                     Ok(r) => return Err(format!("the leader answered the read index with {r:?}")),
@@ -322,6 +322,13 @@ impl Node {
             .await
             .map(|_| ())
             .map_err(|e| format!("this node did not apply the read index {index:?} in time: {e}"))
+    }
+
+    /// The node-to-node address of `id` in the current membership (for a node that this node's
+    /// `cluster.peers` does not name: one added with `parley cluster add`).
+    fn known(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
     /// Waits for a change of the metrics (a new leader, say), at most `d`.
@@ -347,7 +354,7 @@ impl Node {
                     // Stopped, or the time ran out: it may be in this node's log.
                     Ok(Err(_)) | Err(_) => return Ok(()),
                 },
-                Some(l) => match self.peers.call(l, None, &Request::Propose(batch.clone()), left).await {
+                Some(l) => match self.peers.call(l, self.known(l).as_deref(), &Request::Propose(batch.clone()), left).await {
                     Ok(Response::Proposed { .. }) => return Ok(()),
                     Ok(Response::NotLeader { .. }) | Err(CallError::Unreachable(..)) => {}
                     // Sent, with no clear answer: it may be in the leader's log.
@@ -361,9 +368,11 @@ impl Node {
 
     /// Proposes `batch` and waits for its outcomes until `deadline`. When the leader changes
     /// while it waits (the old one died or was cut off, and may never commit it), the same batch
-    /// is proposed to the new leader: should both copies commit, the waiter takes the first one
-    /// applied and the second changes nothing (every command is idempotent by its id or its
-    /// effect: a resent `send` is answered from its dedup record, a cursor only moves forward).
+    /// is proposed to the new leader: should both copies commit, the first one applied takes
+    /// effect and answers the waiter, and the state machine skips the second
+    /// (`State::apply_batch_once`: batch names are remembered for `RAFT_BATCH_WINDOW` entries,
+    /// the Raft paper §8's client serial numbers), so even a command that is not idempotent
+    /// (a group add after a remove) takes effect once.
     async fn settle(&self, batch: &Batch, mut rx: oneshot::Receiver<Vec<Outcome>>, deadline: Instant) -> Option<Vec<Outcome>> {
         let mut metrics = self.raft.metrics();
         for _ in 0..16 {
@@ -484,7 +493,7 @@ impl Node {
         self.rt
             .spawn(async move {
                 let leader = me.raft.metrics().borrow().current_leader.ok_or("no leader")?;
-                let r = if leader == me.id { me.clone().handle(req).await } else { me.peers.call(leader, None, &req, Duration::from_secs(60)).await.map_err(|e| e.to_string())? };
+                let r = if leader == me.id { me.clone().handle(req).await } else { me.peers.call(leader, me.known(leader).as_deref(), &req, Duration::from_secs(60)).await.map_err(|e| e.to_string())? };
                 match r {
                     Response::Done => Ok(()),
                     Response::Error(e) => Err(e),

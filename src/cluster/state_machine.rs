@@ -430,7 +430,8 @@ impl Core {
             let mut proposal = None;
             let batch = match e.payload {
                 EntryPayload::Normal(b) => {
-                    proposal = Some((b.origin, b.id));
+                    // Origin 0: a batch with no proposer (tests), never deduplicated.
+                    proposal = (b.origin != 0).then_some((b.origin, b.id));
                     records::decode::<LogEntry>(&b.entry).map_err(err)?
                 }
                 EntryPayload::Blank => LogEntry { ts: 0, commands: Vec::new() },
@@ -439,7 +440,16 @@ impl Core {
                     LogEntry { ts: 0, commands: Vec::new() }
                 }
             };
-            let (outcomes, effects) = state.apply_recording(index, &batch, rec.encode().map_err(err)?).map_err(err)?;
+            let applied = match proposal {
+                // A proposal re-sent to a new leader may be in the log twice: applied once.
+                Some((origin, id)) => state.apply_batch_once(index, &batch, rec.encode().map_err(err)?, origin, id).map_err(err)?,
+                None => Some(state.apply_recording(index, &batch, rec.encode().map_err(err)?).map_err(err)?),
+            };
+            let Some((outcomes, effects)) = applied else {
+                tracing::debug!(raft_index = log_id.index, "a batch applied before was committed again; skipped");
+                out.push(Applied { commands: 0, outcomes: Vec::new() });
+                continue;
+            };
             if !batch.commands.is_empty() {
                 self.sink.committed(effects);
             }

@@ -482,3 +482,35 @@ async fn the_applied_state_and_the_current_snapshot_survive_a_reopen() {
     assert_eq!(sm.applied_state().await.unwrap().0, Some(lid(1, 6)));
     assert_eq!(sm.applied_state().await.unwrap().1, applied.1);
 }
+
+/// A batch proposed twice (again to a new leader after a leader change) is in the log twice; the
+/// second copy must change nothing, even after a later command undid the first one's effect (a
+/// group add applied again after a remove would put the user back). And a name is forgotten
+/// after `RAFT_BATCH_WINDOW` entries, by every node alike.
+#[test]
+fn a_batch_committed_twice_is_applied_once() {
+    use crate::storage::records::{Command, LogEntry};
+    use crate::storage::trees::RAFT_BATCH_WINDOW;
+    use crate::storage::State;
+    let tmp = tempfile::tempdir().unwrap();
+    let st = State::open(&tmp.path().join("state"), 1 << 20).unwrap();
+    let reg = LogEntry { ts: 1, commands: USERS.iter().map(|u| Command::Register { user: (*u).into(), password_hash: "h".into() }).collect() };
+    assert!(st.apply_batch_once(1, &reg, b"r".to_vec(), 2, 11).unwrap().is_some());
+    let a = LogEntry { ts: 2, commands: vec![send("alice", "bob", "m1".into())] };
+    let b = LogEntry { ts: 3, commands: vec![send("alice", "bob", "m2".into())] };
+    assert!(st.apply_batch_once(2, &a, b"r".to_vec(), 2, 12).unwrap().is_some(), "first copy");
+    assert!(st.apply_batch_once(3, &b, b"r".to_vec(), 3, 12).unwrap().is_some(), "the same id from another node is another batch");
+    assert!(st.apply_batch_once(4, &a, b"r".to_vec(), 2, 12).unwrap().is_none(), "second copy");
+    assert_eq!((st.applied(), st.head("bob").unwrap()), (4, 2), "the second copy moved the index and nothing else");
+    let history = st.history("bob", &Conv::dm("alice", "bob"), None, 10).unwrap().unwrap();
+    assert_eq!(history.messages.len(), 2, "{history:?}");
+    // Forgotten RAFT_BATCH_WINDOW entries later (the window's first entry named 2/11).
+    let empty = LogEntry { ts: 4, commands: vec![] };
+    for i in 5..=RAFT_BATCH_WINDOW {
+        st.apply_recording(i, &empty, b"r".to_vec()).unwrap();
+    }
+    assert!(st.apply_batch_once(RAFT_BATCH_WINDOW + 1, &a, b"r".to_vec(), 2, 12).unwrap().is_none(), "2/12 (index 2) is still remembered");
+    assert!(st.apply_batch_once(RAFT_BATCH_WINDOW + 2, &empty, b"r".to_vec(), 2, 11).unwrap().is_some(), "2/11 (index 1) was forgotten a window later");
+    assert!(st.apply_batch_once(RAFT_BATCH_WINDOW + 3, &empty, b"r".to_vec(), 2, 11).unwrap().is_none(), "and is remembered again from its new copy");
+    assert_eq!(st.head("bob").unwrap(), 2);
+}

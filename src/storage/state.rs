@@ -205,7 +205,7 @@ impl State {
 
     /// Applies log entry `index` (which must be `applied() + 1`). Returns one outcome per command.
     pub fn apply(&self, index: u64, entry: &LogEntry) -> Result<(Vec<Outcome>, Effects), StorageError> {
-        self.apply_with(index, entry, None)
+        self.apply_with(index, entry, Vec::new())
     }
 
     /// Applies log entry `index` like [`apply`](Self::apply), and stores `raft` (opaque bytes)
@@ -218,7 +218,48 @@ impl State {
     /// # Errors
     /// As [`apply`](Self::apply); then `raft` is not stored either.
     pub fn apply_recording(&self, index: u64, entry: &LogEntry, raft: Vec<u8>) -> Result<(Vec<Outcome>, Effects), StorageError> {
-        self.apply_with(index, entry, Some(raft))
+        self.apply_with(index, entry, vec![(super::trees::RAFT_APPLIED_KEY.to_vec(), Some(raft))])
+    }
+
+    /// [`apply_recording`](Self::apply_recording) of a batch named `(origin, id)` (a cluster
+    /// node's proposal): when a batch of that name was applied in the last
+    /// [`RAFT_BATCH_WINDOW`](super::trees::RAFT_BATCH_WINDOW) entries, its commands are **not**
+    /// applied again (the entry only moves the applied index and the Raft record) and `None` is
+    /// returned. The name is recorded in the same layer as the entry's writes, and the name
+    /// recorded `RAFT_BATCH_WINDOW` entries earlier is forgotten, so every node decides alike.
+    pub fn apply_batch_once(&self, index: u64, entry: &LogEntry, raft: Vec<u8>, origin: u64, id: u64) -> Result<Option<(Vec<Outcome>, Effects)>, StorageError> {
+        use super::trees::{RAFT_APPLIED_KEY, RAFT_BATCH_AT_PREFIX, RAFT_BATCH_PREFIX, RAFT_BATCH_WINDOW};
+        let mut name = Vec::with_capacity(16);
+        name.extend_from_slice(&origin.to_be_bytes());
+        name.extend_from_slice(&id.to_be_bytes());
+        let by_name = |n: &[u8]| [RAFT_BATCH_PREFIX, n].concat();
+        let at = |i: u64| [RAFT_BATCH_AT_PREFIX, &i.to_be_bytes()[..]].concat();
+        // Applied within the window: the record is younger than RAFT_BATCH_WINDOW entries (the
+        // one exactly that old is forgotten by this very entry, below).
+        let duplicate = match self.store.get(TreeId::Meta, &by_name(&name))? {
+            Some(v) => <[u8; 8]>::try_from(&v[..]).map(u64::from_be_bytes).is_ok_and(|at| at + RAFT_BATCH_WINDOW > index),
+            None => false,
+        };
+        let mut meta = vec![(RAFT_APPLIED_KEY.to_vec(), Some(raft))];
+        if !duplicate {
+            meta.push((by_name(&name), Some(index.to_be_bytes().to_vec())));
+            meta.push((at(index), Some(name.clone())));
+        }
+        if let Some(old) = index.checked_sub(RAFT_BATCH_WINDOW).filter(|&i| i > 0) {
+            if let Some(old_name) = self.store.get(TreeId::Meta, &at(old))? {
+                // Unless it is this very batch again, just recorded anew above.
+                if old_name[..] != name[..] {
+                    meta.push((by_name(&old_name), None));
+                }
+                meta.push((at(old), None));
+            }
+        }
+        if duplicate {
+            let empty = LogEntry { ts: entry.ts, commands: Vec::new() };
+            self.apply_with(index, &empty, meta)?;
+            return Ok(None);
+        }
+        self.apply_with(index, entry, meta).map(Some)
     }
 
     /// What [`apply_recording`](Self::apply_recording) stored last, as of the last applied
@@ -227,7 +268,9 @@ impl State {
         Ok(self.store.get(TreeId::Meta, super::trees::RAFT_APPLIED_KEY)?.map(|v| v.to_vec()))
     }
 
-    fn apply_with(&self, index: u64, entry: &LogEntry, raft: Option<Vec<u8>>) -> Result<(Vec<Outcome>, Effects), StorageError> {
+    /// Applies `entry` at `index`, with `meta` (raw `meta`-table keys and values, `None` to
+    /// delete) written in the same layer.
+    fn apply_with(&self, index: u64, entry: &LogEntry, meta: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(Vec<Outcome>, Effects), StorageError> {
         let applied = self.applied();
         if index != applied + 1 {
             return Err(StorageError::Sequence { applied, got: index });
@@ -255,8 +298,8 @@ impl State {
         }
         let Applier { tx, effects, .. } = a;
         let mut writes = tx.writes;
-        if let Some(raft) = raft {
-            writes.insert(full_key(TreeId::Meta, super::trees::RAFT_APPLIED_KEY), Some(IVec::from(raft)));
+        for (k, v) in meta {
+            writes.insert(full_key(TreeId::Meta, &k), v.map(IVec::from));
         }
         self.store.merge(index, writes.into_iter().collect());
         if self.store.dirty_keys() > store::MAX_DIRTY_KEYS {

@@ -6,6 +6,7 @@
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | `meta` | `b"applied"` | u64 BE: index of the last applied log entry |
+//! | `meta` | `b"rb"` + origin + id, `b"ri"` + index | cluster only: the batch ids applied in the last `RAFT_BATCH_WINDOW` entries, so a batch proposed twice (again to a new leader) is applied once (the Raft paper §8's client serial numbers) |
 //! | `meta` | `b"raft"` | cluster only (`cluster/`): the Raft log id applied last and the membership, as the cluster's state machine encodes them; written in the same layer as the entry it describes ([`State::apply_recording`](super::state::State::apply_recording)) |
 //! | `users` | user | [`UserRecord`](super::records::UserRecord) |
 //! | `tokens` | sha256(token) (32 bytes) | [`TokenRecord`](super::records::TokenRecord) |
@@ -82,3 +83,13 @@ pub const TREES: [&str; 13] = [
 pub const APPLIED_KEY: &[u8] = b"applied";
 /// `meta` key of the cluster's Raft applied state (never written by a single node).
 pub const RAFT_APPLIED_KEY: &[u8] = b"raft";
+/// `meta` key prefix of a recently applied Raft batch (cluster only): `b"rb"` + origin node id
+/// (u64 BE) + batch id (u64 BE) → the index it was applied at (u64 BE).
+pub const RAFT_BATCH_PREFIX: &[u8] = b"rb";
+/// `meta` key prefix of the same, by index: `b"ri"` + index (u64 BE) → origin + id (16 bytes),
+/// so the record [`RAFT_BATCH_WINDOW`] entries old can be found and deleted.
+pub const RAFT_BATCH_AT_PREFIX: &[u8] = b"ri";
+/// How many entries a batch id is remembered for: a batch proposed again within this many
+/// entries of its first copy is not applied twice (a proposal is retried only within
+/// `cluster.commit_timeout_ms`, a few thousand entries at most).
+pub const RAFT_BATCH_WINDOW: u64 = 100_000;
