@@ -169,6 +169,9 @@ async fn a_single_node_says_single_and_has_no_cluster_status() {
     let (st, b) = http(srv.addr, "GET", "/v1/cluster/status", None, None).await;
     assert_eq!(st, 404, "{b}");
     assert!(b["error"].is_string() && b["message"].is_string(), "not the JSON error body: {b}");
+    // The CLI says so in one line and fails.
+    let (ok, out, err) = parley(&["cluster", "status", "--url", &format!("http://{}", srv.addr)]).await;
+    assert!(!ok && out.is_empty() && err.trim().lines().count() == 1, "cluster status on a single node: {out:?} {err:?}");
 }
 
 // ---------------------------------------------------------------------------------- reads
@@ -223,6 +226,25 @@ async fn read_your_writes_on_a_follower_and_monotonic_reads_across_nodes() {
         head = r.head;
         r.client.close().await;
     }
+
+    // A cursor confirmed on one node holds on the next: bob reads his backlog on the leader and
+    // confirms it (a barrier request after the `received`), then connects to the lagging
+    // follower with his stored cursor: his backlog there starts right after it.
+    let tb = c.nodes[f2].srv.login("bob", "web").await;
+    let s = Client::connect(c.addr(l), &tb, Some(0), Encoding::Json).await;
+    let n = s.head;
+    assert_eq!(s.messages().len(), seen, "bob's stream on the leader");
+    let mut b = s.client;
+    b.send(ClientFrame::Received { up_to: n }).await;
+    b.barrier().await;
+    b.close().await;
+    let mut a = Client::connect(c.addr(f2), &ta, None, Encoding::Json).await.client;
+    a.send_acked("after-cursor", "bob", "one more").await;
+    a.close().await;
+    let s = Client::connect(c.addr(f1), &tb, None, Encoding::Json).await;
+    let evs: Vec<u64> = s.backlog.iter().map(|(ev, _)| *ev).collect();
+    assert_eq!(evs.first(), Some(&(n + 1)), "bob's backlog on the lagging follower after confirming {n} on the leader: {evs:?}");
+    assert_eq!(s.messages().last().map(|(_, m)| m.id.as_str()), Some("after-cursor"));
 }
 
 // ---------------------------------------------------------------------------------- load
@@ -711,6 +733,22 @@ async fn the_whole_cluster_killed_and_restarted_keeps_every_acked_message() {
     eprintln!("cluster: whole cluster killed: {n} acked messages verified on 3 nodes; reconnections {}", load.world.ends_summary());
 }
 
+/// Every node-to-node link 20 ms slow each way (a cluster across a WAN): users register and
+/// log in through followers, the load goes on with slower acks, and nothing is lost, doubled or
+/// out of place on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_slow_links_loses_nothing() {
+    let c = Cluster::start(3, &[]).await;
+    c.wait_leader().await;
+    c.set_all(Mode::Delay(Duration::from_millis(20)));
+    let t0 = Instant::now();
+    let mut load = Load::start(&c).await;
+    load.world.wait_acked(200).await;
+    load.finish().await;
+    let n = load.verify(&c).await;
+    eprintln!("cluster: slow links: {n} acked messages verified on 3 nodes in {:?}; reconnections {}", t0.elapsed(), load.world.ends_summary());
+}
+
 // ---------------------------------------------------------------------------------- partition
 
 /// Waits for the answers to sends `ids` on `c`, a client of a cut-off node: each must be
@@ -1108,7 +1146,10 @@ async fn cluster_add_and_remove_a_fourth_node() {
     r.close().await;
     assert_eq!(alice.history_all(&conv).await.last().map(|m| m.id.clone()), Some("via-4".to_owned()));
 
-    let (ok, out, err) = parley(&["cluster", "remove", "--url", &c.url(c.wait_leader_among(&all).await), "--id", &id, "--token", ADMIN_TOKEN]).await;
+    let url = c.url(c.wait_leader_among(&all).await);
+    let (ok, out, err) = parley(&["cluster", "remove", "--url", &url, "--id", &id, "--token", "wrong"]).await;
+    assert!(!ok, "cluster remove with a wrong token succeeded:\n{out}\n{err}");
+    let (ok, out, err) = parley(&["cluster", "remove", "--url", &url, "--id", &id, "--token", ADMIN_TOKEN]).await;
     assert!(ok, "cluster remove failed:\n{out}\n{err}");
     c.poll("three members on the three", &[0, 1, 2], |st| st.iter().all(|s| s.as_ref().is_some_and(|s| s.members == [1, 2, 3])).then_some(())).await;
     let l3 = c.wait_leader_among(&[0, 1, 2]).await;

@@ -269,8 +269,13 @@ impl Cluster {
 
     /// Every link back to `Pass`.
     pub fn heal(&self) {
+        self.set_all(Mode::Pass);
+    }
+
+    /// Every link in `mode`.
+    pub fn set_all(&self, mode: Mode) {
         for l in &self.links {
-            l.proxy.set_mode(Mode::Pass);
+            l.proxy.set_mode(mode);
         }
     }
 
