@@ -2,15 +2,19 @@
 //! every node-to-node link ([`crate::common::cluster`]), clients talking to any node.
 //!
 //! - forming from configuration alone: one leader all agree on, `healthz` and `cluster status`;
-//! - read-your-writes on a lagging follower, monotonic reads for a client moving between nodes;
-//! - `kill -9` of the leader under load, and of the leader and a follower at once: nothing acked
-//!   lost, nothing twice, seq gapless, every node's history identical (failover time printed);
+//! - read-your-writes on a lagging follower; monotonic reads (history, stream head, cursor) for
+//!   a client moving between nodes;
+//! - the leader `kill -9`ed or stopped by SIGTERM under load, the leader and a follower killed at
+//!   once, the whole cluster killed: nothing acked lost, nothing twice, seq gapless and ts in
+//!   order, every node's history identical (failover times printed); the same load over slow
+//!   links;
 //! - the leader (cut or black-holed) or a follower cut off by a partition: no ack from the
 //!   minority, its clients told so, a leader in the majority, convergence after the heal;
+//! - a proposal pending across a leader change takes effect once;
 //! - presence and typing across nodes, and a dead node's users going offline;
-//! - a wiped follower catching up by snapshot;
-//! - `parley cluster add|remove` of a fourth node;
-//! - `parley load chat` spread over the three nodes.
+//! - a wiped follower catching up by a multi-chunk snapshot, also under load;
+//! - `parley cluster add|remove` of a fourth node, and remove of the leader;
+//! - `parley load chat` spread over the three nodes (and `--url` lists on one server).
 //!
 //! Every wait polls a condition under a deadline; nothing sleeps to synchronise.
 
