@@ -545,6 +545,26 @@ impl Load {
         self.world.acked.load(Ordering::SeqCst)
     }
 
+    /// Takes node `i` down for the clients (they leave it) and `kill -9`s it.
+    async fn kill(&self, c: &mut Cluster, i: usize) {
+        self.world.down(i);
+        c.kill9(i).await;
+    }
+
+    /// Restarts node `i` and lets the clients come back to it.
+    async fn revive(&self, c: &mut Cluster, i: usize) {
+        c.restart(i).await;
+        self.world.up(i, c.addr(i));
+    }
+
+    /// Ends the load (everything acked), waits for a leader all agree on, and verifies every
+    /// node ([`Load::verify`]). Returns the number of messages.
+    async fn end(&mut self, c: &Cluster) -> usize {
+        self.finish().await;
+        c.wait_leader().await;
+        self.verify(c).await
+    }
+
     /// Stops sending, waits until everything sent is acked, ends the clients.
     async fn finish(&mut self) {
         self.world.stop.store(true, Ordering::SeqCst);
@@ -674,12 +694,9 @@ async fn leader_down_under_load(graceful: bool) {
     );
     load.world.wait_acked(load.acked() + 60).await;
 
-    c.restart(l).await;
-    load.world.up(l, c.addr(l));
+    load.revive(&mut c, l).await;
     load.world.wait_acked(load.acked() + 30).await;
-    load.finish().await;
-    c.wait_leader().await;
-    let n = load.verify(&c).await;
+    let n = load.end(&c).await;
     eprintln!("cluster: leader {how}: {n} acked messages verified on 3 nodes, reconnections {}, {:?}", load.world.ends_summary(), t0.elapsed());
 }
 
@@ -692,22 +709,16 @@ async fn leader_and_follower_killed_then_restarted_keep_every_acked_message() {
     let f = c.others(l)[0];
     let mut load = Load::start(&c).await;
     load.world.wait_acked(60).await;
-    load.world.down(l);
-    load.world.down(f);
-    c.kill9(l).await;
-    c.kill9(f).await;
+    load.kill(&mut c, l).await;
+    load.kill(&mut c, f).await;
     let at_kill = load.acked();
-    c.restart(l).await;
-    c.restart(f).await;
-    load.world.up(l, c.addr(l));
-    load.world.up(f, c.addr(f));
+    load.revive(&mut c, l).await;
+    load.revive(&mut c, f).await;
     c.wait_leader().await;
     load.world.wait_acked(at_kill + 60).await;
     let failover = load.world.failover.lock().unwrap().expect("an ack after the restarts");
     eprintln!("cluster: double crash: kill of nodes {} and {} → first ack of a new message after {failover:?}", l + 1, f + 1);
-    load.finish().await;
-    c.wait_leader().await;
-    let n = load.verify(&c).await;
+    let n = load.end(&c).await;
     eprintln!("cluster: double crash: {n} acked messages verified on 3 nodes; reconnections {}", load.world.ends_summary());
 }
 
@@ -732,8 +743,7 @@ async fn the_whole_cluster_killed_and_restarted_keeps_every_acked_message() {
     }
     c.wait_leader().await;
     load.world.wait_acked(at_kill + 60).await;
-    load.finish().await;
-    let n = load.verify(&c).await;
+    let n = load.end(&c).await;
     eprintln!("cluster: whole cluster killed: {n} acked messages verified on 3 nodes; reconnections {}", load.world.ends_summary());
 }
 
@@ -749,17 +759,13 @@ async fn five_leader_kills_in_a_row_lose_no_acked_message() {
     let mut times = Vec::new();
     for _ in 0..5 {
         let l = c.wait_leader().await;
-        load.world.down(l);
-        c.kill9(l).await;
+        load.kill(&mut c, l).await;
         until("an ack of a message sent after the kill", || load.world.failover.lock().unwrap().is_some()).await;
         times.push(load.world.failover.lock().unwrap().expect("failover"));
-        c.restart(l).await;
-        load.world.up(l, c.addr(l));
+        load.revive(&mut c, l).await;
         load.world.wait_acked(load.acked() + 30).await;
     }
-    load.finish().await;
-    c.wait_leader().await;
-    let n = load.verify(&c).await;
+    let n = load.end(&c).await;
     times.sort();
     eprintln!("cluster: 5 leader kills: failover median {:?}, max {:?} ({times:?}); {n} acked messages verified on 3 nodes", times[times.len() / 2], times[times.len() - 1]);
 }
@@ -779,9 +785,7 @@ async fn a_leader_partitioned_under_load_loses_and_doubles_nothing() {
     load.world.wait_acked(load.acked() + 60).await;
     c.heal();
     load.world.wait_acked(load.acked() + 60).await;
-    load.finish().await;
-    c.wait_leader().await;
-    let n = load.verify(&c).await;
+    let n = load.end(&c).await;
     eprintln!("cluster: leader partitioned under load: {n} acked messages verified on 3 nodes; reconnections {}", load.world.ends_summary());
 }
 
@@ -796,8 +800,7 @@ async fn a_cluster_over_slow_links_loses_nothing() {
     let t0 = Instant::now();
     let mut load = Load::start(&c).await;
     load.world.wait_acked(200).await;
-    load.finish().await;
-    let n = load.verify(&c).await;
+    let n = load.end(&c).await;
     eprintln!("cluster: slow links: {n} acked messages verified on 3 nodes in {:?}; reconnections {}", t0.elapsed(), load.world.ends_summary());
 }
 
@@ -1130,14 +1133,12 @@ async fn a_wiped_follower_catches_up_under_load() {
     let f = c.others(l)[0];
     let mut load = Load::start(&c).await;
     load.world.wait_acked(60).await;
-    load.world.down(f);
-    c.kill9(f).await;
+    load.kill(&mut c, f).await;
     c.wipe(f);
     let at_wipe = c.status(l).await.expect("leader status").commit_index;
     load.world.wait_acked(load.acked() + 150).await;
     until_committed(&c, l, at_wipe + 60).await;
-    c.restart(f).await;
-    load.world.up(f, c.addr(f));
+    load.revive(&mut c, f).await;
     load.world.wait_acked(load.acked() + 100).await;
     load.finish().await;
     c.wait_converged(&[0, 1, 2]).await;
