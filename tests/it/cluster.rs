@@ -1264,7 +1264,8 @@ async fn cluster_remove_of_the_leader_leaves_three_that_go_on() {
 // ---------------------------------------------------------------------------------- parley load
 
 /// `parley load chat --url A,B,C`: simulated user k on node k mod 3 (every node holds its share
-/// of the sockets while it runs), and every acked message delivered exactly once, in order.
+/// of the sockets while it runs), and every acked message delivered exactly once, in order;
+/// then the same over XMPP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_chat_through_every_node_loses_nothing() {
     let c = Cluster::start(3, &[]).await;
@@ -1302,6 +1303,11 @@ async fn load_chat_through_every_node_loses_nothing() {
     let j: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
     let acked = assert_load_kept_every_promise(&j);
     eprintln!("cluster: load through 3 nodes: {acked} acked; sockets per node {peak:?}; ack latency {}", j["ack_latency"]);
+    // The same over XMPP-over-WebSocket (each node's gateway; SASL waits for the read index).
+    let j = parley_load_json(&urls, &["chat", "--protocol", "xmpp", "--users", "12", "--rate", "5", "--duration", "3"]).await;
+    assert_eq!(j["protocol"], "xmpp", "{j}");
+    let acked = assert_load_kept_every_promise(&j);
+    eprintln!("cluster: XMPP load through 3 nodes: {acked} acked; ack latency {}", j["ack_latency"]);
 }
 
 /// `--url` as a list on a single server (the same node twice, so user k alternates between two
