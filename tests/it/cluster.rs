@@ -588,9 +588,10 @@ impl Load {
     }
 
     /// On every node: every sent message is stored exactly once, at its acked seq and ts, with
-    /// its body, and nothing else is; seqs are 1..N (`history_all`); the histories are identical
-    /// on every node; and every user's stream from cursor 0 holds its conversations' messages in
-    /// history order. Returns the number of messages.
+    /// its body, and nothing else is; seqs are 1..N (`history_all`) and ts never go backwards;
+    /// the histories are identical on every node; every user's stream from cursor 0 holds its
+    /// conversations' messages in history order; and every user's conversation list agrees with
+    /// the histories and is the same on every node. Returns the number of messages.
     async fn verify(&self, c: &Cluster) -> usize {
         let mut acked: HashMap<(String, String), (Sent, (String, u64, u64))> = HashMap::new();
         for (i, l) in self.ledgers.iter().enumerate() {
@@ -628,9 +629,10 @@ impl Load {
             }
         }
         let first = first.expect("histories");
+        let mut lists: BTreeMap<String, ServerFrame> = BTreeMap::new();
         for i in 0..c.nodes.len() {
             for (u, token) in &self.tokens {
-                let s = Client::connect(c.addr(i), token, Some(0), Encoding::Json).await;
+                let mut s = Client::connect(c.addr(i), token, Some(0), Encoding::Json).await;
                 let mut per_conv: BTreeMap<String, Vec<Row>> = BTreeMap::new();
                 for (_, m) in s.messages() {
                     per_conv.entry(m.conv.clone()).or_default().push((m.seq, m.from.clone(), m.id.clone(), m.body.clone(), m.ts));
@@ -639,6 +641,20 @@ impl Load {
                     assert_eq!(per_conv.remove(conv).unwrap_or_default(), *want, "node {}: {u}'s stream of {conv} differs from its history", i + 1);
                 }
                 assert!(per_conv.is_empty(), "node {}: {u}'s stream has conversations it is not in", i + 1);
+                // The conversation list: each last message is the history's, the same on every node.
+                let list = s.client.request("convs", ClientFrame::Conversations).await;
+                let ServerFrame::Conversations { items, .. } = &list else { panic!("node {}: conversations of {u}: {list:?}", i + 1) };
+                for it in items {
+                    let h = first.get(&it.conv).unwrap_or_else(|| panic!("node {}: {u} lists {} that nobody wrote to", i + 1, it.conv));
+                    assert_eq!(it.last_seq, h.len() as u64, "node {}: {u}'s list: last_seq of {}", i + 1, it.conv);
+                    assert_eq!(it.last.as_ref().map(|m| m.id.as_str()), h.last().map(|r| r.2.as_str()), "node {}: {u}'s list: last of {}", i + 1, it.conv);
+                }
+                match lists.get(u) {
+                    None => {
+                        lists.insert(u.clone(), list);
+                    }
+                    Some(l0) => assert_eq!(l0, &list, "node {}: {u}'s conversation list differs from node 1's", i + 1),
+                }
                 s.client.close().await;
             }
         }
