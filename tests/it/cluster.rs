@@ -1346,3 +1346,59 @@ async fn load_takes_a_list_of_urls_and_refuses_an_empty_entry() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty entry"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Hellos on every node while a fourth node is added and removed, five times, and on the new
+/// node right after each add: a quorum exists all along, so every hello is welcomed (none is
+/// told to go away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_during_membership_changes_are_all_welcomed() {
+    let mut c = Cluster::start(3, &[]).await;
+    let l = c.wait_leader().await;
+    let ta = c.nodes[l].srv.user("alice").await;
+    let k = c.start_extra().await;
+    let (id, addr) = (c.nodes[k].id.to_string(), c.join_addr(k).to_string());
+    let stop = Arc::new(AtomicBool::new(false));
+    let addrs: Vec<SocketAddr> = (0..3).map(|i| c.addr(i)).collect();
+    let hellos: Vec<_> = (0..4).map(|_| {
+        let (stop, ta, addrs) = (stop.clone(), ta.clone(), addrs.clone());
+        tokio::spawn(async move {
+            let (mut n, mut refused) = (0u64, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                for a in &addrs {
+                    let mut cl = Client::open(*a, &ta, None, Encoding::Json).await;
+                    match cl.recv().await {
+                        ServerFrame::Welcome { .. } => {}
+                        f => refused.push(format!("{a}: {f:?}")),
+                    }
+                    n += 1;
+                    cl.close().await;
+                }
+            }
+            (n, refused)
+        })
+    }).collect();
+    for round in 0..5 {
+        let url = c.url(c.wait_leader_among(&[0, 1, 2]).await);
+        let (ok, out, err) = parley(&["cluster", "add", "--url", &url, "--id", &id, "--addr", &addr, "--token", ADMIN_TOKEN]).await;
+        assert!(ok, "round {round}: cluster add failed:\n{out}\n{err}");
+        // The new voter itself, at once.
+        for _ in 0..5 {
+            let mut cl = Client::open(c.addr(k), &ta, None, Encoding::Json).await;
+            let f = cl.recv().await;
+            assert!(matches!(f, ServerFrame::Welcome { .. }), "round {round}: a hello on the node just added: {f:?}");
+            cl.close().await;
+        }
+        let url = c.url(c.wait_leader_among(&[0, 1, 2, k]).await);
+        let (ok, out, err) = parley(&["cluster", "remove", "--url", &url, "--id", &id, "--token", ADMIN_TOKEN]).await;
+        assert!(ok, "round {round}: cluster remove failed:\n{out}\n{err}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (mut n, mut refused) = (0, Vec::new());
+    for h in hellos {
+        let (k, r) = within(DEADLINE, "the hello loops to end", h).await.expect("hello loop");
+        n += k;
+        refused.extend(r);
+    }
+    assert!(refused.is_empty(), "{} of {n} hellos during membership changes were refused: {refused:#?}", refused.len());
+    eprintln!("cluster: {n} hellos during 5 add/remove rounds, all welcomed");
+}
