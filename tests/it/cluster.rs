@@ -1044,6 +1044,50 @@ async fn a_proposal_pending_across_a_leader_change_takes_effect_once() {
     }
 }
 
+/// `retention.mode = "delivered"` in a cluster: what every device confirmed is deleted on every
+/// node alike (one purge entry every node applies), and after the leader dies the new leader
+/// goes on purging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_retention_purges_every_node_and_survives_a_leader_kill() {
+    let mut c = Cluster::start(3, &[("PARLEY__RETENTION__MODE", "delivered"), ("PARLEY__RETENTION__INTERVAL_MS", "100")]).await;
+    let l = c.wait_leader().await;
+    let (f1, f2) = (c.others(l)[0], c.others(l)[1]);
+    let ta = c.nodes[f1].srv.user("alice").await;
+    let tb = c.nodes[f2].srv.user("bob").await;
+    let conv = Conv::dm("alice", "bob").to_string();
+    let t = dialog(17, 10);
+    for round in 0..2u64 {
+        let mut alice = Client::connect(c.addr(f1), &ta, None, Encoding::Json).await.client;
+        let mut bob = Client::connect(c.addr(f2), &tb, None, Encoding::Json).await.client;
+        for k in 0..5 {
+            alice.send_acked(&format!("r{round}-{k}"), "bob", &t[(round * 5 + k) as usize]).await;
+        }
+        for _ in 0..5 {
+            bob.message_event().await;
+        }
+        let upto = 5 * (round + 1);
+        bob.send(ClientFrame::Received { up_to: u64::MAX / 2 }).await;
+        bob.barrier().await;
+        alice.send(ClientFrame::Received { up_to: u64::MAX / 2 }).await;
+        alice.barrier().await;
+        crate::ops::wait_purged(&mut bob, &conv, upto).await;
+        // Every node, the leader included, shows the same purge.
+        for i in c.live() {
+            let mut r = Client::connect(c.addr(i), &tb, None, Encoding::Json).await.client;
+            let (ms, more, deleted) = crate::ops::page(&mut r, &conv).await;
+            assert_eq!((ms.len(), more, deleted), (0, false, Some(upto)), "node {}: round {round}", i + 1);
+            r.close().await;
+        }
+        alice.close().await;
+        bob.close().await;
+        if round == 0 {
+            c.kill9(l).await;
+            let l2 = c.wait_leader().await;
+            assert_ne!(l2, l);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------- presence
 
 /// Presence and typing cross nodes (gossiped, not through Raft): bob on one node sees alice, on
