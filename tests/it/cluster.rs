@@ -820,6 +820,23 @@ async fn a_cluster_over_slow_links_loses_nothing() {
     eprintln!("cluster: slow links: {n} acked messages verified on 3 nodes in {:?}; reconnections {}", t0.elapsed(), load.world.ends_summary());
 }
 
+/// Links with a round trip above the default heartbeat (60 ms each way, 120 ms; openraft 0.9
+/// gives each AppendEntries and each read-index heartbeat `heartbeat_ms` to answer) work once
+/// `cluster.heartbeat_ms` is above it: hellos are welcomed on every node and sends acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_slower_than_the_default_heartbeat_work_with_a_longer_one() {
+    let c = Cluster::start(3, &[("PARLEY__CLUSTER__HEARTBEAT_MS", "300"), ("PARLEY__CLUSTER__ELECTION_TIMEOUT_MS", "1500")]).await;
+    let l = c.wait_leader().await;
+    let ta = c.nodes[l].srv.user("alice").await;
+    c.set_all(Mode::Delay(Duration::from_millis(60)));
+    for i in 0..3 {
+        let mut s = Client::connect(c.addr(i), &ta, None, Encoding::Json).await;
+        let (_, seq, _) = s.client.send_acked(&format!("slow-{i}"), "alice", "over a slow link").await;
+        assert_eq!(seq, i as u64 + 1);
+        s.client.close().await;
+    }
+}
+
 // ---------------------------------------------------------------------------------- partition
 
 /// Waits for the answers to sends `ids` on `c`, a client of a cut-off node: each must be
