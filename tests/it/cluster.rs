@@ -837,6 +837,99 @@ async fn links_slower_than_the_default_heartbeat_work_with_a_longer_one() {
     }
 }
 
+/// Six users each send 30 bodies of 60 KB at once to `sink` through `addr` (11 MB in all, within
+/// the default send limits), resending what is answered `unavailable` with the same id, as
+/// clients do, until everything is acked (within [`DEADLINE`]). Returns the resends.
+async fn burst_of_large_messages(addr: SocketAddr, tokens: &[String]) -> u64 {
+    const PER: usize = 30;
+    let mut clients = Vec::new();
+    for t in tokens {
+        clients.push(Client::connect(addr, t, None, Encoding::Json).await.client);
+    }
+    let t0 = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut cl)| {
+            tokio::spawn(async move {
+                let body = |j: usize| incompressible((k * PER + j) as u64, 60_000);
+                for j in 0..PER {
+                    cl.send_msg(&format!("u{k}-{j}"), "sink", &body(j)).await;
+                }
+                let (mut acked, mut resends) = (HashSet::new(), 0u64);
+                while acked.len() < PER {
+                    assert!(t0.elapsed() < DEADLINE, "u{k}: {} of {PER} acked after {DEADLINE:?} ({resends} resends)", acked.len());
+                    match cl.next_within(T).await {
+                        Some(Incoming::Frame(ServerFrame::Ack { id, .. })) => {
+                            acked.insert(id);
+                        }
+                        Some(Incoming::Frame(ServerFrame::Error { id: Some(id), code: ErrorCode::Unavailable, .. })) => {
+                            let j: usize = id.rsplit('-').next().and_then(|j| j.parse().ok()).expect("id");
+                            resends += 1;
+                            cl.send_msg(&id, "sink", &body(j)).await;
+                        }
+                        Some(Incoming::Frame(ServerFrame::Event { .. })) => {}
+                        other => panic!("u{k}: {other:?} after {:?}, {} of {PER} acked, {resends} resends", t0.elapsed(), acked.len()),
+                    }
+                }
+                cl.close().await;
+                resends
+            })
+        })
+        .collect();
+    let mut resends = 0;
+    for t in tasks {
+        resends += within(DEADLINE + T, "the burst's senders", t).await.expect("a sender panicked");
+    }
+    eprintln!("cluster: a burst of {} x 60 KB: all acked after {:?}, {resends} resends", tokens.len() * PER, t0.elapsed());
+    resends
+}
+
+/// The users of [`burst_of_large_messages`], registered through `srv`.
+async fn burst_users(srv: &Server) -> Vec<String> {
+    let mut tokens = Vec::new();
+    for k in 0..6 {
+        tokens.push(srv.user(&format!("u{k}")).await);
+    }
+    srv.register("sink").await;
+    tokens
+}
+
+/// A burst of large messages ([`burst_of_large_messages`]) that a single node takes is taken
+/// through a cluster's follower too: every message acked within the deadline, stored once, and
+/// the same conversations on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_large_messages_through_a_follower_is_acked() {
+    // The same burst on a single node first: what the cluster is held to.
+    {
+        let dir = TestDir::new();
+        let srv = Server::start(&dir).await;
+        let tokens = burst_users(&srv).await;
+        burst_of_large_messages(srv.addr, &tokens).await;
+    }
+    let c = Cluster::start(3, &[]).await;
+    let l = c.wait_leader().await;
+    let f = c.others(l)[0];
+    let tokens = burst_users(&c.nodes[f].srv).await;
+    burst_of_large_messages(c.addr(f), &tokens).await;
+    c.wait_converged(&[0, 1, 2]).await;
+    let mut first: Option<Vec<Vec<Row>>> = None;
+    for i in 0..3 {
+        let mut hs = Vec::new();
+        for (k, t) in tokens.iter().enumerate() {
+            let mut cl = Client::connect(c.addr(i), t, None, Encoding::Json).await.client;
+            let h = rows(&cl.history_all(&Conv::dm(&format!("u{k}"), "sink").to_string()).await);
+            assert_eq!(h.len(), 30, "node {}: u{k}'s conversation", i + 1);
+            hs.push(h);
+            cl.close().await;
+        }
+        match &first {
+            None => first = Some(hs),
+            Some(f) => assert!(f == &hs, "node {}'s histories differ", i + 1),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------- partition
 
 /// Waits for the answers to sends `ids` on `c`, a client of a cut-off node: each must be
