@@ -34,9 +34,10 @@ pub fn names(prefix: &str, n: usize) -> Vec<String> {
 /// How many attempts a register or login gets when the server answers 429 or 503.
 const ATTEMPTS: u32 = 20;
 
-/// Registers (an existing user is fine) and logs in every name, `concurrency` at a time.
-/// Prints a progress line to stderr each second unless `quiet`.
-pub async fn setup(target: &Target, names: Vec<String>, password: &str, concurrency: usize, quiet: bool) -> anyhow::Result<Vec<Account>> {
+/// Registers (an existing user is fine) and logs in every name, `concurrency` at a time: name
+/// i at `targets[i mod n]` (the node that user will connect to). Prints a progress line to
+/// stderr each second unless `quiet`.
+pub async fn setup(targets: &[Target], names: Vec<String>, password: &str, concurrency: usize, quiet: bool) -> anyhow::Result<Vec<Account>> {
     let n = names.len();
     let names = Arc::new(names);
     let next = Arc::new(AtomicUsize::new(0));
@@ -44,14 +45,16 @@ pub async fn setup(target: &Target, names: Vec<String>, password: &str, concurre
     let t0 = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency.clamp(1, n.max(1)) {
-        let (names, next, done, target, password) = (names.clone(), next.clone(), done.clone(), target.clone(), password.to_owned());
+        let (names, next, done, password) = (names.clone(), next.clone(), done.clone(), password.to_owned());
+        // One keep-alive client per node.
+        let mut clients: Vec<Client> = targets.iter().cloned().map(Client::new).collect();
         workers.push(tokio::spawn(async move {
-            let mut client = Client::new(target);
             let mut out = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(user) = names.get(i) else { break };
-                let token = one(&mut client, user, &password).await?;
+                let n = clients.len();
+                let token = one(&mut clients[i % n], user, &password).await?;
                 out.push((i, Account { user: user.clone(), token }));
                 done.fetch_add(1, Ordering::Relaxed);
             }

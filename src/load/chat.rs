@@ -254,16 +254,17 @@ fn sent_at(id: &str) -> Option<u64> {
 }
 
 impl Engine {
-    /// Connects every account (pairs: 0-1, 2-3, ...), syncs them, and starts their tasks; the
-    /// senders wait for [`Engine::go`].
-    pub async fn start(target: &Target, accounts: &[Account], dialogs: Arc<Dialogs>, cfg: ChatConfig, stats: Arc<Stats>) -> anyhow::Result<Engine> {
+    /// Connects every account (pairs: 0-1, 2-3, ...), account i to `targets[i mod n]`, syncs
+    /// them, and starts their tasks; the senders wait for [`Engine::go`].
+    pub async fn start(targets: &[Target], accounts: &[Account], dialogs: Arc<Dialogs>, cfg: ChatConfig, stats: Arc<Stats>) -> anyhow::Result<Engine> {
         anyhow::ensure!(accounts.len() >= 2 && accounts.len() % 2 == 0, "chat needs an even number of users, at least 2");
         let pairs = accounts.len() / 2;
         // Connect and sync every socket first, a few at a time.
         let sem = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
         let mut conns = Vec::new();
-        for a in accounts {
-            let (sem, target, token, cfg, user) = (sem.clone(), target.clone(), a.token.clone(), cfg.clone(), a.user.clone());
+        for (i, a) in accounts.iter().enumerate() {
+            let target = targets[i % targets.len()].clone();
+            let (sem, token, cfg, user) = (sem.clone(), a.token.clone(), cfg.clone(), a.user.clone());
             conns.push(tokio::spawn(async move {
                 let _p = sem.acquire().await;
                 match cfg.protocol {
@@ -932,7 +933,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
         dialogs.path.display()
     ));
     let t_setup = Instant::now();
-    let accounts = super::accounts::setup(&ctx.target, super::accounts::names(&ctx.prefix, users), &ctx.password, a.setup_concurrency, a.quiet).await?;
+    let accounts = super::accounts::setup(&ctx.targets, super::accounts::names(&ctx.prefix, users), &ctx.password, a.setup_concurrency, a.quiet).await?;
     let setup_s = t_setup.elapsed().as_secs_f64();
     let cfg = ChatConfig {
         enc: ctx.enc,
@@ -947,7 +948,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     };
     let t_conn = Instant::now();
     let stats = Arc::new(Stats::new());
-    let mut engine = Engine::start(&ctx.target, &accounts, dialogs, cfg, stats.clone()).await?;
+    let mut engine = Engine::start(&ctx.targets, &accounts, dialogs, cfg, stats.clone()).await?;
     let connect_s = t_conn.elapsed().as_secs_f64();
     ctx.progress(&format!("setup: {users} users registered and logged in in {setup_s:.1} s, connected and synced in {connect_s:.2} s"));
     let server_pid = super::procfs::listener_pid(ctx.target.addr.port());

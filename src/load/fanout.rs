@@ -36,12 +36,12 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let dialogs = ctx.dialogs()?;
     ctx.progress(&format!("fanout: a group of {members} members, {online} online, {rate} group msg/s for {duration:?}, beside a 1:1 pair"));
     let names = super::accounts::names(&ctx.prefix, members + 2);
-    let accounts = super::accounts::setup(&ctx.target, names, &ctx.password, a.setup_concurrency, a.quiet).await?;
+    let accounts = super::accounts::setup(&ctx.targets, names, &ctx.password, a.setup_concurrency, a.quiet).await?;
     let (group_members, pair) = accounts.split_at(members);
     ctx.progress("fanout: users ready");
 
     // The sender creates the group with everyone.
-    let mut sender = ws::connect(&ctx.target, None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
+    let mut sender = ws::connect(ctx.target_of(0), None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
     ws::hello(&mut sender, &group_members[0].token, None, ctx.enc, false).await?;
     let users: Vec<String> = group_members[1..].iter().map(|m| m.user.clone()).collect();
     sender.send(ws::encode_rid("g", ClientFrame::GroupCreate { name: "fan-out".into(), members: users }, ctx.enc)).await?;
@@ -60,17 +60,17 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let stop = Arc::new(tokio::sync::Notify::new());
     let mut readers = Vec::new();
     let mut seen: Vec<Seqs> = Vec::new();
-    for m in &group_members[1..=online.min(members - 1)] {
-        let mut w = ws::connect(&ctx.target, None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
+    for (k, m) in group_members.iter().enumerate().take(online.min(members - 1) + 1).skip(1) {
+        let mut w = ws::connect(ctx.target_of(k), None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
         ws::hello(&mut w, &m.token, None, ctx.enc, false).await?;
         let seqs: Seqs = Arc::default();
         seen.push(seqs.clone());
         readers.push(tokio::spawn(read_until_stopped(w, sent.clone(), stop.clone(), group.clone(), seqs, ctx.enc)));
     }
     // The pair: b reads, a sends in a closed loop.
-    let mut pa = ws::connect(&ctx.target, None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
+    let mut pa = ws::connect(ctx.target_of(members), None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
     ws::hello(&mut pa, &pair[0].token, None, ctx.enc, false).await?;
-    let mut pb = ws::connect(&ctx.target, None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
+    let mut pb = ws::connect(ctx.target_of(members + 1), None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
     ws::hello(&mut pb, &pair[1].token, None, ctx.enc, false).await?;
     let pair_reader = tokio::spawn(read_until_stopped(pb, sent.clone(), stop.clone(), String::new(), Arc::default(), ctx.enc));
     let pair_to = pair[1].user.clone();

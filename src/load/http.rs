@@ -50,6 +50,20 @@ impl Target {
     }
 }
 
+/// Parses `--url`: one `http://HOST:PORT`, or several separated by commas (the nodes of a
+/// cluster; simulated user k uses the (k mod n)-th, see [`super::Ctx::target_of`]). Each is
+/// checked as [`Target::parse`] checks it.
+pub async fn parse_targets(urls: &str, allow_remote: bool) -> anyhow::Result<Vec<Target>> {
+    let mut out = Vec::new();
+    for url in urls.split(',').map(str::trim) {
+        if url.is_empty() {
+            bail!("--url {urls:?}: an empty entry in the list (one http://HOST:PORT per node, separated by commas)");
+        }
+        out.push(Target::parse(url, allow_remote).await?);
+    }
+    Ok(out)
+}
+
 /// Opens a TCP connection to `addr`, from `source` when given (port chosen by the kernel).
 pub async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
     let sock = match addr {
@@ -245,4 +259,25 @@ async fn read_response(r: &mut BufReader<TcpStream>) -> anyhow::Result<(Response
         close = true;
     }
     Ok((Response { status, body, retry_after }, !close))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn url_lists_parse_in_order_and_refuse_empty_or_remote_entries() {
+        let t = parse_targets("http://127.0.0.1:7001", false).await.unwrap();
+        assert_eq!(t.iter().map(|t| t.authority.as_str()).collect::<Vec<_>>(), ["127.0.0.1:7001"]);
+        let t = parse_targets("http://127.0.0.1:7001, http://127.0.0.1:7002/,http://localhost:7003", false).await.unwrap();
+        assert_eq!(t.iter().map(|t| t.addr.port()).collect::<Vec<_>>(), [7001, 7002, 7003]);
+        for bad in ["http://127.0.0.1:7001,", ",http://127.0.0.1:7001", "http://127.0.0.1:7001,,http://127.0.0.1:7002"] {
+            let e = parse_targets(bad, false).await.unwrap_err().to_string();
+            assert!(e.contains("empty entry"), "{bad}: {e}");
+        }
+        let e = parse_targets("http://127.0.0.1:7001,https://127.0.0.1:7002", false).await.unwrap_err().to_string();
+        assert!(e.contains("https is not supported"), "{e}");
+        let e = parse_targets("http://127.0.0.1:7001,http://192.0.2.1:7002", false).await.unwrap_err().to_string();
+        assert!(e.contains("not a loopback address"), "{e}");
+    }
 }

@@ -57,7 +57,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
         ctx.progress("idle: server pid not found (pass --server-pid): no server memory figures");
     }
     ctx.progress(&format!("idle: {n} sockets from {sources} source address(es), server pid {pid:?}"));
-    let accounts = super::accounts::setup(&ctx.target, super::accounts::names(&ctx.prefix, n), &ctx.password, a.setup_concurrency, a.quiet).await?;
+    let accounts = super::accounts::setup(&ctx.targets, super::accounts::names(&ctx.prefix, n), &ctx.password, a.setup_concurrency, a.quiet).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = mem(pid);
 
@@ -68,7 +68,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let mut tasks = Vec::with_capacity(n);
     let xmpp = a.protocol == super::WireProtocol::Xmpp;
     for (i, acc) in accounts.iter().enumerate() {
-        let (sem, target, token, enc, up) = (sem.clone(), ctx.target.clone(), acc.token.clone(), ctx.enc, up.clone());
+        let (sem, target, token, enc, up) = (sem.clone(), ctx.target_of(i).clone(), acc.token.clone(), ctx.enc, up.clone());
         let (user, password, domain) = (acc.user.clone(), ctx.password.clone(), a.xmpp_domain.clone());
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire().await;

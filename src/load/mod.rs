@@ -3,6 +3,11 @@
 //! (`assets/dialogs.jsonl`) against a running server, with HDR latency histograms and an
 //! end-to-end check that every acked message is delivered exactly once and in order.
 //!
+//! Against a cluster, `--url` lists several nodes separated by commas: simulated user k
+//! registers, logs in and connects at node k mod n (one node per user in turn, so a pair's two
+//! users sit on different nodes), which checks delivery across nodes too. Server-side readings
+//! (CPU, memory, healthz polls) are of the first node in the list.
+//!
 //! # Layout
 //! - [`chat`]: the engine (pairs of users, closed or open loop) and the `chat` scenario.
 //! - [`ramp`]: steps the offered rate up until p99 ack latency passes a bound.
@@ -86,7 +91,9 @@ pub struct LoadArgs {
     /// The scenario to run.
     #[arg(value_enum)]
     pub scenario: Scenario,
-    /// The server, http://HOST:PORT (loopback only unless --allow-remote).
+    /// The server, http://HOST:PORT, or the nodes of a cluster separated by commas
+    /// (http://A,http://B,...): simulated user k uses node k mod n. Loopback only unless
+    /// --allow-remote.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// Simulated users (default: chat and ramp 100, idle and storm 1000; offline uses 2).
@@ -210,7 +217,10 @@ pub struct Outcome {
 /// What every scenario gets.
 pub struct Ctx {
     pub args: LoadArgs,
+    /// The first (or only) node of `--url`: where server-side readings come from.
     pub target: http::Target,
+    /// Every node of `--url`, in order (at least one).
+    pub targets: Vec<http::Target>,
     pub enc: Encoding,
     /// Prefix of this run's user ids.
     pub prefix: String,
@@ -219,6 +229,11 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The node simulated user `k` uses: the (k mod n)-th of `--url`.
+    pub fn target_of(&self, k: usize) -> &http::Target {
+        &self.targets[k % self.targets.len()]
+    }
+
     fn dialogs(&self) -> anyhow::Result<Arc<dialogs::Dialogs>> {
         Ok(Arc::new(dialogs::Dialogs::load(self.args.dialogs.as_deref())?))
     }
@@ -270,10 +285,11 @@ pub fn run(args: LoadArgs) -> i32 {
 }
 
 async fn run_async(args: LoadArgs) -> anyhow::Result<Outcome> {
-    let target = http::Target::parse(&args.url, args.allow_remote).await?;
+    let targets = http::parse_targets(&args.url, args.allow_remote).await?;
+    let target = targets[0].clone();
     let prefix = args.prefix.clone().unwrap_or_else(accounts::random_prefix);
     let password = format!("pw-{prefix}-load");
-    let ctx = Ctx { enc: args.enc(), target, prefix, password, args };
+    let ctx = Ctx { enc: args.enc(), target, targets, prefix, password, args };
     if ctx.args.protocol == WireProtocol::Xmpp && !matches!(ctx.args.scenario, Scenario::Chat | Scenario::Ramp | Scenario::Idle) {
         bail!("--protocol xmpp runs chat, ramp and idle only");
     }

@@ -25,11 +25,11 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let window = a.window.max(1);
     let dialogs = ctx.dialogs()?;
     ctx.progress(&format!("offline: {m} messages to an offline user, {window} in flight"));
-    let accounts = super::accounts::setup(&ctx.target, super::accounts::names(&ctx.prefix, 2), &ctx.password, 2, a.quiet).await?;
+    let accounts = super::accounts::setup(&ctx.targets, super::accounts::names(&ctx.prefix, 2), &ctx.password, 2, a.quiet).await?;
     let (from, to) = (&accounts[0], &accounts[1]);
 
     // 1. The sender sends M messages, `window` in flight, retrying rate_limited/overloaded.
-    let mut w = ws::connect(&ctx.target, None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
+    let mut w = ws::connect(ctx.target_of(0), None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
     ws::hello(&mut w, &from.token, None, ctx.enc, false).await?;
     let mut script = Script::new(dialogs, 0, None);
     let mut inflight: HashMap<String, (Instant, String)> = HashMap::new();
@@ -90,7 +90,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
 
     // 2. The recipient connects and reads its backlog.
     let t0 = Instant::now();
-    let mut r = ws::connect(&ctx.target, None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
+    let mut r = ws::connect(ctx.target_of(1), None, false).await.map_err(|e| anyhow!("connect: {e}"))?;
     let connected_ms = t0.elapsed().as_secs_f64() * 1000.0;
     r.send(ws::encode(ClientFrame::Hello { token: to.token.clone(), cursor: None }, ctx.enc)).await?;
     let (mut welcome_ms, mut last_msg_ms, synced_ms);

@@ -53,7 +53,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
         a.factor,
         a.p99_bound_ms
     ));
-    let accounts = super::accounts::setup(&ctx.target, super::accounts::names(&ctx.prefix, users), &ctx.password, a.setup_concurrency, a.quiet).await?;
+    let accounts = super::accounts::setup(&ctx.targets, super::accounts::names(&ctx.prefix, users), &ctx.password, a.setup_concurrency, a.quiet).await?;
     let rate_milli = Arc::new(AtomicU64::new(0));
     let cfg = ChatConfig {
         enc: ctx.enc,
@@ -67,7 +67,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
         connect_concurrency: a.setup_concurrency,
     };
     let stats = Arc::new(Stats::new());
-    let mut engine = Engine::start(&ctx.target, &accounts, dialogs, cfg, stats.clone()).await?;
+    let mut engine = Engine::start(&ctx.targets, &accounts, dialogs, cfg, stats.clone()).await?;
     let server_pid = super::procfs::listener_pid(ctx.target.addr.port());
     engine.go();
     let t0 = Instant::now();

@@ -59,14 +59,14 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     }
     let timeout = Duration::from_secs_f64(a.timeout.max(1.0));
     ctx.progress(&format!("storm: {n} clients from {sources} source address(es) (then {sources} others), reconnect timeout {timeout:?}"));
-    let accounts = super::accounts::setup(&ctx.target, super::accounts::names(&ctx.prefix, n), &ctx.password, a.setup_concurrency, a.quiet).await?;
+    let accounts = super::accounts::setup(&ctx.targets, super::accounts::names(&ctx.prefix, n), &ctx.password, a.setup_concurrency, a.quiet).await?;
 
     // 1. Everyone connects (a few at a time).
     let t_conn = Instant::now();
     let sem = Arc::new(Semaphore::new(a.setup_concurrency.max(1)));
     let mut tasks = Vec::new();
     for (i, acc) in accounts.iter().enumerate() {
-        let (sem, target, token, enc) = (sem.clone(), ctx.target.clone(), acc.token.clone(), ctx.enc);
+        let (sem, target, token, enc) = (sem.clone(), ctx.target_of(i).clone(), acc.token.clone(), ctx.enc);
         let deadline = Instant::now() + Duration::from_secs(600);
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire().await;
@@ -97,7 +97,7 @@ pub async fn run(ctx: &super::Ctx) -> anyhow::Result<super::Outcome> {
     let times = Arc::new(Mutex::new(hist()));
     let mut tasks = Vec::new();
     for (i, acc) in accounts.iter().enumerate() {
-        let (target, token, enc, back, times) = (ctx.target.clone(), acc.token.clone(), ctx.enc, back.clone(), times.clone());
+        let (target, token, enc, back, times) = (ctx.target_of(i).clone(), acc.token.clone(), ctx.enc, back.clone(), times.clone());
         tasks.push(tokio::spawn(async move {
             let r = fleet::connect(&target, fleet::source_ip_from(i, sources, sources), &token, enc, deadline).await;
             if r.is_ok() {

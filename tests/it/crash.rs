@@ -28,7 +28,7 @@ use parley::protocol::ids::Conv;
 use parley::protocol::{ClientFrame, Encoding, ErrorCode, MessageView, Request, ServerFrame};
 use rand::{Rng, SeedableRng};
 
-use crate::common::{dialog, sender_name, within, Client, Incoming, Sent, Server, TestDir, T};
+use crate::common::{hello_stored, sender_name, within, Client, Incoming, LiveStream, Sent, Server, TestDir, T};
 
 const SENDERS: usize = 4;
 const RECIPIENTS: [&str; 2] = ["r0", "r1"];
@@ -74,37 +74,6 @@ async fn until_killed<F: Future<Output = Option<u16>>>(user: &str, sh: &Shared, 
     }
 }
 
-/// Opens a socket and says `hello` with the stored cursor; `None` when the server is gone.
-async fn hello(addr: SocketAddr, token: &str) -> Option<Client> {
-    let mut c = Client::open_raw(addr, Encoding::Json).await.ok()?;
-    let hello = ClientFrame::Hello { token: token.to_owned(), cursor: None };
-    c.try_send_req(Request { rid: None, frame: hello }).await.ok()?;
-    Some(c)
-}
-
-/// The event stream of one socket: checks that each ev follows its predecessor, and confirms
-/// with `received` every [`CONFIRM_EVERY`] events, as a client does.
-#[derive(Default)]
-struct Stream {
-    last_ev: Option<u64>,
-    confirmed: u64,
-}
-
-impl Stream {
-    /// Takes event `ev`; `Err` when the socket is gone.
-    async fn event(&mut self, c: &mut Client, user: &str, ev: u64) -> Result<(), ()> {
-        if let Some(p) = self.last_ev {
-            assert_eq!(ev, p + 1, "{user}: ev {ev} after {p} on one socket");
-        }
-        self.last_ev = Some(ev);
-        if ev >= self.confirmed + CONFIRM_EVERY {
-            self.confirmed = ev;
-            c.try_send_req(Request { rid: None, frame: ClientFrame::Received { up_to: ev } }).await.map_err(|_| ())?;
-        }
-        Ok(())
-    }
-}
-
 /// One connection of a sender: resends what is unacknowledged, then sends new turns, keeping
 /// [`WINDOW`] in flight and recording every ack. Returns the close code when the socket ends.
 async fn sender_conn(
@@ -116,7 +85,7 @@ async fn sender_conn(
     sh: &Shared,
     seed: usize,
 ) -> Option<u16> {
-    let mut c = hello(addr, token).await?;
+    let mut c = hello_stored(addr, token).await?;
     // First the resends of everything sent before and not acknowledged, in order; then new ones.
     let mut queue: VecDeque<usize> = {
         let l = ledger.lock().unwrap();
@@ -124,7 +93,7 @@ async fn sender_conn(
     };
     let mut inflight: HashSet<usize> = HashSet::new();
     let mut welcomed = false;
-    let mut stream = Stream::default();
+    let mut stream = LiveStream::new(CONFIRM_EVERY);
     loop {
         while welcomed && inflight.len() < WINDOW && !sh.killed.load(Ordering::SeqCst) {
             let sent = {
@@ -133,10 +102,7 @@ async fn sender_conn(
                     Some(k) => k,
                     None => {
                         let k = l.msgs.len();
-                        let to = if k % 4 == 3 { group.to_owned() } else { RECIPIENTS[seed % 2].to_owned() };
-                        let conv = if to.starts_with("g:") { to.clone() } else { Conv::dm(user, &to).to_string() };
-                        let body = dialog(seed * 100_003 + k, 1).remove(0);
-                        l.msgs.push(Sent { id: format!("{user}-{k}"), to, conv, body });
+                        l.msgs.push(Sent::nth(user, k, RECIPIENTS[seed % 2], group, seed));
                         k
                     }
                 };
@@ -181,8 +147,8 @@ async fn sender_conn(
 
 /// One connection of a recipient, reading live and confirming as it goes.
 async fn recipient_conn(addr: SocketAddr, user: &str, token: &str) -> Option<u16> {
-    let mut c = hello(addr, token).await?;
-    let mut stream = Stream::default();
+    let mut c = hello_stored(addr, token).await?;
+    let mut stream = LiveStream::new(CONFIRM_EVERY);
     loop {
         match c.next_within(T).await {
             None => panic!("{user}: no frame within {T:?} from a running server"),

@@ -61,15 +61,6 @@ fn sorted(mut v: Vec<ServerFrame>) -> Vec<ServerFrame> {
     v
 }
 
-/// The next `presence` frame about `user` (other frames stay stashed): (online, last_seen).
-async fn presence_of(c: &mut Client, user: &str) -> (bool, Option<u64>) {
-    c.until(&format!("presence of {user}"), |f| match f {
-        ServerFrame::Presence { user: u, online, last_seen } if u == user => Some((*online, *last_seen)),
-        _ => None,
-    })
-    .await
-}
-
 /// Waits until the clock has passed `ts` (ms), so that a message accepted now gets a later ts.
 async fn clock_past(ts: u64) {
     within(T, "the clock to advance", async {
@@ -568,15 +559,15 @@ async fn presence_goes_offline_with_the_last_device_and_keeps_last_seen_while_on
     }
 
     wendy.send(ClientFrame::Watch { users: vec!["bob".into()] }).await;
-    assert_eq!(presence_of(&mut wendy, "bob").await, (false, None), "bob was never seen");
+    assert_eq!(wendy.presence_of("bob").await, (false, None), "bob was never seen");
     let bw = srv.connect(&b_web, None).await.client;
-    assert_eq!(presence_of(&mut wendy, "bob").await, (true, None), "online, still never seen offline");
+    assert_eq!(wendy.presence_of("bob").await, (true, None), "online, still never seen offline");
 
     // Two devices; the phone leaves first: bob stays online.
     let bp = srv.connect(&b_phone, None).await.client;
     let mid = gone(&srv, bp, &mut wendy, &c).await;
     bw.close().await;
-    let (online, last_seen) = presence_of(&mut wendy, "bob").await;
+    let (online, last_seen) = wendy.presence_of("bob").await;
     let after = now_ms();
     assert!(!online);
     let l1 = last_seen.expect("last_seen once offline");
@@ -584,22 +575,22 @@ async fn presence_goes_offline_with_the_last_device_and_keeps_last_seen_while_on
 
     // Back online: last_seen keeps its value, also for a new watcher.
     let bw = srv.connect(&b_web, None).await.client;
-    assert_eq!(presence_of(&mut wendy, "bob").await, (true, Some(l1)));
+    assert_eq!(wendy.presence_of("bob").await, (true, Some(l1)));
     let mut wendy2 = srv.connect(&w2, None).await.client;
     wendy2.send(ClientFrame::Watch { users: vec!["bob".into()] }).await;
-    assert_eq!(presence_of(&mut wendy2, "bob").await, (true, Some(l1)));
+    assert_eq!(wendy2.presence_of("bob").await, (true, Some(l1)));
     // A second device coming and going while the first stays does not touch it.
     let bp = srv.connect(&b_phone, None).await.client;
     gone(&srv, bp, &mut wendy, &c).await;
     let mut wendy3 = srv.connect(&w2, None).await.client;
     wendy3.send(ClientFrame::Watch { users: vec!["bob".into()] }).await;
-    assert_eq!(presence_of(&mut wendy3, "bob").await, (true, Some(l1)), "last_seen moved while bob stayed online");
+    assert_eq!(wendy3.presence_of("bob").await, (true, Some(l1)), "last_seen moved while bob stayed online");
 
     // The last device leaves again: a new last_seen, to every watcher.
     let before = now_ms();
     bw.close().await;
     for w in [&mut wendy, &mut wendy2, &mut wendy3] {
-        let (online, last_seen) = presence_of(w, "bob").await;
+        let (online, last_seen) = w.presence_of("bob").await;
         let l2 = last_seen.expect("last_seen");
         assert!(!online && l2 >= before && l2 >= l1, "offline again: last_seen {l2}, left after {before}");
     }
@@ -640,7 +631,7 @@ async fn watch_takes_up_to_1000_users_and_unwatch_stops_updates() {
     assert!(wendy.take_stash().is_empty(), "frames after the refused watch");
     // The same user named many times: one presence frame.
     wendy.send(ClientFrame::Watch { users: vec!["bob".into(); 500] }).await;
-    assert_eq!(presence_of(&mut wendy, "bob").await, (false, None));
+    assert_eq!(wendy.presence_of("bob").await, (false, None));
     wendy.barrier().await;
     let dup = wendy.take_stash();
     assert!(dup.is_empty(), "frames after one presence of bob: {dup:?}");
@@ -648,19 +639,19 @@ async fn watch_takes_up_to_1000_users_and_unwatch_stops_updates() {
     // Unwatch bob; carol is watched and serves as the barrier: her online, then her offline
     // (a later presence flush than any about bob) reach wendy, and nothing about bob before.
     wendy.send(ClientFrame::Watch { users: vec!["carol".into()] }).await;
-    assert_eq!(presence_of(&mut wendy, "carol").await, (false, None));
+    assert_eq!(wendy.presence_of("carol").await, (false, None));
     wendy.send(ClientFrame::Unwatch { users: vec!["bob".into()] }).await;
     wendy.barrier().await;
     let bob = srv.connect(&b, None).await.client;
     let carol = srv.connect(&c, None).await.client;
-    assert_eq!(presence_of(&mut wendy, "carol").await, (true, None));
+    assert_eq!(wendy.presence_of("carol").await, (true, None));
     carol.close().await;
-    assert!(!presence_of(&mut wendy, "carol").await.0);
+    assert!(!wendy.presence_of("carol").await.0);
     let stray: Vec<ServerFrame> = wendy.take_stash();
     assert!(stray.is_empty(), "frames after unwatch: {stray:?}");
     // Watching again shows bob as he is now.
     wendy.send(ClientFrame::Watch { users: vec!["bob".into()] }).await;
-    assert_eq!(presence_of(&mut wendy, "bob").await, (true, None));
+    assert_eq!(wendy.presence_of("bob").await, (true, None));
     bob.close().await;
 }
 
@@ -673,17 +664,17 @@ async fn last_seen_survives_a_restart() {
     let c = srv.user("carol").await;
     let mut wendy = srv.connect(&w, None).await.client;
     wendy.send(ClientFrame::Watch { users: vec!["bob".into(), "carol".into()] }).await;
-    assert_eq!(presence_of(&mut wendy, "bob").await, (false, None));
-    assert_eq!(presence_of(&mut wendy, "carol").await, (false, None));
+    assert_eq!(wendy.presence_of("bob").await, (false, None));
+    assert_eq!(wendy.presence_of("carol").await, (false, None));
     let bob = srv.connect(&b, None).await.client;
-    assert_eq!(presence_of(&mut wendy, "bob").await, (true, None));
+    assert_eq!(wendy.presence_of("bob").await, (true, None));
     bob.close().await;
-    let (online, l) = presence_of(&mut wendy, "bob").await;
+    let (online, l) = wendy.presence_of("bob").await;
     assert!(!online);
     let l = l.expect("last_seen");
     // carol is still online when the server stops: her sockets close with the shutdown.
     let mut carol = srv.connect(&c, None).await.client;
-    assert_eq!(presence_of(&mut wendy, "carol").await, (true, None));
+    assert_eq!(wendy.presence_of("carol").await, (true, None));
 
     let stop = now_ms();
     srv.sigterm();
@@ -697,8 +688,8 @@ async fn last_seen_survives_a_restart() {
 
     let mut wendy = srv.connect(&w, None).await.client;
     wendy.send(ClientFrame::Watch { users: vec!["bob".into(), "carol".into()] }).await;
-    assert_eq!(presence_of(&mut wendy, "bob").await, (false, Some(l)), "bob's last_seen after the restart");
-    let (online, lc) = presence_of(&mut wendy, "carol").await;
+    assert_eq!(wendy.presence_of("bob").await, (false, Some(l)), "bob's last_seen after the restart");
+    let (online, lc) = wendy.presence_of("carol").await;
     assert!(!online);
     let lc = lc.expect("carol's last device left at the shutdown: last_seen must be set");
     assert!(lc >= stop, "carol's last_seen {lc} is before the shutdown at {stop}");

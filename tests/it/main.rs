@@ -16,10 +16,15 @@
 //! - [`startup`]: data directory checks, a port in use, config typos: one line, exit 2.
 //! - [`http`]: JSON error bodies for every error, `HEAD`, the `Authorization` scheme.
 //! - [`xmpp`]: the XMPP gateway: RFC 7395 framing, bad input, slixmpp clients (TCP).
+//! - [`cluster`]: three nodes behind fault proxies: forming, read-your-writes and monotonic
+//!   reads, the leader killed or stopped under load, double and whole-cluster crashes,
+//!   partitions, a proposal across a leader change, presence, catch-up by snapshot, membership
+//!   changes, `parley load` through every node.
 
 mod common;
 
 mod binary;
+mod cluster;
 mod config;
 mod crash;
 mod cursors;

@@ -121,7 +121,7 @@ fn records(seg: &[u8]) -> Vec<std::ops::Range<usize>> {
 }
 
 /// A message history page: (messages, more, deleted_upto).
-async fn page(c: &mut Client, conv: &str) -> (Vec<MessageView>, bool, Option<u64>) {
+pub(crate) async fn page(c: &mut Client, conv: &str) -> (Vec<MessageView>, bool, Option<u64>) {
     match c.request("page", ClientFrame::History { conv: conv.to_owned(), before: None, limit: Some(200) }).await {
         ServerFrame::History { messages, more, deleted_upto, .. } => (messages, more, deleted_upto),
         f => panic!("history of {conv}: {f:?}"),
@@ -130,7 +130,7 @@ async fn page(c: &mut Client, conv: &str) -> (Vec<MessageView>, bool, Option<u64
 
 /// Polls the history of `conv` until retention has deleted everything up to `upto` (an empty
 /// page with `deleted_upto`, or one starting after it).
-async fn wait_purged(c: &mut Client, conv: &str, upto: u64) -> Vec<MessageView> {
+pub(crate) async fn wait_purged(c: &mut Client, conv: &str, upto: u64) -> Vec<MessageView> {
     let deadline = Instant::now() + T;
     loop {
         let (ms, more, deleted) = page(c, conv).await;

@@ -642,22 +642,7 @@ async fn slixmpp_chat_offline_mam_carbons() {
 /// Runs `parley load ARGS --json --quiet` against `server`; returns its JSON summary (the run
 /// must have exited 0: every promise kept).
 async fn load_json(server: &Server, args: &[&str]) -> serde_json::Value {
-    let url = format!("http://{}", server.addr);
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_parley"))
-            .arg("load")
-            .args(args)
-            .args(["--url", &url, "--json", "--quiet", "--threads", "2"])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("parley load ended within 120 s")
-    .expect("run parley load");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "parley load {args:?}: {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+    parley_load_json(&format!("http://{}", server.addr), args).await
 }
 
 /// The dialog workload over XMPP-over-WebSocket (RFC 7395) with XEP-0198 acks: every message
@@ -669,15 +654,7 @@ async fn load_chat_over_xmpp_loses_nothing() {
     let server = Server::start(&dir).await;
     let j = load_json(&server, &["chat", "--protocol", "xmpp", "--users", "6", "--rate", "5", "--duration", "2"]).await;
     assert_eq!(j["protocol"], "xmpp", "{j}");
-    let i = &j["integrity"];
-    assert_eq!(i["ok"], true, "{j}");
-    let acked = i["acked"].as_u64().expect("acked");
-    assert!(acked > 0, "{j}");
-    assert_eq!(i["delivered_exactly_once"].as_u64(), Some(acked), "{j}");
-    for k in ["lost", "duplicated", "out_of_order", "mismatched", "unacked", "delivered_unacked", "stray_acks", "lost_sockets"] {
-        assert_eq!(i[k].as_u64(), Some(0), "{k}: {j}");
-    }
-    assert_eq!(j["sent"].as_u64(), Some(acked), "every send acked once: {j}");
+    crate::common::assert_load_kept_every_promise(&j);
     // Closed loop too (each user's next message waits for the <a/> of the previous one).
     let j = load_json(&server, &["chat", "--protocol", "xmpp", "--users", "2", "--rate", "max", "--duration", "1"]).await;
     assert_eq!(j["integrity"]["ok"], true, "{j}");

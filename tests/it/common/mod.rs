@@ -7,6 +7,9 @@
 
 #![allow(dead_code)] // each test module uses a different part of the helpers
 
+pub mod cluster;
+pub mod proxy;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -151,6 +154,12 @@ pub struct Server {
     pub starts: u32,
     /// The XMPP gateway's TCP address of the current run (None: `xmpp.listen` is empty).
     pub xmpp: Option<SocketAddr>,
+    /// The node-to-node (Raft RPC) address of the current run, from its `parley cluster
+    /// listening on` line (None: a single node).
+    pub cluster: Option<SocketAddr>,
+    /// Called with that address as soon as the line appears, before the start returns (a
+    /// cluster harness points its proxies at the node while it may still wait for its peers).
+    pub on_cluster_addr: Option<Box<dyn Fn(SocketAddr) + Send + Sync>>,
 }
 
 impl Server {
@@ -161,7 +170,14 @@ impl Server {
 
     /// Like [`Server::start`] with extra environment variables (e.g. `PARLEY__SECTION__KEY`).
     pub async fn start_with(dir: &TestDir, env: &[(&str, &str)]) -> Server {
-        let mut s = Server {
+        let mut s = Server::prepared(dir, env);
+        s.restart().await;
+        s
+    }
+
+    /// A server on `dir` with `env` that is not started yet ([`Server::restart`] starts it).
+    pub fn prepared(dir: &TestDir, env: &[(&str, &str)]) -> Server {
+        Server {
             child: None,
             addr: "127.0.0.1:0".parse().expect("addr"),
             root: dir.path().to_owned(),
@@ -169,9 +185,9 @@ impl Server {
             base_env: None,
             starts: 0,
             xmpp: None,
-        };
-        s.restart().await;
-        s
+            cluster: None,
+            on_cluster_addr: None,
+        }
     }
 
     /// Replaces the extra environment of the next starts, keeping the variables given to
@@ -228,11 +244,18 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn parley");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let mut xmpp = None;
+        let (mut xmpp, mut cluster) = (None, None);
         let found = tokio::time::timeout(T, async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(rest) = line.strip_prefix("parley xmpp listening on ") {
                     xmpp = rest.trim().parse::<SocketAddr>().ok();
+                }
+                if let Some(rest) = line.strip_prefix("parley cluster listening on ") {
+                    let a = rest.trim().parse::<SocketAddr>().expect("cluster listening address");
+                    if let Some(f) = &self.on_cluster_addr {
+                        f(a);
+                    }
+                    cluster = Some(a);
                 }
                 if let Some(rest) = line.strip_prefix("parley listening on http://") {
                     return Some(rest.trim().parse::<SocketAddr>().expect("listening address"));
@@ -257,7 +280,13 @@ impl Server {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         self.addr = addr;
         self.xmpp = xmpp;
+        self.cluster = cluster;
         self.child = Some(child);
+    }
+
+    /// Whether the process of the current run was started and not yet stopped or reaped.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// The binary under test, started through a symlink in the test's directory: its process
@@ -354,32 +383,37 @@ impl Server {
 /// One HTTP/1.1 request (`Connection: close`); returns the status and the JSON body (`Null`
 /// when empty).
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, bearer: Option<&str>) -> (u16, Value) {
-    within(T, &format!("{method} {path}"), async {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-        if !body.is_empty() {
-            req.push_str("Content-Type: application/json\r\n");
-        }
-        if let Some(t) = bearer {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(&body);
-        s.write_all(req.as_bytes()).await.expect("write request");
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.expect("read response");
-        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
-        let head = String::from_utf8_lossy(&raw[..split]).to_string();
-        let mut payload = raw[split + 4..].to_vec();
-        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            payload = dechunk(&payload);
-        }
-        let v = if payload.is_empty() { Value::Null } else { serde_json::from_slice(&payload).unwrap_or(Value::Null) };
-        (status, v)
-    })
-    .await
+    within(T, &format!("{method} {path}"), try_http(addr, method, path, body, bearer))
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// [`http`] without the time limit and with I/O errors returned (for polls of a server that may
+/// be starting, cut off or gone).
+pub async fn try_http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, bearer: Option<&str>) -> Result<(u16, Value), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(t) = bearer {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).await.map_err(|e| format!("write request: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.map_err(|e| format!("read response: {e}"))?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no end of headers")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut payload = raw[split + 4..].to_vec();
+    let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or("no status")?;
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        payload = dechunk(&payload);
+    }
+    let v = if payload.is_empty() { Value::Null } else { serde_json::from_slice(&payload).unwrap_or(Value::Null) };
+    Ok((status, v))
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
@@ -627,6 +661,15 @@ impl Client {
         }
     }
 
+    /// The next `presence` frame about `user` (other frames stay stashed): (online, last_seen).
+    pub async fn presence_of(&mut self, user: &str) -> (bool, Option<u64>) {
+        self.until(&format!("presence of {user}"), |f| match f {
+            ServerFrame::Presence { user: u, online, last_seen } if u == user => Some((*online, *last_seen)),
+            _ => None,
+        })
+        .await
+    }
+
     /// A request with `rid`; returns its reply (the frame echoing `rid`). Other frames stay stashed.
     pub async fn request(&mut self, rid: &str, frame: ClientFrame) -> ServerFrame {
         self.send_rid(rid, frame).await;
@@ -793,6 +836,78 @@ where
     }
 }
 
+/// Opens a socket to `addr` and says `hello` with the stored cursor, reading nothing; `None`
+/// when the server is gone (for the tests that kill servers).
+pub async fn hello_stored(addr: SocketAddr, token: &str) -> Option<Client> {
+    let mut c = Client::open_raw(addr, Encoding::Json).await.ok()?;
+    let hello = ClientFrame::Hello { token: token.to_owned(), cursor: None };
+    c.try_send_req(Request { rid: None, frame: hello }).await.ok()?;
+    Some(c)
+}
+
+/// The event stream of one socket as a client reads it: checks that each ev follows its
+/// predecessor, and confirms with `received` every `every` events.
+pub struct LiveStream {
+    last_ev: Option<u64>,
+    confirmed: u64,
+    every: u64,
+}
+
+impl LiveStream {
+    pub fn new(every: u64) -> LiveStream {
+        LiveStream { last_ev: None, confirmed: 0, every }
+    }
+
+    /// Takes event `ev`; `Err` when the socket is gone.
+    pub async fn event(&mut self, c: &mut Client, user: &str, ev: u64) -> Result<(), ()> {
+        if let Some(p) = self.last_ev {
+            assert_eq!(ev, p + 1, "{user}: ev {ev} after {p} on one socket");
+        }
+        self.last_ev = Some(ev);
+        if ev >= self.confirmed + self.every {
+            self.confirmed = ev;
+            c.try_send_req(Request { rid: None, frame: ClientFrame::Received { up_to: ev } }).await.map_err(|_| ())?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `parley load ARGS --url URLS --json --quiet --threads 2` to its end (within 120 s);
+/// returns its JSON summary (the run must have exited 0: every promise kept).
+pub async fn parley_load_json(urls: &str, args: &[&str]) -> Value {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(env!("CARGO_BIN_EXE_parley"))
+            .arg("load")
+            .args(args)
+            .args(["--url", urls, "--json", "--quiet", "--threads", "2"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("parley load ended within 120 s")
+    .expect("run parley load");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "parley load {args:?}: {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+/// Checks the JSON summary of a `parley load chat` run: every promise kept, something acked,
+/// every acked message delivered exactly once, every send acked once, no counter of trouble
+/// above 0. Returns the number acked.
+pub fn assert_load_kept_every_promise(j: &Value) -> u64 {
+    let i = &j["integrity"];
+    assert_eq!(i["ok"], true, "{j}");
+    let acked = i["acked"].as_u64().expect("acked");
+    assert!(acked > 0, "{j}");
+    assert_eq!(i["delivered_exactly_once"].as_u64(), Some(acked), "{j}");
+    for k in ["lost", "duplicated", "out_of_order", "mismatched", "ev_gaps", "unacked", "delivered_unacked", "stray_acks", "lost_sockets"] {
+        assert_eq!(i[k].as_u64(), Some(0), "{k}: {j}");
+    }
+    assert_eq!(j["sent"].as_u64(), Some(acked), "every send acked once: {j}");
+    acked
+}
+
 /// One message a crash-test sender has sent at least once (`tests/it/crash.rs`,
 /// `tests/powerloss.rs`).
 #[derive(Clone, Debug)]
@@ -802,6 +917,18 @@ pub struct Sent {
     pub to: String,
     pub conv: String,
     pub body: String,
+}
+
+impl Sent {
+    /// Message `k` of crash-test sender `user` (seeded by `seed`): id `{user}-{k}`, every fourth
+    /// to `group`, the others to `recipient`, a dialog turn as its body.
+    #[allow(dead_code)]
+    pub fn nth(user: &str, k: usize, recipient: &str, group: &str, seed: usize) -> Sent {
+        let to = if k % 4 == 3 { group.to_owned() } else { recipient.to_owned() };
+        let conv = if to.starts_with("g:") { to.clone() } else { parley::protocol::ids::Conv::dm(user, &to).to_string() };
+        let body = dialog(seed * 100_003 + k, 1).remove(0);
+        Sent { id: format!("{user}-{k}"), to, conv, body }
+    }
 }
 
 /// The user name of crash-test sender `i`.
