@@ -39,6 +39,8 @@ use super::types::{Batch, NodeId, TypeConfig};
 
 /// Largest frame, bytes (a snapshot chunk or a run of append entries fits well inside).
 pub const MAX_FRAME: usize = 64 << 20;
+/// Most entry bytes in one AppendEntries (beyond its first entry), bytes.
+pub const MAX_APPEND_BYTES: usize = 512 << 10;
 /// Calls queued per peer and lane before a call fails as unreachable.
 pub const LANE_QUEUE: usize = 256;
 /// How long a dial may take, ms.
@@ -326,7 +328,22 @@ fn unexpected<E: std::error::Error>(what: &str, r: Response) -> RpcErr<E> {
 }
 
 impl RaftNetwork<TypeConfig> for Conn {
+    /// Sends at most [`MAX_APPEND_BYTES`] of entries (or one entry): a larger request is
+    /// answered `PayloadTooLarge` with the number of entries that fit, and openraft sends that
+    /// many at once instead. openraft 0.9 gives every AppendEntries `heartbeat_ms` to be
+    /// answered, follower fsync included; a request of many large batches would time out on
+    /// every try, and the follower would never catch up.
     async fn append_entries(&mut self, rpc: AppendEntriesRequest<TypeConfig>, option: RPCOption) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let mut bytes = 0usize;
+        for (i, e) in rpc.entries.iter().enumerate() {
+            bytes += match &e.payload {
+                openraft::EntryPayload::Normal(b) => b.entry.len() + 32,
+                _ => 256,
+            };
+            if bytes > MAX_APPEND_BYTES && i > 0 {
+                return Err(RPCError::PayloadTooLarge(openraft::error::PayloadTooLarge::new_entries_hint(i as u64)));
+            }
+        }
         match self.call(Request::Append(rpc), &option).await? {
             Response::Append(r) => Ok(r),
             r => Err(unexpected("append", r)),

@@ -175,9 +175,9 @@ impl Node {
             election_timeout_max: c.election_timeout_ms * 3 / 2,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_entries),
             max_in_snapshot_log_to_keep: c.keep_entries,
-            // With batches of at most BATCH_BYTES, an AppendEntries carries at most ~4 MiB: it
-            // must be answered within heartbeat_ms (openraft 0.9's per-RPC timeout).
-            max_payload_entries: 16,
+            // Entries per AppendEntries; the network also caps its bytes (MAX_APPEND_BYTES),
+            // since it must be answered within heartbeat_ms (openraft 0.9's per-RPC timeout).
+            max_payload_entries: 64,
             install_snapshot_timeout: 10_000,
             ..Default::default()
         }

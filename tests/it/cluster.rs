@@ -186,7 +186,10 @@ async fn a_single_node_says_single_and_has_no_cluster_status() {
 /// history or its stream head go backwards, also on the lagging node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_on_a_follower_and_monotonic_reads_across_nodes() {
-    let c = Cluster::start(3, &[]).await;
+    // A 300 ms link needs a heartbeat (openraft's per-AppendEntries timeout) above its round
+    // trip: with the default 100 ms every AppendEntries to the lagging node times out, and it
+    // only ever gets the first max_payload_entries after the last answered one.
+    let c = Cluster::start(3, &[("PARLEY__CLUSTER__HEARTBEAT_MS", "800"), ("PARLEY__CLUSTER__ELECTION_TIMEOUT_MS", "2400")]).await;
     let l = c.wait_leader().await;
     let (f1, f2) = (c.others(l)[0], c.others(l)[1]);
     let ta = c.nodes[f1].srv.user("alice").await;
