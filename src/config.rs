@@ -511,14 +511,17 @@ impl Config {
             if let Err(why) = c.peer_map() {
                 return bad("cluster.peers", why);
             }
-            if c.heartbeat_ms == 0 {
-                return bad("cluster.heartbeat_ms", "must be above 0");
+            if !(1..=60_000).contains(&c.heartbeat_ms) {
+                return bad("cluster.heartbeat_ms", "must be 1 to 60000 (ms)");
+            }
+            if c.election_timeout_ms > 600_000 {
+                return bad("cluster.election_timeout_ms", "must be at most 600000 (ms)");
             }
             if c.election_timeout_ms < 3 * c.heartbeat_ms {
                 return bad("cluster.election_timeout_ms", format!("must be at least 3 times cluster.heartbeat_ms ({} ms)", c.heartbeat_ms));
             }
-            if c.commit_timeout_ms == 0 {
-                return bad("cluster.commit_timeout_ms", "must be above 0");
+            if !(1..=3_600_000).contains(&c.commit_timeout_ms) {
+                return bad("cluster.commit_timeout_ms", "must be 1 to 3600000 (ms)");
             }
             if c.snapshot_entries == 0 {
                 return bad("cluster.snapshot_entries", "must be above 0");

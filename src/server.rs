@@ -44,12 +44,38 @@ pub fn check_supported(cfg: &Config) -> Result<(), UserError> {
     Ok(())
 }
 
+/// The Raft node's tokio runtime. Dropped on an error path inside async code (a start-up
+/// failure after it was built), it shuts down in the background: tokio panics when a runtime is
+/// dropped where blocking is not allowed, which hid the start-up error behind exit 101.
+struct RaftRuntime(Option<tokio::runtime::Runtime>);
+
+impl RaftRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().map(|r| r.handle().clone()).unwrap_or_else(tokio::runtime::Handle::current)
+    }
+
+    /// Waits up to `d` for the runtime's tasks (blocking: call it off the async threads).
+    fn shutdown(mut self, d: Duration) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_timeout(d);
+        }
+    }
+}
+
+impl Drop for RaftRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// What the server runs on: its own log (a single node), or a Raft node.
 enum Backend {
     Single { commit_thread: std::thread::JoinHandle<()> },
     Cluster {
         node: Arc<crate::cluster::node::Node>,
-        rt: tokio::runtime::Runtime,
+        rt: RaftRuntime,
         batcher: std::thread::JoinHandle<()>,
         /// Dropping it stops the materializer thread.
         _materializer: crossbeam_channel::Sender<()>,
@@ -142,10 +168,10 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         Err((log, sm)) => {
             // The Raft node runs on its own runtime: openraft's tasks never share a thread with
             // the actors, and the actors never wait on openraft's.
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("parley-raft").enable_all().build()?;
+            let rt = RaftRuntime(Some(tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("parley-raft").enable_all().build()?));
             let l = cluster_listener.ok_or_else(|| anyhow::anyhow!("no cluster listener"))?;
             let caddr = l.local_addr()?;
-            let node = crate::cluster::node::Node::start(&cfg, (log, sm), l, rt.handle().clone()).await?;
+            let node = crate::cluster::node::Node::start(&cfg, (log, sm), l, rt.handle()).await?;
             tracing::info!(%caddr, node_id = node.id(), "parley cluster listening");
             println!("parley cluster listening on {caddr}");
             let (pipeline, batcher) = Pipeline::start_replicated(cfg.storage.clone(), node.clone());
@@ -238,7 +264,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
             let _ = actix_web::rt::task::spawn_blocking(move || batcher.join()).await;
             node.shutdown().await;
             drop(node);
-            let _ = actix_web::rt::task::spawn_blocking(move || rt.shutdown_timeout(Duration::from_secs(5))).await;
+            let _ = actix_web::rt::task::spawn_blocking(move || rt.shutdown(Duration::from_secs(5))).await;
         }
     }
     drop(shared);

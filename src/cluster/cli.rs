@@ -26,8 +26,8 @@ pub enum ClusterCmd {
         /// The new node's node-to-node address (its cluster.listen), HOST:PORT.
         #[arg(long)]
         addr: String,
-        /// admin.token of the node at --url (or PARLEY_ADMIN_TOKEN).
-        #[arg(long, env = "PARLEY_ADMIN_TOKEN")]
+        /// admin.token of the node at --url (or PARLEY__ADMIN__TOKEN, as the server reads it).
+        #[arg(long, env = "PARLEY__ADMIN__TOKEN")]
         token: String,
     },
     /// Remove a voter.
@@ -38,8 +38,8 @@ pub enum ClusterCmd {
         /// The node id to remove.
         #[arg(long)]
         id: u64,
-        /// admin.token of the node at --url (or PARLEY_ADMIN_TOKEN).
-        #[arg(long, env = "PARLEY_ADMIN_TOKEN")]
+        /// admin.token of the node at --url (or PARLEY__ADMIN__TOKEN, as the server reads it).
+        #[arg(long, env = "PARLEY__ADMIN__TOKEN")]
         token: String,
     },
 }

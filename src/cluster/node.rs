@@ -55,6 +55,9 @@ use crate::storage::pipeline::{Replicator, Reply};
 use crate::storage::records::{encode, LogEntry};
 use crate::storage::{DataLock, LiveState, Outcome, PipelineError, Sink};
 
+/// How long `parley cluster add` waits for the new node to catch up as a learner.
+const LEARNER_CATCH_UP: Duration = Duration::from_secs(30);
+
 /// Proposals in flight at once; the batcher waits for one to finish beyond this (backpressure:
 /// meanwhile its batch grows).
 const IN_FLIGHT: usize = 8;
@@ -172,7 +175,7 @@ impl Node {
             cluster_name: "parley".into(),
             heartbeat_interval: c.heartbeat_ms,
             election_timeout_min: c.election_timeout_ms,
-            election_timeout_max: c.election_timeout_ms * 3 / 2,
+            election_timeout_max: c.election_timeout_ms.saturating_mul(3) / 2,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_entries),
             max_in_snapshot_log_to_keep: c.keep_entries,
             // Entries per AppendEntries; the network also caps its bytes (MAX_APPEND_BYTES),
@@ -264,6 +267,11 @@ impl Node {
         (role_name(m.state), m.current_leader)
     }
 
+    /// The highest Raft index applied to this node's state.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.raft.metrics().borrow().last_applied.map(|l| l.index)
+    }
+
     /// The node's status (see [`Status`]).
     pub async fn status(self: &Arc<Self>) -> Status {
         let me = self.clone();
@@ -334,6 +342,37 @@ impl Node {
     fn known(&self, id: NodeId) -> Option<String> {
         let m = self.raft.metrics().borrow().membership_config.clone();
         m.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// Whether `id` is a voter of the membership this node knows.
+    fn is_voter(&self, id: NodeId) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership().voter_ids().any(|v| v == id)
+    }
+
+    /// Whether this node is in the membership it knows (a node removed from the cluster is not).
+    pub fn is_member(&self) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&self.id).is_some()
+    }
+
+    /// On the leader: waits until learner `id` has replicated up to the leader's last log index
+    /// as it was when asked, at most `within`.
+    async fn caught_up(&self, id: NodeId, within: Duration) -> Result<(), String> {
+        let target = self.raft.metrics().borrow().last_log_index;
+        let deadline = Instant::now() + within;
+        loop {
+            let m = self.raft.metrics().borrow().clone();
+            let matched = m.replication.as_ref().and_then(|r| r.get(&id).cloned()).flatten().map(|l| l.index);
+            if matched >= target {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("replicated up to {matched:?} of {target:?} in {} s", within.as_secs()));
+            }
+            self.await_change(Duration::from_millis(100).min(left)).await;
+        }
     }
 
     /// Waits for a change of the metrics (a new leader, say), at most `d`.
@@ -597,8 +636,9 @@ impl Replicator for Node {
     /// hears a higher term; it is unhealthy meanwhile).
     fn healthy(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
-        let quorum_ok = m.state != ServerState::Leader || m.millis_since_quorum_ack.is_some_and(|ms| ms < 2 * self.election_ms);
-        m.running_state.is_ok() && m.current_leader.is_some() && quorum_ok
+        let quorum_ok = m.state != ServerState::Leader || m.millis_since_quorum_ack.is_some_and(|ms| ms < self.election_ms.saturating_mul(2));
+        let member = m.membership_config.membership().get_node(&self.id).is_some();
+        m.running_state.is_ok() && m.current_leader.is_some() && quorum_ok && member
     }
 }
 
@@ -624,18 +664,33 @@ impl Handler for Node {
             },
             Request::Probe => Response::Probe { initialized: self.raft.is_initialized().await.unwrap_or(true) },
             Request::AddMember { id, addr } => {
-                if let Err(e) = self.raft.add_learner(id, BasicNode::new(addr), true).await {
+                if self.is_voter(id) {
+                    return Response::Error(format!("node {id} is a voter already"));
+                }
+                if let Err(e) = self.raft.add_learner(id, BasicNode::new(addr.clone()), true).await {
                     return leader_error(e);
+                }
+                // A voter that is not there would make every later failure fatal (4 voters, one
+                // missing: one more down and there is no quorum): it becomes a voter only once
+                // it caught up as a learner; else it is dropped again.
+                if let Err(why) = self.caught_up(id, LEARNER_CATCH_UP).await {
+                    let _ = self.raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await;
+                    return Response::Error(format!("node {id} at {addr} did not catch up as a learner ({why}); it was not added"));
                 }
                 match self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await {
                     Ok(_) => Response::Done,
                     Err(e) => leader_error(e),
                 }
             }
-            Request::RemoveMember { id } => match self.raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await {
-                Ok(_) => Response::Done,
-                Err(e) => leader_error(e),
-            },
+            Request::RemoveMember { id } => {
+                if !self.is_voter(id) {
+                    return Response::Error(format!("node {id} is not a voter of this cluster"));
+                }
+                match self.raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await {
+                    Ok(_) => Response::Done,
+                    Err(e) => leader_error(e),
+                }
+            }
             Request::Gossip { from, g } => {
                 self.gossip_from(from, g);
                 Response::Done

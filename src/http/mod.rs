@@ -197,6 +197,9 @@ async fn healthz(s: web::Data<Arc<Shared>>) -> HttpResponse {
         "starting"
     } else if s.draining.load(Ordering::Relaxed) {
         "draining"
+    } else if s.cluster.as_ref().is_some_and(|n| !n.is_member()) {
+        // Removed from the cluster (parley cluster remove): it serves nothing any more.
+        "removed"
     } else if !s.pipeline.healthy() && s.cluster.is_some() {
         // No leader known, or a leader no quorum acknowledged lately: writes cannot commit here.
         "no_quorum"
@@ -209,9 +212,15 @@ async fn healthz(s: web::Data<Arc<Shared>>) -> HttpResponse {
         Some(n) => n.role(),
         None => ("single", None),
     };
+    // On a cluster node, the Raft index (what `parley cluster status` shows); the state counts
+    // one more (its own entry numbering starts at 1, Raft's at 0).
+    let applied = match &s.cluster {
+        Some(n) => n.applied_index().unwrap_or(0),
+        None => s.state().applied(),
+    };
     let body = serde_json::json!({
         "status": status,
-        "applied_index": s.state().applied(),
+        "applied_index": applied,
         "sockets": s.sockets.load(Ordering::Relaxed),
         "role": role,
         "leader": leader,
