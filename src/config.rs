@@ -782,6 +782,13 @@ mod tests {
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("cluster.listen"), "{e}");
             jail.set_env("PARLEY__CLUSTER__LISTEN", "127.0.0.1:7101");
+            // Huge timeouts are refused by name (3 x heartbeat_ms once overflowed and passed).
+            for (k, v) in [("PARLEY__CLUSTER__HEARTBEAT_MS", "6148914691236517206"), ("PARLEY__CLUSTER__ELECTION_TIMEOUT_MS", "18446744073709551615"), ("PARLEY__CLUSTER__COMMIT_TIMEOUT_MS", "0")] {
+                jail.set_env(k, v);
+                let e = Config::load(None).unwrap_err().to_string();
+                assert!(e.contains(&k["PARLEY__".len()..].to_lowercase().replace("__", ".")), "{k}={v}: {e}");
+                jail.set_env(k, if k.ends_with("COMMIT_TIMEOUT_MS") { "3000" } else if k.ends_with("HEARTBEAT_MS") { "100" } else { "400" });
+            }
             jail.set_env("PARLEY__CLUSTER__NODE_ID", "first");
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("cluster.node_id") && e.contains("PARLEY__CLUSTER__NODE_ID"), "{e}");

@@ -1434,6 +1434,11 @@ async fn cluster_remove_of_the_leader_leaves_three_that_go_on() {
         cl.close().await;
     }
     eprintln!("cluster: removed leader {}: its status now {:?}; new leader {}", lid, c.status(l).await, l2 + 1);
+    // The removed node says so to a load balancer, and a second removal is refused.
+    let (code, h) = crate::common::http(c.addr(l), "GET", "/v1/healthz", None, None).await;
+    assert_eq!((code, h["status"].as_str()), (503, Some("removed")), "the removed node's healthz: {h}");
+    let (ok, out, err) = parley(&["cluster", "remove", "--url", &c.url(l2), "--id", &lid.to_string(), "--token", ADMIN_TOKEN]).await;
+    assert!(!ok && err.contains("not a voter"), "removing a non-member again:\n{out}\n{err}");
 }
 
 // ---------------------------------------------------------------------------------- parley load
