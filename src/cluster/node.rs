@@ -58,6 +58,10 @@ use crate::storage::{DataLock, LiveState, Outcome, PipelineError, Sink};
 /// How long `parley cluster add` waits for the new node to catch up as a learner.
 const LEARNER_CATCH_UP: Duration = Duration::from_secs(30);
 
+/// A follower more than this many entries behind the leader's commit index calls no elections
+/// (see `Node::elect_guard`).
+const FAR_BEHIND: u64 = 1_000;
+
 /// Proposals in flight at once; the batcher waits for one to finish beyond this (backpressure:
 /// meanwhile its batch grows).
 const IN_FLIGHT: usize = 8;
@@ -218,6 +222,7 @@ impl Node {
         });
         rt.spawn(node.clone().bootstrap());
         rt.spawn(node.clone().watchdog());
+        rt.spawn(node.clone().elect_guard());
         Ok(node)
     }
 
@@ -242,6 +247,40 @@ impl Node {
                     std::process::exit(70);
                 }
                 return;
+            }
+        }
+    }
+
+    /// Keeps this node from calling elections while it is far behind the leader (more than
+    /// [`FAR_BEHIND`] entries short of the leader's commit index): openraft 0.9 has no pre-vote,
+    /// and a follower busy installing a large snapshot misses heartbeats, times out, and calls
+    /// election after election with ever higher terms, each one deposing a working leader (a
+    /// 448,514-entry catch-up moved the leader's term from 1 to 21). Such a node could not win
+    /// (its log is behind), and the others can still elect a leader without it. Asked every
+    /// 500 ms; while the leader does not answer, the last decision stands; elections are on at
+    /// start, so a whole cluster restarting elects as usual.
+    async fn elect_guard(self: Arc<Self>) {
+        let mut enabled = true;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            let leader = self.raft.metrics().borrow().current_leader;
+            let Some(l) = leader.filter(|&l| l != self.id) else {
+                if !enabled {
+                    enabled = true;
+                    self.raft.runtime_config().elect(true);
+                }
+                continue;
+            };
+            let Ok(Response::ReadIndex { index }) = self.peers.call(l, self.known(l).as_deref(), &Request::ReadIndex, Duration::from_millis(500)).await else { continue };
+            let applied = self.applied_index().unwrap_or(0);
+            let behind = index.unwrap_or(0).saturating_sub(applied) > FAR_BEHIND;
+            if behind == enabled {
+                enabled = !behind;
+                self.raft.runtime_config().elect(enabled);
+                tracing::info!(leader_commit = ?index, applied, elections = enabled, "{}", if behind { "far behind the leader: not calling elections until caught up" } else { "caught up: elections on again" });
             }
         }
     }
