@@ -193,11 +193,7 @@ async fn lane_task(peer: NodeId, addr: String, mut rx: mpsc::Receiver<Call>) {
         let id = next_id;
         next_id += 1;
         pending.lock().insert(id, call.reply);
-        let mut frame = Vec::with_capacity(12 + call.body.len());
-        frame.extend_from_slice(&((8 + call.body.len()) as u32).to_be_bytes());
-        frame.extend_from_slice(&id.to_be_bytes());
-        frame.extend_from_slice(&call.body);
-        if let Err(e) = w.write_all(&frame).await {
+        if let Err(e) = w.write_all(&frame(id, &call.body)).await {
             dead.store(true, std::sync::atomic::Ordering::Release);
             fail_all(pending, &CallError::NoAnswer(peer, format!("write to {addr}: {e}")));
             conn = None;
@@ -226,7 +222,16 @@ async fn read_responses(peer: NodeId, mut r: tokio::net::tcp::OwnedReadHalf, pen
     fail_all(&pending, &CallError::NoAnswer(peer, format!("connection lost: {why}")));
 }
 
-/// Reads one frame: `(id, body)`.
+/// One frame: `len: u32 BE | id: u64 BE | body` (see the module docs).
+fn frame(id: u64, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(12 + body.len());
+    f.extend_from_slice(&((8 + body.len()) as u32).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// Reads one frame written by [`frame`]: `(id, body)`.
 pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<(u64, Vec<u8>)> {
     let len = r.read_u32().await? as usize;
     if !(8..=MAX_FRAME).contains(&len) {
@@ -401,11 +406,7 @@ async fn connection<H: Handler>(s: TcpStream, peer: std::net::SocketAddr, handle
     let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>)>(LANE_QUEUE);
     let writer = tokio::spawn(async move {
         while let Some((id, body)) = rx.recv().await {
-            let mut frame = Vec::with_capacity(12 + body.len());
-            frame.extend_from_slice(&((8 + body.len()) as u32).to_be_bytes());
-            frame.extend_from_slice(&id.to_be_bytes());
-            frame.extend_from_slice(&body);
-            if w.write_all(&frame).await.is_err() {
+            if w.write_all(&frame(id, &body)).await.is_err() {
                 return;
             }
         }
