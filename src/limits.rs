@@ -3,9 +3,10 @@
 //! socket's frame-size cap.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use parking_lot::Mutex;
 
 /// A socket's frame-size cap, shared between the frame guard on its raw bytes
 /// (`http::guard::FrameGuard`) and its session (native or XMPP), which raises the cap after
@@ -77,6 +78,45 @@ impl RateLimiter {
     }
 }
 
+/// Appointments for refused clients: a virtual queue behind a [`RateLimiter`] of `rate` per
+/// second. Each refused client is given the next free slot (slots are `1 / rate` s apart, from
+/// now or after the last slot given), so a reconnect storm of N clients is told to come back
+/// spread over N / `rate` seconds, in the order they came, instead of at random times that
+/// collide again (the retry schedule of a leaky-bucket scheduler; `Retry-After` is RFC 9110
+/// §10.2.3).
+pub struct Appointments {
+    /// Slots per second (the limiter's refill rate).
+    rate: f64,
+    /// The last slot given, if it is still ahead.
+    last: Mutex<Option<Instant>>,
+}
+
+impl Appointments {
+    /// Slots `1 / rate` s apart.
+    pub fn new(rate: f64) -> Self {
+        Appointments { rate: rate.max(f64::MIN_POSITIVE), last: Mutex::new(None) }
+    }
+
+    /// Books the next free slot and returns how long until it, whole seconds rounded up (at
+    /// least 1, as `Retry-After` counts); `None` when that is beyond `max_s` (the queue is
+    /// longer than a client should be told to wait; nothing is booked).
+    pub fn book(&self, max_s: u64) -> Option<u64> {
+        self.book_at(max_s, Instant::now())
+    }
+
+    fn book_at(&self, max_s: u64, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock();
+        let from = last.map_or(now, |t| t.max(now));
+        let slot = from + Duration::from_secs_f64(1.0 / self.rate);
+        let secs = (slot - now).as_secs_f64().ceil().max(1.0) as u64;
+        if secs > max_s {
+            return None;
+        }
+        *last = Some(slot);
+        Some(secs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +132,23 @@ mod tests {
         // 0.1 s later: 5 more tokens.
         let t1 = t0 + Duration::from_millis(100);
         assert_eq!((0..10).filter(|_| l.allow_at("a", t1)).count(), 5);
+    }
+
+    #[test]
+    fn appointments_spread_a_storm_over_its_length() {
+        let a = Appointments::new(100.0);
+        let t0 = Instant::now();
+        let waits: Vec<Option<u64>> = (0..450).map(|_| a.book_at(4, t0)).collect();
+        // 100 slots per second: the first 100 (slots 10 ms .. 1 s) come back after 1 s, the next
+        // 100 after 2 s, ...; beyond 4 s nothing is booked.
+        assert_eq!(waits[0], Some(1));
+        assert_eq!(waits[99], Some(1));
+        assert_eq!(waits[100], Some(2));
+        assert_eq!(waits[399], Some(4));
+        assert_eq!(waits[400], None);
+        assert_eq!(waits[449], None, "a refusal books nothing");
+        // Time passing frees the queue: 3 s later the last slot (4 s) is 1 s ahead.
+        assert_eq!(a.book_at(4, t0 + Duration::from_secs(3)), Some(2));
+        assert_eq!(a.book_at(4, t0 + Duration::from_secs(60)), Some(1));
     }
 }

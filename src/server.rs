@@ -209,6 +209,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         login_limiter: RateLimiter::new(cfg.limits.failed_logins_per_min / 60.0, cfg.limits.failed_login_burst),
         hash_slots: tokio::sync::Semaphore::new(crate::http::auth::hash_slots(&cfg)),
         upgrade_limiter: RateLimiter::new(cfg.admission.upgrades_per_s, cfg.admission.upgrade_burst),
+        upgrade_slots: crate::limits::Appointments::new(cfg.admission.upgrades_per_s),
     });
     if let Some(n) = &shared.cluster {
         n.set_gossip(Arc::new(crate::actors::ops::Gossiped(Arc::downgrade(&shared))));

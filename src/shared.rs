@@ -51,6 +51,8 @@ pub struct Shared {
     pub hash_slots: tokio::sync::Semaphore,
     /// WebSocket upgrades (one bucket for the whole server).
     pub upgrade_limiter: RateLimiter,
+    /// When upgrades refused by `upgrade_limiter` should come back (their `Retry-After`).
+    pub upgrade_slots: crate::limits::Appointments,
 }
 
 impl Shared {

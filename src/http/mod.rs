@@ -180,11 +180,15 @@ pub async fn starting(req: HttpRequest) -> HttpResponse {
 /// message of the 503 (draining, too many open sockets, too many new ones per second).
 pub const ADMISSION_WHY: [&str; 3] = ["the server is shutting down", "too many open connections", "too many new connections"];
 
-/// 503 with a jittered `Retry-After` (1 to `retry_after_max_s` seconds), so refused clients do
-/// not all come back in the same second.
-fn overloaded(s: &Shared, why: &str) -> HttpResponse {
+/// 503 with a `Retry-After`, so refused clients do not all come back in the same second: an
+/// upgrade refused for the rate (`rate`) gets the next free slot of the upgrade rate
+/// ([`crate::limits::Appointments`]); any other refusal, or a queue longer than
+/// `retry_after_max_s`, a jittered 1 to `retry_after_max_s` seconds.
+fn overloaded(s: &Shared, why: &str, rate: bool) -> HttpResponse {
     use rand::Rng;
-    let secs = rand::thread_rng().gen_range(1..=s.cfg.admission.retry_after_max_s);
+    let max = s.cfg.admission.retry_after_max_s;
+    let booked = if rate { s.upgrade_slots.book(max) } else { None };
+    let secs = booked.unwrap_or_else(|| rand::thread_rng().gen_range(1..=max));
     ::metrics::counter!("parley_admission_rejections_total", "why" => why.to_owned()).increment(1);
     HttpResponse::ServiceUnavailable()
         .insert_header(("Retry-After", secs.to_string()))
@@ -273,13 +277,13 @@ async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, Body(body): B
 /// `GET /v1/ws`: the WebSocket upgrade; starts a [`Session`] and its writer task.
 async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> Result<HttpResponse, actix_web::Error> {
     if s.draining.load(Ordering::Relaxed) {
-        return Ok(overloaded(&s, ADMISSION_WHY[0]));
+        return Ok(overloaded(&s, ADMISSION_WHY[0], false));
     }
     if s.sockets.load(Ordering::Relaxed) >= s.cfg.admission.max_sockets {
-        return Ok(overloaded(&s, ADMISSION_WHY[1]));
+        return Ok(overloaded(&s, ADMISSION_WHY[1], false));
     }
     if !s.upgrade_limiter.allow("") {
-        return Ok(overloaded(&s, ADMISSION_WHY[2]));
+        return Ok(overloaded(&s, ADMISSION_WHY[2], true));
     }
     // Frame headers are checked as the bytes arrive (see `guard`): actix-http would otherwise
     // buffer a frame up to its declared length before looking at its size.
