@@ -34,7 +34,7 @@ pub fn check_send(shared: &Shared, user: &str, id: &str, to: &str, body: &str) -
     if !valid_client_id(id) {
         return refuse(ErrorCode::BadRequest, "id must be 1-64 chars", false);
     }
-    match shared.state().dedup(user, id) {
+    match shared.state().dedup_recent(user, id) {
         Ok(Some(a)) => {
             metrics::counter!("parley_duplicate_sends_total").increment(1);
             return Ok(SendCheck::Duplicate(a));

@@ -4,6 +4,7 @@
 //! Nothing else acknowledges.
 
 pub mod hot;
+pub mod idfilter;
 pub mod disk;
 pub mod keys;
 pub mod pipeline;

@@ -489,7 +489,9 @@ pub fn spawn_materializer(live: super::LiveState, every: Duration) -> Sender<()>
 
 fn materialize_live(live: &super::LiveState, stop: Receiver<()>, every: Duration) {
     loop {
-        match stop.recv_timeout(every) {
+        // Behind (apply may be waiting, `Store::wait_below`): the next round at once.
+        let behind = live.get().dirty_keys() > super::store::MAX_DIRTY_KEYS / 2;
+        match stop.recv_timeout(if behind { Duration::ZERO } else { every }) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
@@ -502,7 +504,10 @@ fn materialize_live(live: &super::LiveState, stop: Receiver<()>, every: Duration
                 metrics::histogram!("parley_materialize_keys").record(keys as f64);
             }
             Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "materializing the state into sled failed; retrying"),
+            Err(e) => {
+                tracing::error!(error = %e, "materializing the state into sled failed; retrying");
+                std::thread::sleep(every);
+            }
         }
     }
 }

@@ -115,6 +115,8 @@ pub struct State {
     dir: PathBuf,
     /// Apply's hot state; locked by apply only (on the commit thread, so never contended).
     hot: parking_lot::Mutex<Hot>,
+    /// Client message ids stored lately, for the sessions' early duplicate check.
+    ids: super::idfilter::IdFilter,
     /// Set by tests that simulate a crash: drop without writing the overlay to sled.
     crash_on_drop: std::sync::atomic::AtomicBool,
 }
@@ -141,7 +143,7 @@ impl State {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
         let store = Store::open(&db, dir)?;
-        Ok(State { db, store, dir: dir.to_owned(), hot: Default::default(), crash_on_drop: Default::default() })
+        Ok(State { db, store, dir: dir.to_owned(), hot: Default::default(), ids: Default::default(), crash_on_drop: Default::default() })
     }
 
     /// Index of the last applied log entry (0: none).
@@ -278,7 +280,7 @@ impl State {
         let mut hot = self.hot.lock();
         hot.trim();
         let mut a = Applier {
-            tx: Tx { store: &self.store, writes: Writes::default(), hot: &mut hot },
+            tx: Tx { store: &self.store, writes: Writes::default(), hot: &mut hot, ids: &self.ids },
             ts: entry.ts,
             index,
             position: 0,
@@ -302,11 +304,16 @@ impl State {
             writes.insert(full_key(TreeId::Meta, &k), v.map(IVec::from));
         }
         self.store.merge(index, writes.into_iter().collect());
-        if self.store.dirty_keys() > store::MAX_DIRTY_KEYS {
-            // The materializer is behind: catch up here rather than grow without bound. The entry
-            // is applied already, so a failure here is not the entry's: the materializer retries.
-            if let Err(e) = self.store.materialize() {
-                tracing::error!(error = %e, "materializing the state into sled failed; retrying later");
+        match store::slowdown(self.store.dirty_keys()) {
+            // The materializer is behind: slow down, then wait for it, rather than grow without
+            // bound. The entry is applied already, so a failure here is not the entry's: the
+            // materializer retries.
+            Some(pause) if pause.is_zero() => {}
+            Some(pause) => std::thread::sleep(pause),
+            None => {
+                if let Err(e) = self.store.wait_below(store::MAX_DIRTY_KEYS, std::time::Duration::from_secs(5)) {
+                    tracing::error!(error = %e, "materializing the state into sled failed; retrying later");
+                }
             }
         }
         Ok((outcomes, effects))
@@ -471,6 +478,16 @@ impl State {
 
     /// The original ack of `(from, id)`, if that message was accepted.
     pub fn dedup(&self, from: &str, id: &str) -> Result<Option<AckRecord>, StorageError> {
+        get(&self.store, TreeId::SenderIdAck, &keys::pair(from, id))
+    }
+
+    /// [`dedup`](Self::dedup) for a session's early check of a `send`: `Ok(None)` without
+    /// reading the store when the id was not stored lately ([`super::idfilter`]). An older
+    /// duplicate is then answered by apply (its dedup record), never stored twice.
+    pub fn dedup_recent(&self, from: &str, id: &str) -> Result<Option<AckRecord>, StorageError> {
+        if !self.ids.may_contain(from, id) {
+            return Ok(None);
+        }
         get(&self.store, TreeId::SenderIdAck, &keys::pair(from, id))
     }
 
@@ -649,6 +666,9 @@ struct Tx<'a> {
     writes: Writes,
     /// Apply's cache; every write of this entry goes through to it (dropped if apply fails).
     hot: &'a mut Hot,
+    /// Ids whose dedup record this entry writes are added (an entry that then fails leaves a
+    /// harmless false positive).
+    ids: &'a super::idfilter::IdFilter,
 }
 
 impl<'a> Tx<'a> {
@@ -709,6 +729,7 @@ impl<'a> Tx<'a> {
 
     /// Remembers that `user` sent `id` (its dedup record is written in this entry).
     fn note_sent(&mut self, user: &str, id: &str) {
+        self.ids.add(user, id);
         if let Some(Some(set)) = self.hot.sent.get_mut(user) {
             if set.insert(hot::id_hash(id)) {
                 self.hot.sent_ids += 1;
@@ -939,6 +960,11 @@ impl Applier<'_> {
         Ok(Outcome::Sent { conv: conv.to_owned(), seq, ts, duplicate: false })
     }
 
+    /// A device confirms events up to `up_to`: its cursor moves; the user's lowest cursor (over
+    /// its devices) may move too. Each event in between is read once, for both: the messages from
+    /// others that this device now has (`delivered_seq`, and a `delivered` receipt to their
+    /// senders) and those every device now has (`all_devices_seq`, for the `delivered`
+    /// retention). Each conversation state touched is written once.
     fn received(&mut self, user: &str, device: &str, up_to: u64) -> Result<Outcome, StorageError> {
         let head = self.tx.get_u64(TreeId::UserHead, user.as_bytes())?;
         let key = keys::pair(user, device);
@@ -948,26 +974,49 @@ impl Applier<'_> {
             return Ok(Outcome::Done);
         }
         self.tx.put_u64(TreeId::DeviceCursor, key, new);
-        self.advance_min_cursor(user)?;
-        // Which conversations' messages (from others) this confirmation covers, and their senders.
-        let mut covered: BTreeMap<String, (u64, BTreeSet<String>)> = BTreeMap::new();
-        for ev in cur + 1..=new {
-            if let Some(EventRecord::Message { conv, seq, from }) = self.tx.get(TreeId::UserEvEvent, &keys::num(user, ev))? {
-                if from != user {
-                    let e = covered.entry(conv).or_default();
-                    e.0 = e.0.max(seq);
-                    e.1.insert(from);
-                }
+        // This device's cursor is among them, so the lowest is at most `new`.
+        let min_new = self.tx.device_cursors(user)?.into_iter().min().unwrap_or(0);
+        let min_old = self.tx.get_u64(TreeId::UserMinCursor, user.as_bytes())?;
+        let min_moves = min_new > min_old;
+        if min_moves {
+            self.tx.put_u64(TreeId::UserMinCursor, user.as_bytes().to_vec(), min_new);
+        }
+        let from_ev = if min_moves { cur.min(min_old) } else { cur };
+        // Per conversation: (newest seq from others this device got, their senders, newest seq
+        // every device got).
+        let mut covered: BTreeMap<String, (u64, BTreeSet<String>, u64)> = BTreeMap::new();
+        for ev in from_ev + 1..=new {
+            let Some(EventRecord::Message { conv, seq, from }) = self.tx.get(TreeId::UserEvEvent, &keys::num(user, ev))? else { continue };
+            let this_device = ev > cur && from != user;
+            let every_device = min_moves && ev > min_old && ev <= min_new;
+            if !this_device && !every_device {
+                continue;
+            }
+            let e = covered.entry(conv).or_default();
+            if this_device {
+                e.0 = e.0.max(seq);
+                e.1.insert(from);
+            }
+            if every_device {
+                e.2 = e.2.max(seq);
             }
         }
-        for (conv, (seq, senders)) in covered {
+        for (conv, (seq, senders, all_seq)) in covered {
             let Some(mut uc) = self.user_conv(user, &conv)? else { continue };
+            let mut changed = false;
+            if all_seq > uc.all_devices_seq {
+                uc.all_devices_seq = all_seq;
+                changed = true;
+            }
             if seq > uc.delivered_seq {
                 uc.delivered_seq = seq;
-                self.put_user_conv(user, &conv, &uc)?;
+                changed = true;
                 for s in senders {
                     self.receipt(&s, &conv, user, DELIVERED, seq);
                 }
+            }
+            if changed {
+                self.put_user_conv(user, &conv, &uc)?;
             }
         }
         Ok(Outcome::Done)
@@ -1038,33 +1087,6 @@ impl Applier<'_> {
                 up_to,
             }));
             self.append_event(&to, &rec, payload)?;
-        }
-        Ok(())
-    }
-
-    /// Recomputes the lowest cursor over `user`'s devices; message events it newly passes have
-    /// reached every device, which the `delivered` retention needs.
-    fn advance_min_cursor(&mut self, user: &str) -> Result<(), StorageError> {
-        let new = self.tx.device_cursors(user)?.into_iter().min().unwrap_or(0);
-        let old = self.tx.get_u64(TreeId::UserMinCursor, user.as_bytes())?;
-        if new <= old {
-            return Ok(());
-        }
-        self.tx.put_u64(TreeId::UserMinCursor, user.as_bytes().to_vec(), new);
-        let mut covered: BTreeMap<String, u64> = BTreeMap::new();
-        for ev in old + 1..=new {
-            if let Some(EventRecord::Message { conv, seq, .. }) = self.tx.get(TreeId::UserEvEvent, &keys::num(user, ev))? {
-                let e = covered.entry(conv).or_default();
-                *e = (*e).max(seq);
-            }
-        }
-        for (conv, seq) in covered {
-            if let Some(mut uc) = self.user_conv(user, &conv)? {
-                if seq > uc.all_devices_seq {
-                    uc.all_devices_seq = seq;
-                    self.put_user_conv(user, &conv, &uc)?;
-                }
-            }
         }
         Ok(())
     }
