@@ -267,8 +267,9 @@ impl Store {
     /// layer here instead stalled every ack for the whole write (2.3 s at 26,000 msg/s).
     pub fn wait_below(&self, max: usize, patience: std::time::Duration) -> Result<(), StorageError> {
         let deadline = std::time::Instant::now() + patience;
+        // Checked under `done_lock`, which a round holds to signal its end: no wake-up is lost.
+        let mut g = self.done_lock.lock();
         while self.dirty_keys() > max {
-            let mut g = self.done_lock.lock();
             if self.done.wait_until(&mut g, deadline).timed_out() {
                 drop(g);
                 if self.dirty_keys() > max {
@@ -555,6 +556,36 @@ mod tests {
 
     fn layer(n: u8, gen: u8) -> Layer {
         (0..n).map(|i| (full_key(TreeId::Users, &[i]), if i % 7 == 3 { None } else { Some(IVec::from(vec![gen; 1 + i as usize * 997 % 300_000])) })).collect()
+    }
+
+    #[test]
+    fn apply_slows_down_in_proportion_then_waits() {
+        assert_eq!(slowdown(0), Some(std::time::Duration::ZERO));
+        assert_eq!(slowdown(SLOW_DIRTY_KEYS), Some(std::time::Duration::ZERO));
+        assert_eq!(slowdown((SLOW_DIRTY_KEYS + MAX_DIRTY_KEYS) / 2), Some(MAX_SLOWDOWN / 2));
+        assert!(slowdown(MAX_DIRTY_KEYS - 1).unwrap() <= MAX_SLOWDOWN);
+        assert_eq!(slowdown(MAX_DIRTY_KEYS), None);
+    }
+
+    /// `wait_below` returns once another thread's round wrote the overlay; without one, it
+    /// writes the overlay itself after its patience.
+    #[test]
+    fn wait_below_waits_for_a_round_or_materializes_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let store = Arc::new(Store::open(&db, dir.path()).unwrap());
+        store.merge(1, layer(100, 1));
+        let other = store.clone();
+        let round = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            other.materialize().unwrap()
+        });
+        store.wait_below(10, std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(store.dirty_keys(), 0);
+        assert_eq!(round.join().unwrap(), 1, "the other thread's round wrote it");
+        store.merge(2, layer(100, 2));
+        store.wait_below(10, std::time::Duration::from_millis(20)).unwrap();
+        assert_eq!((store.dirty_keys(), store.materialized()), (0, 2), "no round came: written here");
     }
 
     fn contents(tree: &sled::Tree) -> Vec<(Vec<u8>, Vec<u8>)> {
