@@ -458,8 +458,8 @@ impl Config {
         if self.limits.bad_frames_per_min == 0 {
             return bad("limits.bad_frames_per_min", "must be at least 1");
         }
-        if !(self.admission.upgrades_per_s > 0.0) {
-            return bad("admission.upgrades_per_s", "must be greater than 0");
+        if !(0.01..=1e9).contains(&self.admission.upgrades_per_s) {
+            return bad("admission.upgrades_per_s", "must be from 0.01 to 1000000000");
         }
         if !(self.admission.upgrade_burst >= 1.0) {
             return bad("admission.upgrade_burst", "must be at least 1");
@@ -467,8 +467,8 @@ impl Config {
         if self.admission.max_sockets == 0 {
             return bad("admission.max_sockets", "must be at least 1");
         }
-        if self.admission.retry_after_max_s == 0 {
-            return bad("admission.retry_after_max_s", "must be at least 1");
+        if !(1..=3600).contains(&self.admission.retry_after_max_s) {
+            return bad("admission.retry_after_max_s", "must be from 1 to 3600 (1 h)");
         }
         if !matches!(self.retention.mode.as_str(), "forever" | "days" | "delivered") {
             return bad("retention.mode", format!("`{}` is not one of \"forever\", \"days\", \"delivered\"", self.retention.mode));
@@ -711,6 +711,24 @@ mod tests {
             jail.set_env("PARLEY__SESSION__NO_SUCH_KEY", "1");
             let e = Config::load(None).unwrap_err().to_string().to_lowercase();
             assert!(e.contains("no_such_key"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn admission_values_that_would_overflow_are_config_errors() {
+        figment::Jail::expect_with(|jail| {
+            for (var, value, key) in [
+                ("PARLEY__ADMISSION__UPGRADES_PER_S", "1e-20", "admission.upgrades_per_s"),
+                ("PARLEY__ADMISSION__UPGRADES_PER_S", "0", "admission.upgrades_per_s"),
+                ("PARLEY__ADMISSION__RETRY_AFTER_MAX_S", "18446744073709551615", "admission.retry_after_max_s"),
+                ("PARLEY__ADMISSION__RETRY_AFTER_MAX_S", "0", "admission.retry_after_max_s"),
+            ] {
+                jail.clear_env();
+                jail.set_env(var, value);
+                let e = Config::load(None).unwrap_err().to_string();
+                assert!(e.contains(key), "{var}={value}: {e}");
+            }
             Ok(())
         });
     }

@@ -83,7 +83,9 @@ impl RateLimiter {
 /// now or after the last slot given), so a reconnect storm of N clients is told to come back
 /// spread over N / `rate` seconds, in the order they came, instead of at random times that
 /// collide again (the retry schedule of a leaky-bucket scheduler; `Retry-After` is RFC 9110
-/// §10.2.3).
+/// §10.2.3). A slot is advice, not a reservation: the limiter cannot tell a client coming back
+/// from a newcomer, so whoever arrives first takes the capacity, and a client that lost its
+/// slot to a newcomer is refused again and told a later one.
 pub struct Appointments {
     /// Slots per second (the limiter's refill rate).
     rate: f64,
@@ -107,7 +109,9 @@ impl Appointments {
     fn book_at(&self, max_s: u64, now: Instant) -> Option<u64> {
         let mut last = self.last.lock();
         let from = last.map_or(now, |t| t.max(now));
-        let slot = from + Duration::from_secs_f64(1.0 / self.rate);
+        // Checked: a rate so small that one slot overflows a Duration or an Instant books nothing.
+        let gap = Duration::try_from_secs_f64(1.0 / self.rate).ok()?;
+        let slot = from.checked_add(gap)?;
         let secs = (slot - now).as_secs_f64().ceil().max(1.0) as u64;
         if secs > max_s {
             return None;
@@ -150,5 +154,11 @@ mod tests {
         // Time passing frees the queue: 3 s later the last slot (4 s) is 1 s ahead.
         assert_eq!(a.book_at(4, t0 + Duration::from_secs(3)), Some(2));
         assert_eq!(a.book_at(4, t0 + Duration::from_secs(60)), Some(1));
+    }
+
+    #[test]
+    fn a_rate_too_small_for_one_slot_books_nothing() {
+        assert_eq!(Appointments::new(1e-20).book(3600), None);
+        assert_eq!(Appointments::new(f64::MIN_POSITIVE).book(3600), None);
     }
 }

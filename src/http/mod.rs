@@ -192,7 +192,7 @@ fn overloaded(s: &Shared, why: &str, rate: bool) -> HttpResponse {
     ::metrics::counter!("parley_admission_rejections_total", "why" => why.to_owned()).increment(1);
     HttpResponse::ServiceUnavailable()
         .insert_header(("Retry-After", secs.to_string()))
-        .json(serde_json::json!({ "error": "overloaded", "message": why, "retry_after_ms": secs * 1000 }))
+        .json(serde_json::json!({ "error": "overloaded", "message": why, "retry_after_ms": secs.saturating_mul(1000) }))
 }
 
 /// `GET /v1/healthz`: 200 when ready, 503 while starting, draining, or when storage fails.
