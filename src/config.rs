@@ -243,6 +243,12 @@ pub struct ServerConfig {
     /// Longest an HTTP request body (register, login, backup) may take to arrive, ms; then
     /// `408` (actix's `client_request_timeout` covers only the head).
     pub body_timeout_ms: u64,
+    /// Listen backlog of every listening socket (HTTP, XMPP, cluster), in connections: how
+    /// many completed connections the kernel queues until parley accepts them (`listen(2)`;
+    /// Linux caps it at `net.core.somaxconn`). Rust's standard library listens with 128, which
+    /// a reconnect storm overflows: the kernel then drops the handshakes and the clients
+    /// retransmit their SYN after 1, 3 and 7 s.
+    pub listen_backlog: u32,
 }
 
 /// `[storage]`.
@@ -415,6 +421,9 @@ impl Config {
         }
         if self.session.outbound_queue_frames < 16 {
             return bad("session.outbound_queue_frames", "must be at least 16");
+        }
+        if !(1..=65_535).contains(&self.server.listen_backlog) {
+            return bad("server.listen_backlog", "must be from 1 to 65535");
         }
         if !(1..=600_000).contains(&self.server.body_timeout_ms) {
             return bad("server.body_timeout_ms", "must be from 1 to 600000 (10 min)");
