@@ -55,6 +55,16 @@ impl RateLimiter {
         }
     }
 
+    /// How long until `key` has a token again: zero when it has one now. For a `Retry-After`
+    /// (RFC 9110 §10.2.3).
+    pub fn retry_after(&self, key: &str) -> Duration {
+        let now = Instant::now();
+        let Some(b) = self.buckets.get(key) else { return Duration::ZERO };
+        let tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * self.rate).min(self.burst);
+        let s = (1.0 - tokens) / self.rate;
+        if s.is_finite() && s > 0.0 { Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX) } else { Duration::ZERO }
+    }
+
     fn allow_at(&self, key: &str, now: Instant) -> bool {
         if self.buckets.len() > 100_000 {
             self.prune(now);
@@ -125,6 +135,17 @@ impl Appointments {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn retry_after_is_when_the_next_token_is_back() {
+        // 1 token a minute, a bucket of 2.
+        let l = RateLimiter::new(1.0 / 60.0, 2.0);
+        assert_eq!(l.retry_after("a"), Duration::ZERO, "an unknown key has a full bucket");
+        assert!(l.allow("a") && l.allow("a") && !l.allow("a"));
+        let wait = l.retry_after("a");
+        assert!(wait > Duration::from_secs(58) && wait <= Duration::from_secs(60), "{wait:?}");
+        assert_eq!(l.retry_after("b"), Duration::ZERO, "per key");
+    }
 
     #[test]
     fn burst_then_rate() {

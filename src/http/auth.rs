@@ -145,12 +145,16 @@ pub async fn register_user(s: &Arc<Shared>, user: &str, password: String) -> Res
 }
 
 /// `POST /v1/login`: `200 {"token", "user", "device"}`. After `failed_login_burst` failures from
-/// one IP, every login from it gets `429 rate_limited` until its bucket refills.
+/// one IP, every login from it gets `429 rate_limited`, with a `Retry-After` (whole seconds, at
+/// least 1) of when its bucket has a token again.
 pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, super::Body(body): super::Body) -> HttpResponse {
     let ip = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     if !s.login_limiter.has_token(&ip) {
         metrics::counter!("parley_rate_limited_total", "what" => "login").increment(1);
-        return error(ErrorCode::RateLimited, "too many failed logins from this address; retry later");
+        let secs = s.login_limiter.retry_after(&ip).as_secs_f64().ceil().clamp(1.0, 86_400.0) as u64;
+        let mut r = error(ErrorCode::RateLimited, &format!("too many failed logins from this address; retry in {secs} s"));
+        r.headers_mut().insert(actix_web::http::header::RETRY_AFTER, actix_web::http::header::HeaderValue::from(secs));
+        return r;
     }
     let failed = || {
         s.login_limiter.allow(&ip);

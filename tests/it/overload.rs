@@ -24,7 +24,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::common::{dialog, http, read_incoming, turns, within, Client, Incoming, Server, TestDir, PASSWORD, T};
+use crate::common::{dialog, http, http_head, read_incoming, turns, within, Client, Incoming, Server, TestDir, PASSWORD, T};
 
 // ---------------------------------------------------------------------------------- helpers
 
@@ -467,7 +467,8 @@ async fn send_rate_limit_refuses_only_the_flooder_and_resends_do_not_count() {
 // ---------------------------------------------------------------------------------- 2. logins
 
 /// After `failed_login_burst` wrong passwords from one address, even the right password gets
-/// `429 rate_limited` (JSON body); a successful login does not spend the budget.
+/// `429 rate_limited` (JSON body) with a `Retry-After` of when a token is back (1 per minute
+/// here: 1..=60 s); a successful login does not spend the budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_logins_per_address_are_limited_even_for_the_right_password() {
     let dir = TestDir::new();
@@ -486,8 +487,14 @@ async fn failed_logins_per_address_are_limited_even_for_the_right_password() {
     let (st, body) = http(srv.addr, "POST", "/v1/login", Some(&login("wrong password 4")), None).await;
     assert_eq!((st, body["error"].as_str()), (401, Some("unauthorized")), "the 5th wrong password: {body}");
     // The bucket is empty now (refill: 1 per minute).
-    let (st, body) = http(srv.addr, "POST", "/v1/login", Some(&login(PASSWORD)), None).await;
+    let (st, head, body) = http_head(srv.addr, "POST", "/v1/login", Some(&login(PASSWORD)), None).await;
     assert_eq!(st, 429, "the right password after 5 failures: {body}");
+    let retry = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("retry-after")).map(|(_, v)| v.trim().to_owned()))
+        .unwrap_or_else(|| panic!("a 429 without Retry-After:\n{head}"));
+    let retry: u64 = retry.parse().unwrap_or_else(|_| panic!("Retry-After {retry:?} is not whole seconds"));
+    assert!((1..=60).contains(&retry), "Retry-After {retry} s with 1 token per minute");
     assert_eq!(body["error"], "rate_limited", "{body}");
     assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     let (st, body) = http(srv.addr, "POST", "/v1/login", Some(&json!({"user": "nobody", "password": "whatever1"})), None).await;
