@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use actix_web::http::StatusCode;
+use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::actors::session::{outbound, writer, ConnFd, Session};
@@ -77,7 +77,6 @@ pub fn json_errors<B: 'static>() -> actix_web::middleware::ErrorHandlers<B> {
 }
 
 fn json_error_body<B>(res: actix_web::dev::ServiceResponse<B>) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
-    use actix_web::http::header;
     use actix_web::middleware::ErrorHandlerResponse;
     let is_json = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
     if is_json {
@@ -142,27 +141,31 @@ pub fn on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions
     }
 }
 
-/// A path with its routes: a method none of them takes gets `405` (not the app's `404`).
-pub(crate) fn resource(path: &str, route: actix_web::Route) -> actix_web::Resource {
-    web::resource(path).route(route).default_service(web::to(|req: HttpRequest| async move {
-        error_with_status(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, &format!("{} does not take {}", req.path(), req.method()))
+/// A path with its route, which takes the methods `allow` lists (as in an `Allow` header,
+/// `"GET, HEAD"`): another method gets `405` (not the app's `404`) with that `Allow` header,
+/// which a 405 must carry (RFC 9110 §15.5.6).
+pub(crate) fn resource(path: &str, allow: &'static str, route: actix_web::Route) -> actix_web::Resource {
+    web::resource(path).route(route).default_service(web::to(move |req: HttpRequest| async move {
+        let mut r = error_with_status(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, &format!("{} takes {allow}, not {}", req.path(), req.method()));
+        r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
+        r
     }))
 }
 
 /// Mounts every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/v1/register", web::post().to(auth::register)))
-        .service(resource("/v1/login", web::post().to(auth::login)))
-        .service(resource("/v1/logout", web::post().to(auth::logout)))
-        .service(resource("/v1/healthz", get_or_head().to(healthz)))
-        .service(resource("/v1/ws", web::get().to(ws)))
-        .service(resource("/xmpp-websocket", web::get().to(crate::xmpp::ws::route)))
-        .service(resource("/metrics", get_or_head().to(metrics::render)))
+    cfg.service(resource("/v1/register", "POST", web::post().to(auth::register)))
+        .service(resource("/v1/login", "POST", web::post().to(auth::login)))
+        .service(resource("/v1/logout", "POST", web::post().to(auth::logout)))
+        .service(resource("/v1/healthz", "GET, HEAD", get_or_head().to(healthz)))
+        .service(resource("/v1/ws", "GET", web::get().to(ws)))
+        .service(resource("/xmpp-websocket", "GET", web::get().to(crate::xmpp::ws::route)))
+        .service(resource("/metrics", "GET, HEAD", get_or_head().to(metrics::render)))
         // Not a `resource`: while admin.token is empty the path does not exist for any method.
         .route("/v1/admin/backup", web::post().to(admin_backup))
-        .service(resource("/v1/cluster/status", get_or_head().to(cluster::status)))
-        .service(resource("/v1/cluster/members", web::post().to(cluster::add)))
-        .service(resource("/v1/cluster/members/{id}", web::delete().to(cluster::remove)))
+        .service(resource("/v1/cluster/status", "GET, HEAD", get_or_head().to(cluster::status)))
+        .service(resource("/v1/cluster/members", "POST", web::post().to(cluster::add)))
+        .service(resource("/v1/cluster/members/{id}", "DELETE", web::delete().to(cluster::remove)))
         .configure(web_client::routes)
         .default_service(web::to(|| async { error(ErrorCode::NotFound, "no such path") }));
 }

@@ -45,7 +45,7 @@ fn etags() -> &'static [String] {
 /// Mounts a `GET` (and `HEAD`) route for every embedded file.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     for (i, f) in FILES.iter().enumerate() {
-        cfg.service(super::resource(f.path, super::get_or_head().to(move |req: HttpRequest| async move { serve(i, &req) })));
+        cfg.service(super::resource(f.path, "GET, HEAD", super::get_or_head().to(move |req: HttpRequest| async move { serve(i, &req) })));
     }
 }
 

@@ -63,8 +63,10 @@ async fn every_error_has_the_json_error_body() {
     json_error(&http_full(a, "GET", "/no/such/path", &[], "").await, 404, "not_found", "404");
     let r = http_full(a, "GET", "/v1/register", &[], "").await;
     json_error(&r, 405, "bad_request", "GET on a POST route");
+    assert_eq!(r.header("allow"), Some("POST"), "a 405 names the methods the path takes (RFC 9110 §15.5.6)");
     let r = http_full(a, "DELETE", "/v1/healthz", &[], "").await;
     json_error(&r, 405, "bad_request", "DELETE /v1/healthz");
+    assert_eq!(r.header("allow"), Some("GET, HEAD"), "DELETE /v1/healthz");
     // A body above the limit: refused from its Content-Length, before it is sent.
     let r = raw(a, &format!("POST /v1/register HTTP/1.1\r\n{host}\r\nContent-Type: application/json\r\nContent-Length: 10000000")).await;
     json_error(&r, 413, "too_large", "a body too large");
