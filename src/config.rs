@@ -847,6 +847,6 @@ mod tests {
         assert!(w[0].contains("PARLEY_SESSION_HELLO_TIMEOUT_MS") && w[0].contains("did you mean PARLEY__SESSION__HELLO_TIMEOUT_MS?"), "{w:?}");
         assert!(w[1].contains("did you mean PARLEY__SERVER__LISTEN?"), "{w:?}");
         assert!(Config::env_warnings(vars(NON_CONFIG_VARS)).is_empty(), "the tests' and tools' variables");
-        assert_eq!(Config::keys().len(), 63, "{:?}", Config::keys());
+        assert_eq!(Config::keys().len(), 64, "{:?}", Config::keys());
     }
 }
