@@ -277,16 +277,26 @@ async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, Body(body): B
     }
 }
 
-/// `GET /v1/ws`: the WebSocket upgrade; starts a [`Session`] and its writer task.
-async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> Result<HttpResponse, actix_web::Error> {
+/// Admission control of a WebSocket upgrade (native or XMPP): `None` to go on, or the `503`
+/// with a `Retry-After` (see [`overloaded`]) while draining, at `admission.max_sockets` open
+/// sockets, or over `admission.upgrades_per_s` (which this takes a token of).
+pub(crate) fn admit(s: &Shared) -> Option<HttpResponse> {
     if s.draining.load(Ordering::Relaxed) {
-        return Ok(overloaded(&s, ADMISSION_WHY[0], false));
+        return Some(overloaded(s, ADMISSION_WHY[0], false));
     }
     if s.sockets.load(Ordering::Relaxed) >= s.cfg.admission.max_sockets {
-        return Ok(overloaded(&s, ADMISSION_WHY[1], false));
+        return Some(overloaded(s, ADMISSION_WHY[1], false));
     }
     if !s.upgrade_limiter.allow("") {
-        return Ok(overloaded(&s, ADMISSION_WHY[2], true));
+        return Some(overloaded(s, ADMISSION_WHY[2], true));
+    }
+    None
+}
+
+/// `GET /v1/ws`: the WebSocket upgrade; starts a [`Session`] and its writer task.
+async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> Result<HttpResponse, actix_web::Error> {
+    if let Some(refused) = admit(&s) {
+        return Ok(refused);
     }
     // Frame headers are checked as the bytes arrive (see `guard`): actix-http would otherwise
     // buffer a frame up to its declared length before looking at its size.

@@ -20,10 +20,12 @@ use crate::http::guard::FrameGuard;
 use crate::limits::FrameLimit;
 use crate::shared::Shared;
 
-/// `GET /xmpp-websocket`: the RFC 7395 upgrade; starts an [`XmppSession`].
+/// `GET /xmpp-websocket`: the RFC 7395 upgrade; starts an [`XmppSession`]. Admission control
+/// as for `/v1/ws` ([`crate::http::admit`]): `503` with a `Retry-After`.
 pub async fn route(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> Result<HttpResponse, actix_web::Error> {
-    if s.draining.load(Ordering::Relaxed) || s.sockets.load(Ordering::Relaxed) >= s.cfg.admission.max_sockets || !s.upgrade_limiter.allow("") {
-        return Ok(crate::http::error(crate::protocol::ErrorCode::Overloaded, "try again later"));
+    // The same admission control as the native upgrade: 503 with a Retry-After.
+    if let Some(refused) = crate::http::admit(&s) {
+        return Ok(refused);
     }
     let offered = req
         .headers()

@@ -979,6 +979,38 @@ async fn admission_control_answers_503_with_retry_after_before_the_upgrade() {
     drop((again, first, raws));
 }
 
+/// The XMPP upgrade (`/xmpp-websocket`, RFC 7395) has the same admission control as `/v1/ws`:
+/// over `admission.upgrades_per_s` it gets `503 overloaded` with a `Retry-After`, not a bare
+/// error a client cannot time its retry by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_xmpp_upgrade_gets_503_with_retry_after() {
+    use tungstenite::client::IntoClientRequest;
+    let dir = TestDir::new();
+    let env = [
+        ("PARLEY__ADMISSION__UPGRADES_PER_S", "0.1"),
+        ("PARLEY__ADMISSION__UPGRADE_BURST", "1"),
+        ("PARLEY__ADMISSION__RETRY_AFTER_MAX_S", "30"),
+    ];
+    let srv = Server::start_with(&dir, &env).await;
+    let upgrade = || async {
+        let mut req = format!("ws://{}/xmpp-websocket", srv.addr).into_client_request().expect("a request");
+        req.headers_mut().insert("sec-websocket-protocol", "xmpp".parse().expect("a header value"));
+        within(T, "an XMPP upgrade", tokio_tungstenite::connect_async(req)).await
+    };
+    let first = upgrade().await;
+    assert!(first.is_ok(), "the burst's one upgrade: {:?}", first.err());
+    match upgrade().await {
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 503);
+            let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+            assert!(retry.is_some_and(|r| (1..=30).contains(&r)), "Retry-After {retry:?} (one slot every 10 s, at most 30)");
+            let body: Value = resp.body().as_deref().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
+            assert_eq!(body["error"], "overloaded", "{body}");
+        }
+        other => panic!("the second upgrade within 10 s was not refused with 503: {:?}", other.map(|_| "accepted")),
+    }
+}
+
 // ---------------------------------------------------------------------------------- 7. before hello
 
 /// A socket that sends no `hello` within `hello_timeout_ms` is closed with 4002; a frame larger
