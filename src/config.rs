@@ -358,8 +358,17 @@ impl Config {
             // `file_exact`: the file named, not one of the same name in a parent directory.
             fig = fig.merge(Toml::file_exact(f));
         }
-        let c: Config = fig.merge(env).extract().map_err(Box::new)?;
-        c.validate()?;
+        let fig = fig.merge(env);
+        let c: Config = fig.extract().map_err(Box::new)?;
+        // A range error says where the value came from, as a type error does (figment knows
+        // which layer gave each key).
+        c.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, reason } => {
+                let from = fig.find_metadata(key).map(|m| origin(m, key)).unwrap_or_default();
+                ConfigError::Invalid { key, reason: format!("{reason}{from}") }
+            }
+            e => e,
+        })?;
         Ok(c)
     }
 
@@ -660,9 +669,19 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// One line for a figment error: what is wrong, the key as `section.key` (no profile, no nested
 /// quoting), where the value came from (the file, or the environment variable), and for an
 /// unknown key the nearest known one.
+/// Where `key`'s value came from, as a suffix of an error message: ` in FILE`, ` (environment
+/// variable PARLEY__...)`, or nothing for the embedded defaults.
+fn origin(m: &figment::Metadata, key: &str) -> String {
+    match &m.source {
+        Some(figment::Source::File(f)) => format!(" in {}", f.display()),
+        _ if m.name.contains("environment") && !key.contains('.') => format!(" (environment variables {}__*)", env_name(key)),
+        _ if m.name.contains("environment") => format!(" (environment variable {})", env_name(key)),
+        _ => String::new(),
+    }
+}
+
 fn describe(e: &figment::Error) -> String {
     use figment::error::Kind;
-    use figment::Source;
     let mut path: Vec<String> = e.path.iter().map(|p| p.to_ascii_lowercase()).collect();
     if path.len() > 1 && e.profile.as_ref().is_some_and(|p| p.as_str().as_str().eq_ignore_ascii_case(&path[0])) {
         path.remove(0);
@@ -673,15 +692,7 @@ fn describe(e: &figment::Error) -> String {
         }
     }
     let key = path.join(".");
-    let from = match e.metadata.as_ref() {
-        Some(m) => match &m.source {
-            Some(Source::File(f)) => format!(" in {}", f.display()),
-            _ if m.name.contains("environment") && !key.contains('.') => format!(" (environment variables {}__*)", env_name(&key)),
-            _ if m.name.contains("environment") => format!(" (environment variable {})", env_name(&key)),
-            _ => String::new(),
-        },
-        None => String::new(),
-    };
+    let from = e.metadata.as_ref().map(|m| origin(m, &key)).unwrap_or_default();
     match &e.kind {
         Kind::UnknownField(..) => {
             let near = nearest(&key, Config::keys()).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
@@ -715,7 +726,11 @@ mod tests {
             assert!(e.contains("session.hello_timeout_ms"), "{e}");
             jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "0");
             let e = Config::load(None).unwrap_err().to_string();
-            assert!(e.contains("session.hello_timeout_ms"), "{e}");
+            assert!(e.contains("session.hello_timeout_ms") && e.contains("(environment variable PARLEY__SESSION__HELLO_TIMEOUT_MS)"), "a range error says where the value came from: {e}");
+            jail.clear_env();
+            jail.create_file("range.toml", "[server]\nlisten_backlog = 0\n")?;
+            let e = Config::load(Some(Path::new("range.toml"))).unwrap_err().to_string();
+            assert!(e.contains("server.listen_backlog") && e.contains("in range.toml"), "a range error names the file: {e}");
             jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "1000");
             jail.set_env("PARLEY__SESSION__NO_SUCH_KEY", "1");
             let e = Config::load(None).unwrap_err().to_string().to_lowercase();
