@@ -48,20 +48,19 @@ impl RateLimiter {
 
     /// Whether `key` has a token, without taking it.
     pub fn has_token(&self, key: &str) -> bool {
-        let now = Instant::now();
-        match self.buckets.get(key) {
-            None => true,
-            Some(b) => b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * self.rate >= 1.0,
-        }
+        self.buckets.get(key).is_none_or(|b| self.refilled(&b, Instant::now()) >= 1.0)
+    }
+
+    /// The tokens in `b` at `now`, refilled since it was last touched (at most `burst`).
+    fn refilled(&self, b: &Bucket, now: Instant) -> f64 {
+        (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * self.rate).min(self.burst)
     }
 
     /// How long until `key` has a token again: zero when it has one now. For a `Retry-After`
     /// (RFC 9110 §10.2.3).
     pub fn retry_after(&self, key: &str) -> Duration {
-        let now = Instant::now();
         let Some(b) = self.buckets.get(key) else { return Duration::ZERO };
-        let tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * self.rate).min(self.burst);
-        let s = (1.0 - tokens) / self.rate;
+        let s = (1.0 - self.refilled(&b, Instant::now())) / self.rate;
         if s.is_finite() && s > 0.0 { Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX) } else { Duration::ZERO }
     }
 
@@ -70,8 +69,7 @@ impl RateLimiter {
             self.prune(now);
         }
         let mut b = self.buckets.entry(key.to_owned()).or_insert(Bucket { tokens: self.burst, at: now });
-        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
+        b.tokens = self.refilled(&b, now);
         b.at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;

@@ -24,7 +24,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::common::{dialog, http, http_head, read_incoming, turns, within, Client, Incoming, Server, TestDir, PASSWORD, T};
+use crate::common::{dialog, http, read_incoming, turns, within, Client, Incoming, Server, TestDir, PASSWORD, T};
 
 // ---------------------------------------------------------------------------------- helpers
 
@@ -487,12 +487,10 @@ async fn failed_logins_per_address_are_limited_even_for_the_right_password() {
     let (st, body) = http(srv.addr, "POST", "/v1/login", Some(&login("wrong password 4")), None).await;
     assert_eq!((st, body["error"].as_str()), (401, Some("unauthorized")), "the 5th wrong password: {body}");
     // The bucket is empty now (refill: 1 per minute).
-    let (st, head, body) = http_head(srv.addr, "POST", "/v1/login", Some(&login(PASSWORD)), None).await;
+    let r = http_full(srv.addr, "POST", "/v1/login", &[], &login(PASSWORD).to_string()).await;
+    let (st, body) = (r.status, r.json());
     assert_eq!(st, 429, "the right password after 5 failures: {body}");
-    let retry = head
-        .lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("retry-after")).map(|(_, v)| v.trim().to_owned()))
-        .unwrap_or_else(|| panic!("a 429 without Retry-After:\n{head}"));
+    let retry = r.header("retry-after").unwrap_or_else(|| panic!("a 429 without Retry-After: {:?}", r.headers));
     let retry: u64 = retry.parse().unwrap_or_else(|_| panic!("Retry-After {retry:?} is not whole seconds"));
     assert!((1..=60).contains(&retry), "Retry-After {retry} s with 1 token per minute");
     assert_eq!(body["error"], "rate_limited", "{body}");

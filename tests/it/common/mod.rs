@@ -391,18 +391,6 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Valu
 /// [`http`] without the time limit and with I/O errors returned (for polls of a server that may
 /// be starting, cut off or gone).
 pub async fn try_http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, bearer: Option<&str>) -> Result<(u16, Value), String> {
-    try_http_head(addr, method, path, body, bearer).await.map(|(st, _, v)| (st, v))
-}
-
-/// [`http`], also returning the response head (status line and headers, as sent).
-pub async fn http_head(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, bearer: Option<&str>) -> (u16, String, Value) {
-    within(T, &format!("{method} {path}"), try_http_head(addr, method, path, body, bearer))
-        .await
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
-/// [`try_http`], also returning the response head.
-pub async fn try_http_head(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, bearer: Option<&str>) -> Result<(u16, String, Value), String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
@@ -425,7 +413,7 @@ pub async fn try_http_head(addr: SocketAddr, method: &str, path: &str, body: Opt
         payload = dechunk(&payload);
     }
     let v = if payload.is_empty() { Value::Null } else { serde_json::from_slice(&payload).unwrap_or(Value::Null) };
-    Ok((status, head, v))
+    Ok((status, v))
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
