@@ -161,8 +161,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/ws", "GET", web::get().to(ws)))
         .service(resource("/xmpp-websocket", "GET", web::get().to(crate::xmpp::ws::route)))
         .service(resource("/metrics", "GET, HEAD", get_or_head().to(metrics::render)))
-        // Not a `resource`: while admin.token is empty the path does not exist for any method.
-        .route("/v1/admin/backup", web::post().to(admin_backup))
+        // While admin.token is empty the path does not exist for any method (404); with a token
+        // another method is a 405, as on every other path.
+        .service(web::resource("/v1/admin/backup").route(web::post().to(admin_backup)).default_service(web::to(admin_backup_method)))
         .service(resource("/v1/cluster/status", "GET, HEAD", get_or_head().to(cluster::status)))
         .service(resource("/v1/cluster/members", "POST", web::post().to(cluster::add)))
         .service(resource("/v1/cluster/members/{id}", "DELETE", web::delete().to(cluster::remove)))
@@ -275,6 +276,17 @@ async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, Body(body): B
         Ok(applied) => HttpResponse::Ok().json(serde_json::json!({ "dir": b.dir, "applied_index": applied })),
         Err(e) => error(ErrorCode::BadRequest, &format!("backup failed: {e}")),
     }
+}
+
+/// Any method but `POST` on `/v1/admin/backup`: 404 while `admin.token` is empty (see
+/// [`admin_denied`]), else 405 with `Allow: POST`.
+async fn admin_backup_method(s: web::Data<Arc<Shared>>, req: HttpRequest) -> HttpResponse {
+    if s.cfg.admin.token.is_empty() {
+        return error(ErrorCode::NotFound, "no such path");
+    }
+    let mut r = error_with_status(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, &format!("{} takes POST, not {}", req.path(), req.method()));
+    r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+    r
 }
 
 /// Admission control of a WebSocket upgrade (native or XMPP): `None` to go on, or the `503`

@@ -407,6 +407,8 @@ async fn backup_under_load_and_restore_keep_every_acked_message_once() {
     assert_eq!((r.status, r.json()["error"].as_str()), (401, Some("unauthorized")), "{}", r.text());
     let r = http_full(srv.addr, "POST", "/v1/admin/backup", &[("Authorization", "Bearer not-the-token-at-all")], &body).await;
     assert_eq!(r.status, 401, "{}", r.text());
+    let r = http_full(srv.addr, "GET", "/v1/admin/backup", &[("Authorization", &format!("Bearer {TOKEN}"))], "").await;
+    assert_eq!((r.status, r.json()["error"].as_str(), r.header("allow")), (405, Some("bad_request"), Some("POST")), "GET with a token set: {}", r.text());
     assert!(!backup.exists());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -447,6 +449,8 @@ async fn backup_under_load_and_restore_keep_every_acked_message_once() {
     assert_eq!(snaps.len(), 1, "one snapshot after starting on a restored backup");
     let r = http_full(restored.addr, "POST", "/v1/admin/backup", &[("Authorization", &format!("Bearer {TOKEN}"))], &body).await;
     assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("not_found")), "no admin token set: {}", r.text());
+    let r = http_full(restored.addr, "GET", "/v1/admin/backup", &[], "").await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("not_found")), "GET, no admin token set: {}", r.text());
     let mut c = restored.connect(&ann, None).await.client;
     let h = c.history_all("dm:ann:ben").await;
     let ids: BTreeSet<String> = h.iter().map(|m| m.id.clone()).collect();
