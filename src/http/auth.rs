@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{Output, ParamsString, PasswordHash, Salt, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use serde::Deserialize;
 
 use super::{error, pipeline_error};
@@ -66,10 +66,72 @@ fn hash_busy() -> HttpResponse {
     r
 }
 
-/// Whether `password` matches the argon2id PHC string `phc` (blocking: call off the async
-/// workers, through [`hash_job`]). Also used by the XMPP gateway's SASL PLAIN.
-pub fn verify_password(s: &Shared, phc: &str, password: &str) -> bool {
-    PasswordHash::new(phc).map(|h| argon2(s).verify_password(password.as_bytes(), &h).is_ok()).unwrap_or(false)
+/// argon2 working memory kept between hashes: one buffer per hash running, so at most
+/// [`hash_slots`] buffers of `auth.argon2_memory_kib` each. Allocating a fresh one per hash
+/// (what `argon2`'s `hash_password` does) cost every hash its page faults and zeroing (about a
+/// fifth of a 19 MiB hash's time once each block is mapped apart, `server::fix_mmap_threshold`),
+/// or, with glibc's default threshold, left the freed blocks in the heap.
+static BLOCKS: parking_lot::Mutex<Vec<Vec<Block>>> = parking_lot::Mutex::new(Vec::new());
+
+/// Runs `f` on `count` blocks of reused memory. argon2 writes every block before it reads it
+/// (RFC 9106 §3.2), so what a buffer held before does not matter.
+fn with_blocks<T>(count: usize, f: impl FnOnce(&mut [Block]) -> T) -> T {
+    let mut b = BLOCKS.lock().pop().unwrap_or_default();
+    if b.len() < count {
+        b.resize(count, Block::default());
+    }
+    let r = f(&mut b[..count]);
+    BLOCKS.lock().push(b);
+    r
+}
+
+/// The raw argon2 output of `password` with `salt` (`out_len` bytes), in reused memory.
+fn raw_hash(argon: &Argon2<'_>, password: &[u8], salt: Salt<'_>, out_len: usize) -> argon2::password_hash::Result<Output> {
+    let mut salt_buf = [0u8; 64];
+    let salt = salt.decode_b64(&mut salt_buf)?;
+    let blocks = argon.params().block_count();
+    Output::init_with(out_len, |out| with_blocks(blocks, |b| argon.hash_password_into_with_memory(password, salt, out, b)).map_err(Into::into))
+}
+
+/// The argon2id PHC string of `password` with `salt` under `argon`'s parameters, exactly as
+/// `argon2`'s `PasswordHasher::hash_password` writes it.
+fn phc_string(argon: &Argon2<'_>, password: &[u8], salt: &SaltString) -> argon2::password_hash::Result<String> {
+    let params = argon.params();
+    let hash = raw_hash(argon, password, salt.as_salt(), params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN))?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(params)?,
+        salt: Some(salt.as_salt()),
+        hash: Some(hash),
+    };
+    Ok(phc.to_string())
+}
+
+/// A new argon2id PHC string of `password`, with a random salt and the `[auth]` parameters
+/// (blocking: call through [`hash_job`]).
+///
+/// # Errors
+/// The parameters cannot hash (they are validated at start, so not in practice).
+pub fn hash_password(s: &Shared, password: &str) -> argon2::password_hash::Result<String> {
+    phc_string(&argon2(s), password.as_bytes(), &SaltString::generate(&mut rand::thread_rng()))
+}
+
+/// Whether `password` matches the argon2 PHC string `phc`, under the parameters `phc` names
+/// (blocking: call off the async workers, through [`hash_job`]). Also used by the XMPP
+/// gateway's SASL PLAIN. The comparison takes the same time wherever the outputs differ.
+pub fn verify_password(_s: &Shared, phc: &str, password: &str) -> bool {
+    verify_phc(phc, password.as_bytes())
+}
+
+fn verify_phc(phc: &str, password: &[u8]) -> bool {
+    let Ok(h) = PasswordHash::new(phc) else { return false };
+    let (Some(salt), Some(expected)) = (h.salt, h.hash) else { return false };
+    let Ok(algorithm) = Algorithm::try_from(h.algorithm) else { return false };
+    let Ok(version) = h.version.map_or(Ok(Version::default()), Version::try_from) else { return false };
+    let Ok(params) = Params::try_from(&h) else { return false };
+    // Output's `==` is constant-time.
+    raw_hash(&Argon2::new(algorithm, version, params), password, salt, expected.len()).is_ok_and(|out| out == expected)
 }
 
 #[derive(Deserialize)]
@@ -127,8 +189,7 @@ pub async fn register(s: web::Data<Arc<Shared>>, super::Body(body): super::Body)
 pub async fn register_user(s: &Arc<Shared>, user: &str, password: String) -> Result<Outcome, crate::storage::PipelineError> {
     let s2 = s.clone();
     let hashed = hash_job(s, move || {
-        let salt = SaltString::generate(&mut rand::thread_rng());
-        let phc = argon2(&s2).hash_password(password.as_bytes(), &salt).map(|h| h.to_string());
+        let phc = hash_password(&s2, &password);
         (phc, crate::xmpp::sasl::derive_verifiers(&password))
     })
     .await;
@@ -207,5 +268,43 @@ pub async fn logout(s: web::Data<Arc<Shared>>, req: HttpRequest) -> HttpResponse
         Ok(Outcome::Done) => HttpResponse::NoContent().finish(),
         Ok(_) => error(ErrorCode::Unauthorized, "unknown token"),
         Err(e) => pipeline_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+
+    use super::*;
+
+    fn argon(m_kib: u32, t: u32) -> Argon2<'static> {
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::new(m_kib, t, 1, None).expect("params"))
+    }
+
+    /// The hash in reused memory is the library's, byte for byte, and each verifies the other's.
+    #[test]
+    fn hashes_in_reused_memory_are_the_librarys() {
+        for (m, t) in [(64, 1), (256, 2), (64, 3)] {
+            let a = argon(m, t);
+            let salt = SaltString::generate(&mut rand::thread_rng());
+            let ours = phc_string(&a, b"correct horse", &salt).expect("hash");
+            // A larger buffer from the previous round is reused for a smaller hash, and back.
+            assert_eq!(ours, a.hash_password(b"correct horse", &salt).expect("library hash").to_string(), "m={m} t={t}");
+            assert!(a.verify_password(b"correct horse", &PasswordHash::new(&ours).expect("parse")).is_ok());
+            assert!(verify_phc(&ours, b"correct horse"));
+            assert!(!verify_phc(&ours, b"correct horsf"), "a wrong password");
+        }
+    }
+
+    /// A stored hash verifies under its own parameters, whatever the configured ones are now.
+    #[test]
+    fn a_hash_verifies_under_the_parameters_it_names() {
+        let salt = SaltString::generate(&mut rand::thread_rng());
+        let old = argon(128, 2).hash_password(b"hunter42hunter42", &salt).expect("hash").to_string();
+        assert!(verify_phc(&old, b"hunter42hunter42"));
+        assert!(!verify_phc(&old, b"hunter42hunter43"));
+        for bad in ["", "$argon2id$", "not a hash", &old.replace("argon2id", "argon9")] {
+            assert!(!verify_phc(bad, b"hunter42hunter42"), "{bad:?}");
+        }
     }
 }
