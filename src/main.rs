@@ -117,7 +117,6 @@ fn main() {
 /// `parley serve`: every check a user can get wrong (settings, the data directory, the address)
 /// runs before anything binds or logs that it is listening; each failure is one line and exit 2.
 fn serve(listen: Option<String>, data: Option<PathBuf>, config: Option<PathBuf>, log_format: Option<String>) {
-    parley::server::fix_mmap_threshold();
     let mut cfg = load_config(config.as_deref());
     if let Some(l) = listen {
         cfg.server.listen = l;

@@ -104,32 +104,6 @@ pub fn set_backlog(l: &TcpListener, backlog: u32) -> std::io::Result<()> {
     socket2::SockRef::from(l).listen(i32::try_from(backlog).unwrap_or(i32::MAX))
 }
 
-/// Blocks of this many bytes or more are mapped from and returned to the kernel one by one by
-/// glibc's malloc (its default, 128 KiB, but fixed: see [`fix_mmap_threshold`]).
-pub const MMAP_THRESHOLD_BYTES: usize = 128 << 10;
-
-/// Keeps glibc's malloc from holding on to freed large blocks; call before any thread starts.
-///
-/// By default glibc raises its mmap threshold to the size of every mmapped block freed, up to
-/// 32 MiB (mallopt(3), `M_MMAP_THRESHOLD`, "dynamic mmap threshold"). Each password hash takes
-/// an `auth.argon2_memory_kib` block (19 MiB by default), so after the first hash every later
-/// one came from the heap, and those freed blocks stayed in the process: after 19,000
-/// registrations and logins (with 1 MiB argon2 blocks) the server held 267 MB, of which malloc
-/// had 88 MB in use. A fixed threshold maps each such block and unmaps it when freed (69 MB).
-/// Does nothing when the user tuned the threshold (`MALLOC_MMAP_THRESHOLD_`, or
-/// `glibc.malloc.mmap_threshold` in `GLIBC_TUNABLES`), or off glibc.
-pub fn fix_mmap_threshold() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let tuned = std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some()
-            || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mmap_threshold"));
-        if !tuned {
-            // SAFETY: mallopt only sets a malloc parameter; called before other threads run.
-            unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES as libc::c_int) };
-        }
-    }
-}
-
 /// Runs the server on `listener` until `shutdown` completes, then shuts down in order: stop
 /// accepting upgrades → `goaway` to every session (retry delays spread over the shutdown window)
 /// → wait for sockets to drain up to `shutdown_timeout_ms` → stop HTTP → final checkpoint.
@@ -351,22 +325,6 @@ fn goaway_all(shared: &Shared, window_ms: u64) -> usize {
 mod tests {
     use std::net::{SocketAddr, TcpStream};
     use std::time::Duration;
-
-    /// After [`super::fix_mmap_threshold`], a large block freed and allocated again is mapped
-    /// each time (glibc gives a mapped block's memory 16 bytes past a page boundary); with the
-    /// dynamic threshold, the first free would move the threshold above the block's size and
-    /// the next ones would come from the heap.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[test]
-    fn large_blocks_are_mapped_every_time() {
-        super::fix_mmap_threshold();
-        for round in 0..4 {
-            let block = vec![1u8; 4 << 20];
-            let addr = block.as_ptr() as usize;
-            assert_eq!(addr % 4096, 16, "round {round}: a 4 MiB block at {addr:#x} is not a mapping of its own");
-            drop(std::hint::black_box(block));
-        }
-    }
 
     /// Connects up to `n` clients to `l` (which never accepts), each waiting at most 1 s for
     /// the handshake; returns how many connected before the first that did not.
