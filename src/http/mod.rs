@@ -145,11 +145,14 @@ pub fn on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions
 /// `"GET, HEAD"`): another method gets `405` (not the app's `404`) with that `Allow` header,
 /// which a 405 must carry (RFC 9110 §15.5.6).
 pub(crate) fn resource(path: &str, allow: &'static str, route: actix_web::Route) -> actix_web::Resource {
-    web::resource(path).route(route).default_service(web::to(move |req: HttpRequest| async move {
-        let mut r = error_with_status(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, &format!("{} takes {allow}, not {}", req.path(), req.method()));
-        r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
-        r
-    }))
+    web::resource(path).route(route).default_service(web::to(move |req: HttpRequest| async move { method_not_allowed(&req, allow) }))
+}
+
+/// `405` for `req`, whose path takes only the methods `allow` lists, with that `Allow` header.
+fn method_not_allowed(req: &HttpRequest, allow: &'static str) -> HttpResponse {
+    let mut r = error_with_status(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, &format!("{} takes {allow}, not {}", req.path(), req.method()));
+    r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    r
 }
 
 /// Mounts every route.
@@ -284,9 +287,7 @@ async fn admin_backup_method(s: web::Data<Arc<Shared>>, req: HttpRequest) -> Htt
     if s.cfg.admin.token.is_empty() {
         return error(ErrorCode::NotFound, "no such path");
     }
-    let mut r = error_with_status(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, &format!("{} takes POST, not {}", req.path(), req.method()));
-    r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("POST"));
-    r
+    method_not_allowed(&req, "POST")
 }
 
 /// Admission control of a WebSocket upgrade (native or XMPP): `None` to go on, or the `503`
