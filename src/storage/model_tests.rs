@@ -345,6 +345,24 @@ mod admin_and_retention {
         }
     }
 
+    /// A send in an existing dm writes 8 keys: the conversation's meta, the message, the
+    /// sender's dedup record, an event and a head per member, and the recipient's conversation
+    /// state (its unread count). The sender's own conversation state does not change, so it is
+    /// not written again (each key written is a key the materializer inserts into sled).
+    #[test]
+    fn a_send_writes_only_what_changes() {
+        let mut t = T::new();
+        t.setup(&["a", "b"]);
+        t.send(100, "a", "dm:a:b", "m1");
+        t.s.materialize().unwrap();
+        assert_eq!(t.s.dirty_keys(), 0);
+        t.send(101, "a", "dm:a:b", "m2");
+        assert_eq!(t.s.dirty_keys(), 8);
+        let items = t.s.conversations("a").unwrap();
+        assert_eq!((items.len(), items[0].last_seq, items[0].unread), (1, 2, 0), "the sender's list still shows the new message");
+        assert_eq!(t.s.conversations("b").unwrap()[0].unread, 2);
+    }
+
     #[test]
     fn purge_before_deletes_old_messages_in_small_entries() {
         let mut t = T::new();

@@ -951,11 +951,18 @@ impl Applier<'_> {
         let ev_rec = EventRecord::Message { conv: conv.to_owned(), seq, from: from.to_owned() };
         for m in &members {
             self.append_event(m, &ev_rec, payload.clone())?;
-            let mut uc = self.user_conv(m, conv)?.unwrap_or(UserConvRecord { visible_from: 1, ..Default::default() });
-            if m != from {
-                uc.unread += 1;
+            match self.user_conv(m, conv)? {
+                // The sender's own state does not change once it exists: no write to materialize.
+                Some(_) if m == from => {}
+                Some(mut uc) => {
+                    uc.unread += 1;
+                    self.put_user_conv(m, conv, &uc)?;
+                }
+                None => {
+                    let uc = UserConvRecord { visible_from: 1, unread: u64::from(m != from), ..Default::default() };
+                    self.put_user_conv(m, conv, &uc)?;
+                }
             }
-            self.put_user_conv(m, conv, &uc)?;
         }
         Ok(Outcome::Sent { conv: conv.to_owned(), seq, ts, duplicate: false })
     }
