@@ -336,10 +336,45 @@ pub struct LogConfig {
     pub format: String,
 }
 
+/// The `PARLEY__SECTION__KEY` variables as figment's [`Env`] reads them, except that a scalar
+/// stays the string it is. `Env` parses `1234567890123456` as a number and `true` as a boolean,
+/// so a string setting (`admin.token`, `xmpp.domain`) could not be all digits (Figment issues
+/// #42 and #70); numeric and boolean settings still get theirs through
+/// [`Figment::extract_lossy`]. A value that starts with `[` or `{` is parsed as `Env` does.
+pub struct EnvStrings(pub Env);
+
+impl figment::Provider for EnvStrings {
+    fn metadata(&self) -> figment::Metadata {
+        self.0.metadata()
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        use figment::value::{Dict, Value};
+        fn merge(into: &mut Dict, from: Dict) {
+            for (k, v) in from {
+                match (into.get_mut(&k), v) {
+                    (Some(Value::Dict(_, a)), Value::Dict(_, b)) => merge(a, b),
+                    (_, v) => {
+                        into.insert(k, v);
+                    }
+                }
+            }
+        }
+        let mut dict = Dict::new();
+        for (key, raw) in self.0.iter() {
+            let value = if raw.trim_start().starts_with(['[', '{']) { raw.parse().unwrap_or_else(|_| Value::from(raw)) } else { Value::from(raw) };
+            if let Some(nested) = figment::util::nest(key.as_str(), value).into_dict() {
+                merge(&mut dict, nested);
+            }
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
 impl Config {
     /// Loads defaults, then `file` (if any), then `PARLEY__SECTION__KEY` variables; validates.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_from(file, Env::prefixed("PARLEY__").split("__"))
+        Self::load_from(file, EnvStrings(Env::prefixed("PARLEY__").split("__")))
     }
 
     /// The embedded defaults alone (for tests and tools), validated.
@@ -349,7 +384,7 @@ impl Config {
         Ok(c)
     }
 
-    fn load_from(file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+    fn load_from(file: Option<&Path>, env: EnvStrings) -> Result<Config, ConfigError> {
         let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(f) = file {
             if !f.exists() {
@@ -359,7 +394,8 @@ impl Config {
             fig = fig.merge(Toml::file_exact(f));
         }
         let fig = fig.merge(env);
-        let c: Config = fig.extract().map_err(Box::new)?;
+        // Lossy: a number or a boolean from the environment arrives as a string (`EnvStrings`).
+        let c: Config = fig.extract_lossy().map_err(Box::new)?;
         // A range error says where the value came from, as a type error does (figment knows
         // which layer gave each key).
         c.validate().map_err(|e| match e {
@@ -739,6 +775,32 @@ mod tests {
         });
     }
 
+    /// A string setting may be all digits or a word like `true` in the environment, as in a file;
+    /// numbers and booleans still reach numeric and boolean settings.
+    #[test]
+    fn env_strings_stay_strings() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PARLEY__ADMIN__TOKEN", "1234567890123456");
+            jail.set_env("PARLEY__XMPP__DOMAIN", "true");
+            jail.set_env("PARLEY__SERVER__LISTEN_BACKLOG", "512");
+            jail.set_env("PARLEY__SERVER__REGISTRATION_OPEN", "false");
+            jail.set_env("PARLEY__ADMISSION__UPGRADES_PER_S", "2.5");
+            jail.set_env("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:7001, 2=127.0.0.1:7002");
+            jail.set_env("PARLEY__CLUSTER__NODE_ID", "1");
+            jail.set_env("PARLEY__CLUSTER__LISTEN", "127.0.0.1:7001");
+            let c = Config::load(None).unwrap();
+            assert_eq!((c.admin.token.as_str(), c.xmpp.domain.as_str()), ("1234567890123456", "true"));
+            assert_eq!((c.server.listen_backlog, c.server.registration_open, c.admission.upgrades_per_s), (512, false, 2.5));
+            assert_eq!(c.cluster.peers.0, ["1=127.0.0.1:7001", "2=127.0.0.1:7002"]);
+            jail.set_env("PARLEY__CLUSTER__PEERS", r#"["1=127.0.0.1:7001"]"#);
+            assert_eq!(Config::load(None).unwrap().cluster.peers.0, ["1=127.0.0.1:7001"], "a list as figment's Env reads it");
+            jail.set_env("PARLEY__SERVER__LISTEN_BACKLOG", "many");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("server.listen_backlog") && e.contains("PARLEY__SERVER__LISTEN_BACKLOG"), "{e}");
+            Ok(())
+        });
+    }
+
     #[test]
     fn admission_values_that_would_overflow_are_config_errors() {
         figment::Jail::expect_with(|jail| {
@@ -800,6 +862,7 @@ mod tests {
             let m = c.cluster.peer_map().unwrap();
             assert_eq!((c.cluster.node_id, m.len(), m[&3].as_str()), (2, 3, "node3:7003"));
             jail.set_env("PARLEY__CLUSTER__NODE_ID", "1");
+            jail.set_env("PARLEY__CLUSTER__LISTEN", "127.0.0.1:7001");
             jail.set_env("PARLEY__CLUSTER__LISTEN", "127.0.0.1:7101");
             jail.set_env("PARLEY__CLUSTER__PEERS", "1=127.0.0.1:7101, 2=127.0.0.1:7102,3=127.0.0.1:7103");
             let c = Config::load(None).unwrap();
