@@ -46,9 +46,15 @@ impl RateLimiter {
         self.allow_at(key, Instant::now())
     }
 
-    /// Whether `key` has a token, without taking it.
-    pub fn has_token(&self, key: &str) -> bool {
-        self.buckets.get(key).is_none_or(|b| self.refilled(&b, Instant::now()) >= 1.0)
+    /// Gives back a token taken by [`allow`](Self::allow) for an attempt that turned out not to
+    /// count (a login whose password was right): taken before the slow check, so that
+    /// concurrent attempts cannot all pass an empty bucket while none has failed yet.
+    pub fn refund(&self, key: &str) {
+        if let Some(mut b) = self.buckets.get_mut(key) {
+            let now = Instant::now();
+            b.tokens = (self.refilled(&b, now) + 1.0).min(self.burst);
+            b.at = now;
+        }
     }
 
     /// The tokens in `b` at `now`, refilled since it was last touched (at most `burst`).
@@ -143,6 +149,20 @@ mod tests {
         let wait = l.retry_after("a");
         assert!(wait > Duration::from_secs(58) && wait <= Duration::from_secs(60), "{wait:?}");
         assert_eq!(l.retry_after("b"), Duration::ZERO, "per key");
+    }
+
+    #[test]
+    fn a_refund_gives_back_one_token_up_to_the_burst() {
+        let l = RateLimiter::new(1.0 / 60.0, 2.0);
+        assert!(l.allow("a") && l.allow("a") && !l.allow("a"));
+        l.refund("a");
+        assert!(l.allow("a") && !l.allow("a"), "one token back");
+        l.refund("a");
+        l.refund("a");
+        l.refund("a");
+        assert!(l.allow("a") && l.allow("a") && !l.allow("a"), "never above the burst");
+        l.refund("b");
+        assert!(l.allow("b") && l.allow("b") && !l.allow("b"), "a refund for an unknown key adds nothing");
     }
 
     #[test]

@@ -205,20 +205,39 @@ pub async fn register_user(s: &Arc<Shared>, user: &str, password: String) -> Res
     Ok(out)
 }
 
+/// A login attempt's token from the failed-login limiter, taken before the password is
+/// checked: given back when dropped unless the attempt failed. Taking it only after a failed
+/// check let concurrent guesses all pass an empty bucket (300 at once were all checked).
+struct Attempt<'a> {
+    limiter: &'a crate::limits::RateLimiter,
+    ip: &'a str,
+    failed: bool,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.failed {
+            self.limiter.refund(self.ip);
+        }
+    }
+}
+
 /// `POST /v1/login`: `200 {"token", "user", "device"}`. After `failed_login_burst` failures from
-/// one IP, every login from it gets `429 rate_limited`, with a `Retry-After` (whole seconds, at
-/// least 1) of when its bucket has a token again.
+/// one IP (counting the attempts still being checked), every login from it gets `429
+/// rate_limited`, with a `Retry-After` (whole seconds, at least 1) of when its bucket has a token
+/// again.
 pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, super::Body(body): super::Body) -> HttpResponse {
     let ip = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-    if !s.login_limiter.has_token(&ip) {
+    if !s.login_limiter.allow(&ip) {
         metrics::counter!("parley_rate_limited_total", "what" => "login").increment(1);
         let secs = s.login_limiter.retry_after(&ip).as_secs_f64().ceil().clamp(1.0, 86_400.0) as u64;
         let mut r = error(ErrorCode::RateLimited, &format!("too many failed logins from this address; retry in {secs} s"));
         r.headers_mut().insert(actix_web::http::header::RETRY_AFTER, actix_web::http::header::HeaderValue::from(secs));
         return r;
     }
-    let failed = || {
-        s.login_limiter.allow(&ip);
+    let mut attempt = Attempt { limiter: &s.login_limiter, ip: &ip, failed: false };
+    let failed = |attempt: &mut Attempt<'_>| {
+        attempt.failed = true;
         metrics::counter!("parley_logins_total", "result" => "failed").increment(1);
         error(ErrorCode::Unauthorized, "wrong user or password")
     };
@@ -231,7 +250,7 @@ pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, super::Body(body
         return error(ErrorCode::BadRequest, "device must be 1-32 chars of a-z 0-9 _ . -");
     }
     if !valid_user_id(&c.user) || !PASSWORD_BYTES.contains(&c.password.len()) {
-        return failed();
+        return failed(&mut attempt);
     }
     // On a cluster node: a user registered through another node is known here.
     if let Err(why) = s.read_barrier().await {
@@ -239,7 +258,7 @@ pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, super::Body(body
     }
     let rec = match s.state().user(&c.user) {
         Ok(Some(r)) => r,
-        Ok(None) => return failed(),
+        Ok(None) => return failed(&mut attempt),
         Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),
     };
     let s2 = s.clone();
@@ -247,7 +266,7 @@ pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, super::Body(body
         return hash_busy();
     };
     if !ok {
-        return failed();
+        return failed(&mut attempt);
     }
     let token = new_token();
     let cmd = Command::Login { token_hash: token_hash(&token), user: c.user.clone(), device: device.clone() };
@@ -256,7 +275,7 @@ pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, super::Body(body
             metrics::counter!("parley_logins_total", "result" => "ok").increment(1);
             HttpResponse::Ok().json(serde_json::json!({ "token": token, "user": c.user, "device": device }))
         }
-        Ok(_) => failed(),
+        Ok(_) => failed(&mut attempt),
         Err(e) => pipeline_error(e),
     }
 }

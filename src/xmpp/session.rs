@@ -494,8 +494,10 @@ impl XmppSession {
                 if !self.sasl_allowed() {
                     return failure(self, "encryption-required");
                 }
+                // The failed-login token is taken now and given back unless the attempt fails
+                // (as HTTP logins do): concurrent attempts cannot all pass an empty bucket.
                 let ip = self.link.peer.to_string();
-                if !self.shared.login_limiter.has_token(&ip) {
+                if !self.shared.login_limiter.allow(&ip) {
                     metrics::counter!("parley_rate_limited_total", "what" => "login").increment(1);
                     return failure(self, "temporary-auth-failure");
                 }
@@ -505,7 +507,10 @@ impl XmppSession {
                     return failure(self, "invalid-authzid");
                 }
                 let users = super::sasl::Users { shared: self.shared.clone() };
-                let Some(mech) = super::sasl::mechanism(&name, users, &payload) else { return failure(self, "invalid-mechanism") };
+                let Some(mech) = super::sasl::mechanism(&name, users, &payload) else {
+                    self.shared.login_limiter.refund(&ip);
+                    return failure(self, "invalid-mechanism");
+                };
                 self.mech_name = name;
                 self.sasl_step(mech, payload, ctx);
             }
@@ -514,7 +519,10 @@ impl XmppSession {
                 None => failure(self, "malformed-request"),
             },
             "abort" => {
-                self.mech = None;
+                // Aborted between steps: no password was checked.
+                if self.mech.take().is_some() {
+                    self.shared.login_limiter.refund(&self.link.peer.to_string());
+                }
                 failure(self, "aborted");
             }
             _ => self.stream_error("unsupported-stanza-type", "unknown SASL element", ctx),
@@ -546,6 +554,7 @@ impl XmppSession {
             act.sasl_busy = false;
             match res {
                 Err(crate::http::auth::HashBusy) => {
+                    act.shared.login_limiter.refund(&act.link.peer.to_string());
                     let f = build!("failure", ns::SASL).append(empty("temporary-auth-failure", ns::SASL)).build();
                     act.write(&f, 0);
                 }
@@ -556,6 +565,7 @@ impl XmppSession {
                 }
                 Ok((_, Ok(Response::Success(Identity::Username(user), data)))) if valid_user_id(&user) => {
                     metrics::counter!("parley_logins_total", "result" => "ok").increment(1);
+                    act.shared.login_limiter.refund(&act.link.peer.to_string());
                     if let Some(pw) = plain_pw {
                         act.add_missing_scram(&user, pw);
                     }
@@ -569,7 +579,6 @@ impl XmppSession {
                 }
                 _ => {
                     metrics::counter!("parley_logins_total", "result" => "failed").increment(1);
-                    act.shared.login_limiter.allow(&act.link.peer.to_string());
                     let f = build!("failure", ns::SASL).append(empty("not-authorized", ns::SASL)).build();
                     act.write(&f, 0);
                 }

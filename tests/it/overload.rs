@@ -504,6 +504,28 @@ async fn failed_logins_per_address_are_limited_even_for_the_right_password() {
     assert_eq!(metric(&m, "parley_rate_limited_total", &["what=\"login\""]), Some(2.0));
 }
 
+/// Concurrent wrong guesses from one address are limited as sequential ones are: each takes its
+/// failed-login token before the password is checked, so of 40 sent at once at most the burst
+/// (5) are checked and the rest get 429; the right password is then refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_wrong_passwords_are_limited_like_sequential_ones() {
+    let dir = TestDir::new();
+    let env = [("PARLEY__LIMITS__FAILED_LOGIN_BURST", "5"), ("PARLEY__LIMITS__FAILED_LOGINS_PER_MIN", "1")];
+    let srv = Server::start_with(&dir, &env).await;
+    srv.register("alice").await;
+    let guesses = (0..40).map(|k| {
+        let body = json!({"user": "alice", "password": format!("wrong password {k}"), "device": "web"});
+        async move { http(srv.addr, "POST", "/v1/login", Some(&body), None).await.0 }
+    });
+    let statuses = futures_util::future::join_all(guesses).await;
+    let checked = statuses.iter().filter(|&&st| st == 401).count();
+    let limited = statuses.iter().filter(|&&st| st == 429).count();
+    assert_eq!(checked + limited, 40, "only 401 and 429: {statuses:?}");
+    assert!(checked <= 5, "{checked} of 40 concurrent guesses were checked, with a burst of 5: {statuses:?}");
+    let (st, body) = http(srv.addr, "POST", "/v1/login", Some(&json!({"user": "alice", "password": PASSWORD, "device": "web"})), None).await;
+    assert_eq!((st, body["error"].as_str()), (429, Some("rate_limited")), "the right password after the burst: {body}");
+}
+
 // ---------------------------------------------------------------------------------- 3. bad frames
 
 /// Malformed frames each get `error bad_frame` and the socket stays, up to
