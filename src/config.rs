@@ -440,14 +440,22 @@ impl Config {
         if !(1..=10_000).contains(&self.storage.materialize_interval_ms) {
             return bad("storage.materialize_interval_ms", "must be from 1 to 10000 (10 s)");
         }
-        if self.auth.argon2_memory_kib < 8 * self.auth.argon2_parallelism.max(1) {
-            return bad("auth.argon2_memory_kib", "must be at least 8 × argon2_parallelism");
+        if self.storage.cache_bytes < 1 << 20 {
+            // sled panics below 256 bytes; a cache this small is a typo anyway.
+            return bad("storage.cache_bytes", "must be at least 1048576 (1 MiB)");
         }
-        if self.auth.argon2_iterations == 0 {
-            return bad("auth.argon2_iterations", "must be at least 1");
+        if !(1..=255).contains(&self.auth.argon2_parallelism) {
+            return bad("auth.argon2_parallelism", "must be from 1 to 255");
         }
-        if self.auth.argon2_parallelism == 0 {
-            return bad("auth.argon2_parallelism", "must be at least 1");
+        if !(8 * self.auth.argon2_parallelism..=1 << 20).contains(&self.auth.argon2_memory_kib) {
+            return bad("auth.argon2_memory_kib", "must be from 8 × argon2_parallelism to 1048576 (1 GiB)");
+        }
+        if !(1..=1000).contains(&self.auth.argon2_iterations) {
+            return bad("auth.argon2_iterations", "must be from 1 to 1000");
+        }
+        if let Err(e) = argon2::Params::new(self.auth.argon2_memory_kib, self.auth.argon2_iterations, self.auth.argon2_parallelism, None) {
+            // Hashing would otherwise fall back to the library's defaults without a word.
+            return bad("auth.argon2_memory_kib", format!("the argon2 parameters are refused: {e}"));
         }
         if self.auth.max_concurrent_hashes > 1024 {
             return bad("auth.max_concurrent_hashes", "must be from 0 (one per CPU core) to 1024");
@@ -797,6 +805,35 @@ mod tests {
             jail.set_env("PARLEY__SERVER__LISTEN_BACKLOG", "many");
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("server.listen_backlog") && e.contains("PARLEY__SERVER__LISTEN_BACKLOG"), "{e}");
+            Ok(())
+        });
+    }
+
+    /// Values sled or argon2 would refuse (a panic, or hashes silently made with the library's
+    /// defaults) are config errors naming the key.
+    #[test]
+    fn storage_and_argon2_values_the_libraries_refuse_are_config_errors() {
+        figment::Jail::expect_with(|jail| {
+            for (var, value, key) in [
+                ("PARLEY__STORAGE__CACHE_BYTES", "0", "storage.cache_bytes"),
+                ("PARLEY__STORAGE__CACHE_BYTES", "255", "storage.cache_bytes"),
+                ("PARLEY__AUTH__ARGON2_PARALLELISM", "16777216", "auth.argon2_parallelism"),
+                ("PARLEY__AUTH__ARGON2_PARALLELISM", "536870912", "auth.argon2_parallelism"),
+                ("PARLEY__AUTH__ARGON2_PARALLELISM", "0", "auth.argon2_parallelism"),
+                ("PARLEY__AUTH__ARGON2_MEMORY_KIB", "134217728", "auth.argon2_memory_kib"),
+                ("PARLEY__AUTH__ARGON2_MEMORY_KIB", "7", "auth.argon2_memory_kib"),
+                ("PARLEY__AUTH__ARGON2_ITERATIONS", "0", "auth.argon2_iterations"),
+            ] {
+                jail.clear_env();
+                jail.set_env(var, value);
+                let e = Config::load(None).unwrap_err().to_string();
+                assert!(e.contains(key) && e.contains(var), "{var}={value}: {e}");
+            }
+            jail.clear_env();
+            jail.set_env("PARLEY__STORAGE__CACHE_BYTES", "1048576");
+            jail.set_env("PARLEY__AUTH__ARGON2_PARALLELISM", "4");
+            jail.set_env("PARLEY__AUTH__ARGON2_MEMORY_KIB", "32");
+            Config::load(None).unwrap();
             Ok(())
         });
     }
