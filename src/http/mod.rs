@@ -125,11 +125,16 @@ pub(crate) fn get_or_head() -> actix_web::Route {
     web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
 }
 
+/// The `503` for a command that was not committed (`overloaded`: the pipeline's queue or every
+/// hash slot was full; `unavailable`: storage cannot commit), with `Retry-After: 1`.
 pub(crate) fn pipeline_error(e: PipelineError) -> HttpResponse {
-    match e {
+    let mut r = match e {
         PipelineError::Overloaded => error(ErrorCode::Overloaded, "the server is overloaded; retry later"),
         PipelineError::Unavailable => error(ErrorCode::Unavailable, "storage cannot commit now; retry later"),
-    }
+    };
+    // Both are passing states: say when to try again (RFC 9110 §10.2.3), as a login does.
+    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
 }
 
 /// `HttpServer::on_connect` hook: keeps each TCP connection's descriptor in the connection

@@ -526,6 +526,27 @@ async fn concurrent_wrong_passwords_are_limited_like_sequential_ones() {
     assert_eq!((st, body["error"].as_str()), (429, Some("rate_limited")), "the right password after the burst: {body}");
 }
 
+/// Registrations refused because every hash slot is busy get a `503 overloaded` with a
+/// `Retry-After`, as logins do (one slot, no wait: of 12 at once some are refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_refused_for_busy_hash_slots_says_when_to_retry() {
+    let dir = TestDir::new();
+    let env = [("PARLEY__AUTH__MAX_CONCURRENT_HASHES", "1"), ("PARLEY__AUTH__HASH_WAIT_MS", "0"), ("PARLEY__AUTH__ARGON2_MEMORY_KIB", "65536")];
+    let srv = Server::start_with(&dir, &env).await;
+    let tries = (0..12).map(|k| {
+        let body = json!({"user": format!("user{k}"), "password": PASSWORD}).to_string();
+        async move { http_full(srv.addr, "POST", "/v1/register", &[], &body).await }
+    });
+    let replies = futures_util::future::join_all(tries).await;
+    let refused: Vec<_> = replies.iter().filter(|r| r.status == 503).collect();
+    assert!(replies.iter().all(|r| r.status == 201 || r.status == 503), "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(!refused.is_empty(), "12 registrations at once through one slot with no wait: none refused");
+    for r in refused {
+        assert_eq!(r.json()["error"], "overloaded", "{}", r.text());
+        assert_eq!(r.header("retry-after"), Some("1"), "a 503 says when to retry: {:?}", r.headers);
+    }
+}
+
 // ---------------------------------------------------------------------------------- 3. bad frames
 
 /// Malformed frames each get `error bad_frame` and the socket stays, up to
