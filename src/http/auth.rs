@@ -67,10 +67,10 @@ fn hash_busy() -> HttpResponse {
 }
 
 /// argon2 working memory kept between hashes: one buffer per hash running, so at most
-/// [`hash_slots`] buffers of `auth.argon2_memory_kib` each. Allocating a fresh one per hash
-/// (what `argon2`'s `hash_password` does) cost every hash its page faults and zeroing (about a
-/// fifth of a 19 MiB hash's time once each block is mapped apart, `server::fix_mmap_threshold`),
-/// or, with glibc's default threshold, left the freed blocks in the heap.
+/// [`hash_slots`] buffers of `auth.argon2_memory_kib` each. A fresh buffer per hash (what
+/// `argon2`'s `hash_password` does) was left in glibc's heap when freed, once glibc's dynamic
+/// mmap threshold (mallopt(3)) had risen to its size: 1,000 logins held 1,089 MB. Mapping each
+/// one apart instead cost every hash its page faults and zeroing.
 static BLOCKS: parking_lot::Mutex<Vec<Vec<Block>>> = parking_lot::Mutex::new(Vec::new());
 
 /// Runs `f` on `count` blocks of reused memory. argon2 writes every block before it reads it
@@ -120,7 +120,7 @@ pub fn hash_password(s: &Shared, password: &str) -> argon2::password_hash::Resul
 /// Whether `password` matches the argon2 PHC string `phc`, under the parameters `phc` names
 /// (blocking: call off the async workers, through [`hash_job`]). Also used by the XMPP
 /// gateway's SASL PLAIN. The comparison takes the same time wherever the outputs differ.
-pub fn verify_password(_s: &Shared, phc: &str, password: &str) -> bool {
+pub fn verify_password(phc: &str, password: &str) -> bool {
     verify_phc(phc, password.as_bytes())
 }
 
@@ -261,8 +261,7 @@ pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, super::Body(body
         Ok(None) => return failed(&mut attempt),
         Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),
     };
-    let s2 = s.clone();
-    let Ok(ok) = hash_job(&s, move || verify_password(&s2, &rec.password_hash, &c.password)).await else {
+    let Ok(ok) = hash_job(&s, move || verify_password(&rec.password_hash, &c.password)).await else {
         return hash_busy();
     };
     if !ok {

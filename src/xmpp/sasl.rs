@@ -84,7 +84,7 @@ impl Validator<Plain> for Users {
             Ok(Some(rec)) if !rec.deleted => rec,
             _ => return Err(ValidatorError::AuthenticationFailed),
         };
-        if crate::http::auth::verify_password(&self.shared, &rec.password_hash, &value.0) {
+        if crate::http::auth::verify_password(&rec.password_hash, &value.0) {
             Ok(())
         } else {
             Err(ValidatorError::AuthenticationFailed)
