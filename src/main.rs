@@ -166,10 +166,12 @@ fn init_tracing(cfg: &Config) {
     // actix-server's own lines ("starting 2 workers", "accept thread stopped", ...) are kept to
     // warnings unless the level names actix_server: parley logs what it starts, in its words;
     // openraft's info lines (every vote, every replication session) likewise.
+    // actix-http logs every unparsable request at ERROR ("stream error"), so any client could
+    // fill the error log: those are the client's errors, answered 400/431, and kept off too.
     let mut level = cfg.log.level.clone();
-    for quiet in ["actix_server", "openraft"] {
+    for (quiet, at) in [("actix_server", "warn"), ("openraft", "warn"), ("actix_http::h1::dispatcher", "off")] {
         if !cfg.log.level.contains(quiet) {
-            level.push_str(&format!(",{quiet}=warn"));
+            level.push_str(&format!(",{quiet}={at}"));
         }
     }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&level));

@@ -117,3 +117,20 @@ async fn the_authorization_scheme_is_case_insensitive() {
     let r = http_full(srv.addr, "POST", "/v1/admin/backup", &[("Authorization", &format!("Basic {TOKEN}"))], &body).await;
     assert_eq!((r.status, r.json()["error"].clone()), (401, Value::from("unauthorized")), "another scheme: {}", r.text());
 }
+
+/// A request that is not HTTP/1.1 at all gets actix-http's bare 400 and a closed connection, and
+/// leaves no ERROR line in the log: a client cannot fill the error log with garbage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_requests_get_400_and_no_error_log_line() {
+    let dir = TestDir::new();
+    let srv = Server::start(&dir).await;
+    for head in ["GARBAGE", "GET / HTTP/9.9", "POST /v1/login HTTP/1.1\r\nHost: x\r\nContent-Length: abc"] {
+        let r = raw(srv.addr, head).await;
+        assert_eq!((r.status, r.header("connection")), (400, Some("close")), "{head:?}");
+    }
+    // A request that works afterwards: the log below holds everything the server wrote so far.
+    let r = http_full(srv.addr, "GET", "/v1/healthz", &[], "").await;
+    assert_eq!(r.status, 200);
+    let errors: Vec<String> = srv.log().lines().filter(|l| l.contains("\"ERROR\"")).map(str::to_owned).collect();
+    assert!(errors.is_empty(), "error lines for the client's garbage: {errors:?}");
+}
