@@ -271,6 +271,9 @@ pub struct StorageConfig {
     pub snapshot_interval_ms: u64,
     /// How often the materializer writes applied state from memory to sled, ms.
     pub materialize_interval_ms: u64,
+    /// Whether the materializer's sled writes run at the lowest CPU priority (Linux
+    /// `SCHED_IDLE`; see [`IdleWriter`](crate::storage::store::IdleWriter)).
+    pub materialize_idle_priority: bool,
     /// sled cache, bytes.
     pub cache_bytes: u64,
 }
@@ -962,6 +965,6 @@ mod tests {
         assert!(w[0].contains("PARLEY_SESSION_HELLO_TIMEOUT_MS") && w[0].contains("did you mean PARLEY__SESSION__HELLO_TIMEOUT_MS?"), "{w:?}");
         assert!(w[1].contains("did you mean PARLEY__SERVER__LISTEN?"), "{w:?}");
         assert!(Config::env_warnings(vars(NON_CONFIG_VARS)).is_empty(), "the tests' and tools' variables");
-        assert_eq!(Config::keys().len(), 64, "{:?}", Config::keys());
+        assert_eq!(Config::keys().len(), 65, "{:?}", Config::keys());
     }
 }

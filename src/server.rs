@@ -198,7 +198,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
             tracing::info!(%caddr, node_id = node.id(), "parley cluster listening");
             println!("parley cluster listening on {caddr}");
             let (pipeline, batcher) = Pipeline::start_replicated(cfg.storage.clone(), node.clone());
-            let materializer = storage::pipeline::spawn_materializer(live.clone(), Duration::from_millis(cfg.storage.materialize_interval_ms));
+            let materializer = storage::pipeline::spawn_materializer(live.clone(), Duration::from_millis(cfg.storage.materialize_interval_ms), cfg.storage.materialize_idle_priority);
             (pipeline, Backend::Cluster { node, rt, batcher, _materializer: materializer })
         }
     };

@@ -60,6 +60,7 @@ fn describe() {
     describe_histogram!("parley_checkpoint_duration_seconds", Unit::Seconds, "sled flush + fsync per checkpoint");
     describe_histogram!("parley_materialize_duration_seconds", Unit::Seconds, "Writing one layer of applied state from memory to sled");
     describe_histogram!("parley_materialize_keys", Unit::Count, "Keys per materialized layer");
+    describe_counter!("parley_materialize_takeovers_total", "Layers the idle-priority sled writer left to the materializer (the machine was too busy)");
     describe_histogram!("parley_snapshot_duration_seconds", Unit::Seconds, "Writing one snapshot of the whole state");
     describe_gauge!("parley_log_bytes", Unit::Bytes, "Write-ahead log size");
     describe_gauge!("parley_log_segments", "Write-ahead log segment files");
@@ -92,6 +93,7 @@ fn describe() {
         "parley_retention_deleted_total",
         "parley_xmpp_stream_errors_total",
         "parley_state_rebuilds_total",
+        "parley_materialize_takeovers_total",
     ] {
         counter!(c).increment(0);
     }

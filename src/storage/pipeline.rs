@@ -104,9 +104,10 @@ impl Pipeline {
         let (mat_tx, mat_rx) = crossbeam_channel::bounded::<()>(1);
         let mat_state = state.clone();
         let every = Duration::from_millis(cfg.materialize_interval_ms);
+        let idle = cfg.materialize_idle_priority;
         std::thread::Builder::new()
             .name("parley-materialize".into())
-            .spawn(move || materialize_loop(mat_state, mat_rx, every))
+            .spawn(move || materialize_loop(mat_state, mat_rx, every, idle))
             .ok();
         let mut w = Worker {
             state: state.clone(),
@@ -471,23 +472,33 @@ impl Worker {
 }
 
 /// Materializes every `every` until the channel disconnects (see [`State::materialize`]).
-fn materialize_loop(state: Arc<State>, stop: Receiver<()>, every: Duration) {
-    materialize_live(&super::LiveState::new(state), stop, every);
+fn materialize_loop(state: Arc<State>, stop: Receiver<()>, every: Duration, idle: bool) {
+    materialize_live(&super::LiveState::new(state), stop, every, idle);
 }
 
 /// Starts a materializer thread for the state in `live` (a cluster node's, which a snapshot
 /// install may replace): every `every` it writes the applied entries from memory to sled, off
-/// the apply path. It stops when the returned sender is dropped.
-pub fn spawn_materializer(live: super::LiveState, every: Duration) -> Sender<()> {
+/// the apply path, through an [`IdleWriter`](super::store::IdleWriter) at `SCHED_IDLE` when
+/// `idle`. It stops when the returned sender is dropped.
+pub fn spawn_materializer(live: super::LiveState, every: Duration, idle: bool) -> Sender<()> {
     let (tx, rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::Builder::new()
         .name("parley-materialize".into())
-        .spawn(move || materialize_live(&live, rx, every))
+        .spawn(move || materialize_live(&live, rx, every, idle))
         .ok();
     tx
 }
 
-fn materialize_live(live: &super::LiveState, stop: Receiver<()>, every: Duration) {
+fn materialize_live(live: &super::LiveState, stop: Receiver<()>, every: Duration, idle: bool) {
+    // The sled inserts run on the writer thread; this thread keeps the overlay's locks (it is
+    // never at idle priority, so a lock it holds is never stuck behind a starved thread).
+    let writer = match super::store::IdleWriter::spawn(idle) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the sled writer thread; materializing on this thread");
+            None
+        }
+    };
     loop {
         // Behind (apply may be waiting, `Store::wait_below`): the next round at once.
         let behind = live.get().dirty_keys() > super::store::MAX_DIRTY_KEYS / 2;
@@ -498,7 +509,7 @@ fn materialize_live(live: &super::LiveState, stop: Receiver<()>, every: Duration
         let state = live.get();
         let t0 = Instant::now();
         let keys = state.dirty_keys();
-        match state.materialize() {
+        match state.materialize_with(writer.as_ref()) {
             Ok(_) if keys > 0 => {
                 metrics::histogram!("parley_materialize_duration_seconds").record(t0.elapsed().as_secs_f64());
                 metrics::histogram!("parley_materialize_keys").record(keys as f64);

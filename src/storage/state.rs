@@ -162,6 +162,11 @@ impl State {
         self.store.materialize()
     }
 
+    /// [`materialize`](Self::materialize) with the sled writes on `writer`'s thread.
+    pub fn materialize_with(&self, writer: Option<&super::store::IdleWriter>) -> Result<u64, StorageError> {
+        self.store.materialize_with(writer)
+    }
+
     /// Drops the state as a crash would: what is not materialized yet is lost (tests).
     #[cfg(test)]
     pub(crate) fn crash(self) {
