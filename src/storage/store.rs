@@ -29,6 +29,12 @@
 //!
 //! **Invariant:** once [`Store::open`] has finished the redo (if any), sled holds the state after
 //! some whole entry, `meta/applied`. After a crash, start-up replays the log from there.
+//!
+//! **Who writes.** The background materializer hands a round's per-key inserts to an
+//! [`IdleWriter`], a thread under Linux's `SCHED_IDLE` that holds no lock, and keeps the rest
+//! (layer swap, redo record, `meta/applied`) on its own thread; a round the machine leaves no
+//! time for is finished by the materializer at normal priority. Checkpoints, backups and the
+//! backpressure path write inline on their own thread.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -420,8 +426,8 @@ impl Store {
 ///
 /// A thread at idle priority must never hold what a normal thread waits for, or it would make
 /// that thread wait as long as the machine is busy (priority inversion). So it holds no lock:
-/// the materializer thread (normal priority) keeps the overlay's lock work (swap, clear) and the
-/// `flush` lock, and only waits for the answer. While it waits it watches the overlay: once the
+/// the materializer thread (normal priority) keeps the overlay's lock work (swap, clear), the
+/// `flush` lock and the redo record, hands it only the layer's keys and waits for the answer. While it waits it watches the overlay: once the
 /// round has run longer than [`IDLE_ROUND_PATIENCE`] and more than [`BEHIND_KEYS`] keys wait
 /// (the machine has been too busy to give the writer time), it raises the writer's stop flag,
 /// which the writer reads every [`STOP_CHECK_KEYS`] keys; the writer answers where it stopped,
@@ -432,16 +438,10 @@ pub struct IdleWriter {
     jobs: crossbeam_channel::Sender<WriteJob>,
 }
 
-/// One layer for the [`IdleWriter`]: tree, layer, its applied index, stop flag, answer.
-type WriteJob = (sled::Tree, Arc<Layer>, u64, Arc<AtomicBool>, crossbeam_channel::Sender<sled::Result<Written>>);
-
-/// How far the [`IdleWriter`] got with a layer.
-enum Written {
-    /// Every key, `meta/applied`, and the redo record removed.
-    All,
-    /// The redo record (`chunks` chunks) and the keys before the `next`-th; stopped by the flag.
-    Stopped { next: usize, chunks: u32 },
-}
+/// The keys of one layer for the [`IdleWriter`]: tree, layer, stop flag, and where to answer
+/// how far it got (`None`: every key; `Some(i)`: the keys before the `i`-th, stopped by the
+/// flag).
+type WriteJob = (sled::Tree, Arc<Layer>, Arc<AtomicBool>, crossbeam_channel::Sender<sled::Result<Option<usize>>>);
 
 /// How long a round may take on the idle writer before the materializer considers taking it
 /// over (only when [`BEHIND_KEYS`] keys also wait).
@@ -462,14 +462,8 @@ impl IdleWriter {
                     tracing::warn!(error = %e, "cannot lower the sled writer to SCHED_IDLE; it runs at normal priority");
                 }
             }
-            for (tree, layer, upto, stop, reply) in rx {
-                let r = (|| {
-                    let chunks = write_redo(&tree, &layer, upto)?;
-                    match write_keys_from(&tree, &layer, 0, Some(&stop))? {
-                        Some(next) => Ok(Written::Stopped { next, chunks }),
-                        None => finish_write(&tree, upto, chunks).map(|()| Written::All),
-                    }
-                })();
+            for (tree, layer, stop, reply) in rx {
+                let r = write_keys_from(&tree, &layer, 0, Some(&stop));
                 // The caller may take the layer back (`Arc::try_unwrap`) once answered.
                 drop(layer);
                 let _ = reply.send(r);
@@ -478,9 +472,10 @@ impl IdleWriter {
         Ok(IdleWriter { jobs: tx })
     }
 
-    /// Writes `layer` and `meta/applied = upto` into `tree` (module docs) on the writer thread,
-    /// finishing it on this thread if `behind()` says so once the round has taken `patience`
-    /// (looked at every 10 ms). Returns whether this thread took over.
+    /// Writes `layer` and `meta/applied = upto` into `tree` (module docs): the redo record and,
+    /// at the end, `meta/applied` and the record's removal on this thread, the keys on the
+    /// writer thread, finishing them on this thread if `behind()` says so once the round has
+    /// taken `patience` (looked at every 10 ms). Returns whether this thread took over.
     fn write(&self, tree: &sled::Tree, layer: Arc<Layer>, upto: u64, patience: std::time::Duration, behind: impl Fn() -> bool) -> sled::Result<bool> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let stop = Arc::new(AtomicBool::new(false));
@@ -490,24 +485,23 @@ impl IdleWriter {
                 stop.store(true, Ordering::Release);
             }
         };
+        let chunks = write_redo(tree, &layer, upto)?;
         look();
         let gone = || sled::Error::Io(std::io::Error::other("the sled writer thread is gone"));
-        self.jobs.send((tree.clone(), layer.clone(), upto, stop.clone(), tx)).map_err(|_| gone())?;
-        let written = loop {
+        self.jobs.send((tree.clone(), layer.clone(), stop.clone(), tx)).map_err(|_| gone())?;
+        let stopped_at = loop {
             match rx.recv_timeout(std::time::Duration::from_millis(10)) {
                 Ok(r) => break r?,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => look(),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(gone()),
             }
         };
-        match written {
-            Written::All => Ok(false),
-            Written::Stopped { next, chunks } => {
-                metrics::counter!("parley_materialize_takeovers_total").increment(1);
-                write_keys_from(tree, &layer, next, None)?;
-                finish_write(tree, upto, chunks).map(|()| true)
-            }
+        if let Some(next) = stopped_at {
+            metrics::counter!("parley_materialize_takeovers_total").increment(1);
+            write_keys_from(tree, &layer, next, None)?;
         }
+        finish_write(tree, upto, chunks)?;
+        Ok(stopped_at.is_some())
     }
 }
 
