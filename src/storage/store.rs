@@ -421,7 +421,7 @@ impl Store {
 /// A thread that writes layers to sled at the lowest CPU priority (Linux `SCHED_IDLE`, see
 /// sched(7)): it runs only when no other thread of the machine wants the core, so a round of
 /// sled inserts (10–50 ms of CPU for a few thousand keys) never delays a session or the commit
-/// thread. On 2 cores at 4,000 msg/s this took the ack p99 from 14.7–16.3 ms to 8.4–9.4 ms
+/// thread. On 2 cores at 4,000 msg/s this took the ack p99 from 14.4–17.6 ms to 7.5–13.0 ms
 /// (BENCHMARKS.md, issue 11, fifth round).
 ///
 /// A thread at idle priority must never hold what a normal thread waits for, or it would make
