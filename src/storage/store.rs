@@ -427,8 +427,8 @@ impl Store {
 /// A thread at idle priority must never hold what a normal thread waits for, or it would make
 /// that thread wait as long as the machine is busy (priority inversion). So it holds no lock:
 /// the materializer thread (normal priority) keeps the overlay's lock work (swap, clear), the
-/// `flush` lock and the redo record, hands it only the layer's keys and waits for the answer. While it waits it watches the overlay: once the
-/// round has run longer than [`IDLE_ROUND_PATIENCE`] and more than [`BEHIND_KEYS`] keys wait
+/// `flush` lock and the redo record, hands it only the layer's keys and waits for the answer.
+/// While it waits it watches the overlay: once the round has run longer than [`IDLE_ROUND_PATIENCE`] and more than [`BEHIND_KEYS`] keys wait
 /// (the machine has been too busy to give the writer time), it raises the writer's stop flag,
 /// which the writer reads every [`STOP_CHECK_KEYS`] keys; the writer answers where it stopped,
 /// and the materializer writes the rest of the layer itself, at normal priority. Only one thread
