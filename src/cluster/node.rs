@@ -160,6 +160,11 @@ pub struct Opened {
 pub fn open(cfg: &Config, data: &Path, sink: Arc<dyn Sink>) -> anyhow::Result<Opened> {
     std::fs::create_dir_all(data.join("raft")).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", data.join("raft").display()))?;
     let lock = DataLock::acquire(data)?;
+    // `raft`'s name in the data directory, and the data directory's in its parent, are durable
+    // before the log and the state machine below them write anything they promise to keep.
+    for d in [data, data.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))] {
+        std::fs::File::open(d).and_then(|f| f.sync_all()).map_err(|e| anyhow::anyhow!("cannot fsync {}: {e}", d.display()))?;
+    }
     let log = LogStore::open(&data.join("raft").join("log"), cfg.storage.segment_bytes).map_err(|e| anyhow::anyhow!("the Raft log: {e}"))?;
     let sm = StateMachine::open(&data.join("raft").join("sm"), cfg.storage.cache_bytes, sink).map_err(|e| anyhow::anyhow!("the Raft state machine: {e}"))?;
     let live = sm.live();

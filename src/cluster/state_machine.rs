@@ -298,23 +298,7 @@ fn restore_generation(dir: &Path, gen: u64, snap: &Path, cache_bytes: u64) -> Re
     State::restore_snapshot(&tmp, snap)?;
     std::fs::rename(&tmp, &fin).map_err(io_err(&fin))?;
     sync_dir(dir)?;
-    open_when_released(&fin, cache_bytes)
-}
-
-/// [`State::open`], retried for up to 5 s while sled's file lock is still held: sled 0.34 keeps
-/// the lock of a database just dropped (by its background flusher) for a moment, and a
-/// generation restored and reopened at once under load found it taken ("could not acquire lock
-/// ... WouldBlock"), which stopped the Raft core.
-fn open_when_released(dir: &Path, cache_bytes: u64) -> Result<State, LocalError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match State::open(dir, cache_bytes) {
-            Err(LocalError::Sled(sled::Error::Io(e))) if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            r => return r,
-        }
-    }
+    Ok(State::open(&fin, cache_bytes)?)
 }
 
 /// Closes and deletes generation `gen` (`old`) when nobody else holds it; otherwise it stays

@@ -242,6 +242,9 @@ pub fn open(data: &Path, segment_bytes: u64, cache_bytes: u64) -> Result<Opened,
         let (file, records) = state.snapshot(&snaps)?;
         tracing::info!(index = file.index, records, "no snapshot and the log does not start at entry 1: took a snapshot at start-up");
     }
+    // Every name the data directory holds (`state`, `wal`, `snapshots`, `LOCK`; a restore copies
+    // the first two in) is durable before anything is acked into them.
+    sync_dir(data)?;
     stats.millis = t0.elapsed().as_millis() as u64;
     Ok(Opened { state, wal, stats, lock })
 }

@@ -10,7 +10,8 @@
 //! followers.
 //!
 //! File: `DATA/snapshots/{index:020}.snap`, written as `.tmp`, fsync'd, renamed, and the
-//! directory fsync'd, so a snapshot is either whole or absent.
+//! directory fsync'd (and `DATA`, which holds the directory's name), so a snapshot is either
+//! whole or absent.
 //!
 //! | part | layout |
 //! | --- | --- |
@@ -47,12 +48,18 @@ fn io(p: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
 }
 
 /// Writes every `(key, value)` of `records` as the snapshot of applied index `index` in `dir`,
-/// durably (tmp file, fsync, rename, directory fsync). Returns the file and the record count.
+/// durably (tmp file, fsync, rename, fsync of `dir` and of its parent). Returns the file and the
+/// record count.
 pub fn write<I>(dir: &Path, index: u64, records: I) -> Result<(SnapshotFile, u64), StorageError>
 where
     I: IntoIterator<Item = Result<(sled::IVec, sled::IVec), StorageError>>,
 {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // The directory's own name must be durable in its parent too (the first snapshot creates
+    // it; a process that died before this fsync may have created it): without this a power
+    // cut can take the whole directory, and with it the snapshot the log was purged up to.
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent))?;
     let path = dir.join(format!("{index:020}.snap"));
     let tmp = dir.join(format!("{index:020}.snap.tmp"));
     let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;

@@ -138,10 +138,11 @@ const DELIVERED: u8 = 0;
 const READ: u8 = 1;
 
 impl State {
-    /// Opens (creating) the state in `dir` with a page cache of `cache_bytes`.
+    /// Opens (creating) the state in `dir` with a page cache of `cache_bytes`. A database of
+    /// this process just closed is waited for ([`store::open_sled`], at most 5 s).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<State, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
-        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
+        let db = store::open_sled(&sled::Config::new().path(dir).cache_capacity(cache_bytes))?;
         let store = Store::open(&db, dir)?;
         Ok(State { db, store, dir: dir.to_owned(), hot: Default::default(), ids: Default::default(), crash_on_drop: Default::default() })
     }
@@ -197,7 +198,7 @@ impl State {
     /// returns its applied index. The log after that index is replayed by [`open`](super::open).
     pub fn restore_snapshot(dir: &Path, file: &Path) -> Result<u64, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
-        let db = sled::Config::new().path(dir).open()?;
+        let db = store::open_sled(&sled::Config::new().path(dir))?;
         let index = store::load_snapshot(&db.open_tree(STATE_TREE)?, file)?;
         db.flush()?;
         drop(db);
@@ -346,7 +347,7 @@ impl State {
             return Err(StorageError::io(dir, std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the backup directory is not empty")));
         }
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
-        let db = sled::Config::new().path(&target).open()?;
+        let db = store::open_sled(&sled::Config::new().path(&target))?;
         for name in [STATE_TREE, "presence_last_seen"] {
             let (src, dst) = (self.db.open_tree(name)?, db.open_tree(name)?);
             let mut batch = sled::Batch::default();
@@ -373,6 +374,9 @@ impl State {
         let mpath = dir.join("BACKUP.json");
         std::fs::write(&mpath, manifest.to_string()).map_err(|e| StorageError::io(&mpath, e))?;
         store::fsync_tree(dir)?;
+        // And the backup directory's own name, in its parent.
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| StorageError::io(parent, e))?;
         Ok(applied)
     }
 

@@ -759,6 +759,32 @@ pub(crate) fn be_u64(v: &[u8]) -> Result<u64, StorageError> {
     Ok(u64::from_be_bytes(b))
 }
 
+/// How long [`open_sled`] waits for a just-closed database's file lock, in ms.
+const LOCK_RELEASE_WAIT_MS: u64 = 5_000;
+
+/// Opens the sled database `cfg` describes, retrying for up to [`LOCK_RELEASE_WAIT_MS`] while
+/// its file lock is taken: sled 0.34 releases the lock of a database just dropped only when its
+/// background flusher lets go, a moment later, so a database closed and reopened at once (a
+/// rebuild restoring a snapshot, a cluster installing one) could fail with "could not acquire
+/// lock ... WouldBlock" (seen under parallel test load). Another process cannot hold it: the
+/// data directory's own lock (`DataLock`) is taken first.
+///
+/// # Errors
+/// sled's error when it fails otherwise, or when the lock stays taken.
+pub(crate) fn open_sled(cfg: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(LOCK_RELEASE_WAIT_MS);
+    loop {
+        match cfg.open() {
+            // sled reports it as kind `Other` with this text (config.rs of 0.34.7), not as
+            // `WouldBlock`.
+            Err(sled::Error::Io(e)) if e.to_string().starts_with("could not acquire lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// fsyncs every file and directory below `dir` (and `dir` itself): sled's own `flush()` is
 /// `sync_file_range`, which is not enough.
 pub(crate) fn fsync_tree(dir: &Path) -> Result<(), StorageError> {
@@ -864,18 +890,26 @@ mod tests {
     /// Opens sled at `dir` again after a drop: sled's own threads may hold its file lock for a
     /// moment after the last handle went (seen as "could not acquire lock" under a parallel
     /// test run), so this tries for at most 10 s.
+    /// A database still open (its lock taken) is waited for, not an error; without the wait the
+    /// second open fails at once.
+    #[test]
+    fn open_sled_waits_for_a_database_being_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = sled::Config::new().path(dir.path());
+        let db = cfg.open().unwrap();
+        let err = cfg.open().err().expect("a second open while the first holds the lock");
+        assert!(err.to_string().starts_with("IO error: could not acquire lock"), "{err}");
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(db);
+        });
+        let again = open_sled(&cfg).expect("opened once the first let go");
+        drop(again);
+        closer.join().unwrap();
+    }
+
     fn reopen(dir: &Path) -> sled::Db {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match sled::Config::new().path(dir).open() {
-                Ok(db) => return db,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    assert!(e.to_string().contains("could not acquire lock"), "{e}");
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
+        open_sled(&sled::Config::new().path(dir)).unwrap()
     }
 
     fn contents(tree: &sled::Tree) -> Vec<(Vec<u8>, Vec<u8>)> {
