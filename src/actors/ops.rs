@@ -19,20 +19,20 @@ pub enum SendCheck {
     New(String),
 }
 
-/// Why a `send` was refused before the log: the code and message, and whether the error may
-/// echo the client's `id` (not when the id itself is invalid).
+/// Why a `send` was refused before the log: the code and message. The `error` always echoes
+/// the client's `id`, an invalid one too (PROTOCOL.md §3: `send` answers `ack` or `error` with
+/// `id`), so a client can settle that pending send.
 pub struct SendRefused {
     pub code: ErrorCode,
     pub message: String,
-    pub echo_id: bool,
 }
 
 /// Checks a `send` of `body` from `user` to `to` (a user id or `g:<id>`) with client id `id`:
 /// id 1-64 chars, dedup record, body 1-65,536 bytes, target, per-user rate limit — in that order.
 pub fn check_send(shared: &Shared, user: &str, id: &str, to: &str, body: &str) -> Result<SendCheck, SendRefused> {
-    let refuse = |code, message: &str, echo_id| Err(SendRefused { code, message: message.to_owned(), echo_id });
+    let refuse = |code, message: &str| Err(SendRefused { code, message: message.to_owned() });
     if !valid_client_id(id) {
-        return refuse(ErrorCode::BadRequest, "id must be 1-64 chars", false);
+        return refuse(ErrorCode::BadRequest, "id must be 1-64 chars");
     }
     match shared.state().dedup_recent(user, id) {
         Ok(Some(a)) => {
@@ -42,21 +42,21 @@ pub fn check_send(shared: &Shared, user: &str, id: &str, to: &str, body: &str) -
         Ok(None) => {}
         Err(e) => {
             tracing::error!(error = %e, "storage read failed");
-            return refuse(ErrorCode::Internal, "internal error", false);
+            return refuse(ErrorCode::Internal, "internal error");
         }
     }
     if body.is_empty() {
-        return refuse(ErrorCode::BadRequest, "body must not be empty", true);
+        return refuse(ErrorCode::BadRequest, "body must not be empty");
     }
     if body.len() > MAX_BODY_BYTES {
-        return refuse(ErrorCode::TooLarge, "body is over 65536 bytes", true);
+        return refuse(ErrorCode::TooLarge, "body is over 65536 bytes");
     }
     let Some(conv) = Conv::from_target(user, to) else {
-        return refuse(ErrorCode::BadRequest, "to must be a user id or g:<id>", true);
+        return refuse(ErrorCode::BadRequest, "to must be a user id or g:<id>");
     };
     if !shared.send_limiter.allow(user) {
         metrics::counter!("parley_rate_limited_total", "what" => "send").increment(1);
-        return refuse(ErrorCode::RateLimited, "too many messages; slow down", true);
+        return refuse(ErrorCode::RateLimited, "too many messages; slow down");
     }
     Ok(SendCheck::New(conv.to_string()))
 }

@@ -690,8 +690,7 @@ impl Session {
             }
             Ok(super::ops::SendCheck::New(conv)) => conv,
             Err(e) => {
-                let echo = Some(id).filter(|_| e.echo_id);
-                return self.error(e.code, e.message, rid, echo, ctx);
+                return self.error(e.code, e.message, rid, Some(id), ctx);
             }
         };
         // Sending ends this device's typing there (PROTOCOL.md §4.6). Done here, in frame order,

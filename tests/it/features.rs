@@ -870,3 +870,33 @@ async fn conversations_order_follows_acceptance_when_last_messages_share_a_milli
     assert_eq!(order, [g.clone(), AB.to_owned()], "g1 was accepted after d1 (ts {tg} and {td}): the group is the newest");
 }
 
+
+/// Every refused `send` answers an `error` with the client's `id`, an invalid id too
+/// (PROTOCOL.md §3), so a client can settle that pending send; nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_send_echoes_its_id_even_an_invalid_one() {
+    let dir = TestDir::new();
+    let srv = Server::start(&dir).await;
+    let [mut alice, _bob] = srv.clients(["alice", "bob"]).await;
+    let long = "x".repeat(65);
+    let cases: [(&str, &str, &str, ErrorCode); 5] = [
+        ("", "bob", "hi", ErrorCode::BadRequest),
+        (&long, "bob", "hi", ErrorCode::BadRequest),
+        ("e-body", "bob", "", ErrorCode::BadRequest),
+        ("e-to", "not a user!", "hi", ErrorCode::BadRequest),
+        ("e-group", "g:nosuchgroup", "hi", ErrorCode::NotMember),
+    ];
+    for (id, to, body, want) in cases {
+        alice.send_msg(id, to, body).await;
+        let (code, message) = alice
+            .until(&format!("the error of send {id:?}"), |f| match f {
+                ServerFrame::Error { id: Some(i), code, message, .. } if i == id => Some((*code, message.clone())),
+                ServerFrame::Error { id: None, .. } => panic!("an error without the id of send {id:?}: {f:?}"),
+                _ => None,
+            })
+            .await;
+        assert_eq!(code, want, "send {id:?} to {to:?}: {message}");
+    }
+    alice.barrier().await;
+    assert!(alice.history_all("dm:alice:bob").await.is_empty(), "a refused send was stored");
+}
