@@ -103,7 +103,7 @@ fn describe() {
     for what in ["send", "login", "password_hash"] {
         counter!("parley_rate_limited_total", "what" => what).increment(0);
     }
-    for why in crate::http::ADMISSION_WHY {
+    for why in crate::http::ADMISSION_WHY.map(|(label, _)| label).into_iter().chain(["xmpp"]) {
         counter!("parley_admission_rejections_total", "why" => why).increment(0);
     }
     for actor in ["registry", "presence"] {

@@ -188,20 +188,22 @@ pub async fn starting(req: HttpRequest) -> HttpResponse {
     }
 }
 
-/// Why an upgrade was refused: the `why` label of `parley_admission_rejections_total` and the
-/// message of the 503 (draining, too many open sockets, too many new ones per second).
-pub const ADMISSION_WHY: [&str; 3] = ["the server is shutting down", "too many open connections", "too many new connections"];
+/// Why an upgrade was refused, as `(label, message)`: the `why` label of
+/// `parley_admission_rejections_total` (a short word, as Prometheus label values are) and the
+/// message of the 503: draining, `admission.max_sockets` open sockets, over
+/// `admission.upgrades_per_s`. The XMPP listener counts its refused TCP streams as `xmpp`.
+pub const ADMISSION_WHY: [(&str, &str); 3] = [("draining", "the server is shutting down"), ("sockets", "too many open connections"), ("rate", "too many new connections")];
 
 /// 503 with a `Retry-After`, so refused clients do not all come back in the same second: an
 /// upgrade refused for the rate (`rate`) gets the next free slot of the upgrade rate
 /// ([`crate::limits::Appointments`]); any other refusal, or a queue longer than
 /// `retry_after_max_s`, a jittered 1 to `retry_after_max_s` seconds.
-fn overloaded(s: &Shared, why: &str, rate: bool) -> HttpResponse {
+fn overloaded(s: &Shared, (label, why): (&'static str, &str), rate: bool) -> HttpResponse {
     use rand::Rng;
     let max = s.cfg.admission.retry_after_max_s;
     let booked = if rate { s.upgrade_slots.book(max) } else { None };
     let secs = booked.unwrap_or_else(|| rand::thread_rng().gen_range(1..=max));
-    ::metrics::counter!("parley_admission_rejections_total", "why" => why.to_owned()).increment(1);
+    ::metrics::counter!("parley_admission_rejections_total", "why" => label).increment(1);
     HttpResponse::ServiceUnavailable()
         .insert_header(("Retry-After", secs.to_string()))
         .json(serde_json::json!({ "error": "overloaded", "message": why, "retry_after_ms": secs.saturating_mul(1000) }))

@@ -781,7 +781,10 @@ async fn a_fresh_server_exports_every_documented_metric_family() {
         ("parley_rate_limited_total", "what=\"login\""),
         ("parley_actor_restarts_total", "actor=\"registry\""),
         ("parley_actor_restarts_total", "actor=\"presence\""),
-        ("parley_admission_rejections_total", "why=\"too many open connections\""),
+        ("parley_admission_rejections_total", "why=\"draining\""),
+        ("parley_admission_rejections_total", "why=\"sockets\""),
+        ("parley_admission_rejections_total", "why=\"rate\""),
+        ("parley_admission_rejections_total", "why=\"xmpp\""),
     ] {
         assert_eq!(metric(&m, name, &[label]), Some(0.0), "{name}{{{label}}} at zero:\n{m}");
     }
