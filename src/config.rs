@@ -105,6 +105,16 @@ impl ClusterConfig {
     /// (an id that is not a u64 above 0, a repeated id, an address without `HOST:PORT`, or a
     /// list that does not name `node_id` itself).
     pub fn peer_map(&self) -> Result<std::collections::BTreeMap<u64, String>, String> {
+        let out = self.parse_peers()?;
+        if !out.contains_key(&self.node_id) {
+            return Err(format!("must list this node itself (cluster.node_id = {})", self.node_id));
+        }
+        Ok(out)
+    }
+
+    /// `peers` parsed entry by entry, without asking that `node_id` be among them (so a bad
+    /// entry is reported as such even while `node_id` is unset).
+    fn parse_peers(&self) -> Result<std::collections::BTreeMap<u64, String>, String> {
         let mut out = std::collections::BTreeMap::new();
         for p in &self.peers.0 {
             let Some((id, addr)) = p.split_once('=') else {
@@ -123,9 +133,6 @@ impl ClusterConfig {
             if out.insert(id, addr.to_owned()).is_some() {
                 return Err(format!("node id {id} is listed twice"));
             }
-        }
-        if !out.contains_key(&self.node_id) {
-            return Err(format!("must list this node itself (cluster.node_id = {})", self.node_id));
         }
         Ok(out)
     }
@@ -567,6 +574,10 @@ impl Config {
         let c = &self.cluster;
         if c.node_id == 0 {
             if !c.peers.0.is_empty() {
+                // A garbled list is named first: it is what the user got wrong.
+                if let Err(why) = c.parse_peers() {
+                    return bad("cluster.peers", why);
+                }
                 return bad("cluster.node_id", "must be set (above 0) when cluster.peers is set; 0 means a single node");
             }
         } else {
@@ -940,6 +951,10 @@ mod tests {
             jail.set_env("PARLEY__CLUSTER__NODE_ID", "0");
             let e = Config::load(None).unwrap_err().to_string();
             assert!(e.contains("cluster.node_id") && e.contains("cluster.peers"), "{e}");
+            // With node_id unset, a garbled list is reported as the list's fault.
+            jail.set_env("PARLEY__CLUSTER__PEERS", "garbage");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("cluster.peers") && e.contains("ID=HOST:PORT") && !e.contains("cluster.node_id"), "{e}");
             Ok(())
         });
     }
