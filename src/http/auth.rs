@@ -117,6 +117,14 @@ pub fn hash_password(s: &Shared, password: &str) -> argon2::password_hash::Resul
     phc_string(&argon2(s), password.as_bytes(), &SaltString::generate(&mut rand::thread_rng()))
 }
 
+/// A PHC string of this server's argon2 parameters that no password is checked against for
+/// real: a login for an unknown user is verified against it, so that it takes as long as one
+/// with a wrong password. Made at the first such login (blocking: call it inside [`hash_job`]).
+pub(crate) fn unknown_user_phc(s: &Shared) -> &'static str {
+    static PHC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PHC.get_or_init(|| hash_password(s, "parley: no such user").unwrap_or_default())
+}
+
 /// Whether `password` matches the argon2 PHC string `phc`, under the parameters `phc` names
 /// (blocking: call off the async workers, through [`hash_job`]). Also used by the XMPP
 /// gateway's SASL PLAIN. The comparison takes the same time wherever the outputs differ.
@@ -257,11 +265,20 @@ pub async fn login(s: web::Data<Arc<Shared>>, req: HttpRequest, super::Body(body
         return error(ErrorCode::Unavailable, &format!("no quorum: {why}; retry"));
     }
     let rec = match s.state().user(&c.user) {
-        Ok(Some(r)) => r,
-        Ok(None) => return failed(&mut attempt),
+        Ok(r) => r,
         Err(_) => return error(ErrorCode::Unavailable, "storage unavailable"),
     };
-    let Ok(ok) = hash_job(&s, move || verify_password(&rec.password_hash, &c.password)).await else {
+    // An unknown user costs the same argon2 verification as a wrong password, so the answer's
+    // time does not tell whether the user exists (OWASP's authentication cheat sheet).
+    let shared = s.get_ref().clone();
+    let verify = move || match rec {
+        Some(rec) => verify_password(&rec.password_hash, &c.password),
+        None => {
+            verify_password(unknown_user_phc(&shared), &c.password);
+            false
+        }
+    };
+    let Ok(ok) = hash_job(&s, verify).await else {
         return hash_busy();
     };
     if !ok {

@@ -82,7 +82,12 @@ impl Validator<Plain> for Users {
         let u = username(identity).ok_or(ValidatorError::AuthenticationFailed)?;
         let rec = match self.shared.state().user(u) {
             Ok(Some(rec)) if !rec.deleted => rec,
-            _ => return Err(ValidatorError::AuthenticationFailed),
+            Ok(_) => {
+                // As long as a wrong password takes (see `http::auth::login`).
+                crate::http::auth::verify_password(crate::http::auth::unknown_user_phc(&self.shared), &value.0);
+                return Err(ValidatorError::AuthenticationFailed);
+            }
+            Err(_) => return Err(ValidatorError::AuthenticationFailed),
         };
         if crate::http::auth::verify_password(&rec.password_hash, &value.0) {
             Ok(())
