@@ -8,9 +8,10 @@
 //! writes never reached the store). When the cache grows past its bound it is dropped and
 //! refilled on demand, so memory stays bounded whatever the number of users.
 //!
-//! Three caches:
-//! - `values`: raw values of the small per-user and per-conversation tables (users, heads,
+//! The caches:
+//! - `values`: raw values of the small per-user and per-conversation tables (users,
 //!   conversation meta, per-user conversation state, groups, cursors);
+//! - `heads`: each user's latest ev, which is the key of its last event and is not stored apart;
 //! - `recent`: the last [`RECENT_EVENTS`] events of each user's stream, which a `received`
 //!   reads to find the conversations and senders it confirms;
 //! - `devices`: every device cursor of a user, for the lowest-cursor computation of `received`;
@@ -42,13 +43,7 @@ pub const MAX_IDS: usize = 4_000_000;
 pub fn cached(t: TreeId) -> bool {
     matches!(
         t,
-        TreeId::Users
-            | TreeId::UserHead
-            | TreeId::ConvMeta
-            | TreeId::UserConvState
-            | TreeId::Groups
-            | TreeId::DeviceCursor
-            | TreeId::UserMinCursor
+        TreeId::Users | TreeId::ConvMeta | TreeId::UserConvState | TreeId::Groups | TreeId::DeviceCursor
     )
 }
 
@@ -64,6 +59,8 @@ pub fn id_hash(id: &str) -> u64 {
 pub struct Hot {
     /// Full key → value as apply last read or wrote it (`None`: absent).
     pub values: HashMap<Vec<u8>, Option<IVec>>,
+    /// User → its latest ev (the key of its last event; heads are not stored apart).
+    pub heads: HashMap<String, u64>,
     /// User → its newest events, (ev, value) in ev order, consecutive.
     pub recent: HashMap<String, std::collections::VecDeque<(u64, IVec)>>,
     /// User → (device cursor key without the table byte → value), loaded whole on first use.
@@ -84,6 +81,9 @@ impl Hot {
     pub fn trim(&mut self) {
         if self.values.len() > MAX_VALUES {
             self.values = HashMap::default();
+        }
+        if self.heads.len() > MAX_VALUES {
+            self.heads = HashMap::default();
         }
         if self.recent.len() > MAX_VALUES / RECENT_EVENTS {
             self.recent = HashMap::default();

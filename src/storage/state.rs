@@ -409,26 +409,28 @@ impl State {
                 problems.push(format!("{conv}: stored seqs are not {}..={}", meta.purged_to + 1, meta.last_seq));
             }
         }
-        for (k, v) in self.store.table(TreeId::UserHead)? {
-            let user = String::from_utf8_lossy(&k).into_owned();
-            let head = be_u64(&v)?;
-            let mut expect = 1;
-            for (k, v) in self.store.scan_prefix(TreeId::UserEvEvent, &keys::prefix(&user), usize::MAX, None)? {
-                let ev = keys::num_suffix(&k).unwrap_or(0);
-                if ev != expect {
-                    problems.push(format!("{user}: event {expect} missing (found {ev})"));
-                    break;
-                }
-                expect += 1;
-                if let EventRecord::Message { conv, seq, .. } = decode(&v)? {
-                    let meta: ConvMeta = get(&self.store, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
-                    if seq > meta.last_seq || (seq > meta.purged_to && self.message_opt(&conv, seq)?.is_none()) {
-                        problems.push(format!("{user}: event {ev} points at missing message {conv}#{seq}"));
-                    }
-                }
+        // Each user's events, in key order: user by user, ev by ev.
+        let mut user = String::new();
+        let mut expect = 1;
+        for (k, v) in self.store.table(TreeId::UserEvEvent)? {
+            let Some((u, ev)) = hot::split_num_key(&k) else {
+                problems.push(format!("event key {k:?} is not user + ev"));
+                continue;
+            };
+            if u != user {
+                user = u.to_owned();
+                expect = 1;
             }
-            if expect != head + 1 {
-                problems.push(format!("{user}: head is {head} but events end at {}", expect - 1));
+            if ev != expect {
+                // Reported once per gap; the events after it are checked from where they are.
+                problems.push(format!("{user}: event {expect} missing (found {ev})"));
+            }
+            expect = ev + 1;
+            if let EventRecord::Message { conv, seq, .. } = decode(&v)? {
+                let meta: ConvMeta = get(&self.store, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
+                if seq > meta.last_seq || (seq > meta.purged_to && self.message_opt(&conv, seq)?.is_none()) {
+                    problems.push(format!("{user}: event {ev} points at missing message {conv}#{seq}"));
+                }
             }
         }
         for (k, v) in self.store.table(TreeId::DeviceCursor)? {
@@ -475,9 +477,10 @@ impl State {
         get(&self.store, TreeId::UserScram, user.as_bytes())
     }
 
-    /// A user's latest ev (0: none).
+    /// A user's latest ev (0: none): the key of its last event (events are only appended, and
+    /// the head is not stored apart, see [`TreeId::UserHead`]).
     pub fn head(&self, user: &str) -> Result<u64, StorageError> {
-        get_u64(&self.store, TreeId::UserHead, user.as_bytes())
+        last_ev(&self.store, user)
     }
 
     /// A device's stored cursor (0: none).
@@ -662,6 +665,14 @@ fn get_u64(store: &Store, t: TreeId, k: &[u8]) -> Result<u64, StorageError> {
     store.get(t, k)?.map_or(Ok(0), |v| be_u64(&v))
 }
 
+/// The ev of `user`'s last event (0: none).
+fn last_ev(store: &Store, user: &str) -> Result<u64, StorageError> {
+    match store.last_in_prefix(TreeId::UserEvEvent, &keys::prefix(user))? {
+        Some((k, _)) => keys::num_suffix(&k).ok_or_else(|| StorageError::Decode("event key".into())),
+        None => Ok(0),
+    }
+}
+
 // ---------------------------------------------------------------------- apply
 
 /// One entry's writes: full key → value (`None`: deleted). A hash map: apply looks keys up far
@@ -746,6 +757,18 @@ impl<'a> Tx<'a> {
         }
     }
 
+    /// `user`'s latest ev (0: none), from the cache or from its last stored event.
+    fn head(&mut self, user: &str) -> Result<u64, StorageError> {
+        if let Some(&h) = self.hot.heads.get(user) {
+            return Ok(h);
+        }
+        // Every event this entry wrote went through `write`, which sets the cache: a miss means
+        // the store has them all.
+        let h = last_ev(self.store, user)?;
+        self.hot.heads.insert(user.to_owned(), h);
+        Ok(h)
+    }
+
     /// Every device cursor of `user`.
     fn device_cursors(&mut self, user: &str) -> Result<Vec<u64>, StorageError> {
         if !self.hot.devices.contains_key(user) {
@@ -770,6 +793,12 @@ impl<'a> Tx<'a> {
         if t == TreeId::UserEvEvent {
             // Events are only ever appended (ev = head + 1) and never rewritten.
             if let (Some((user, ev)), Some(v)) = (hot::split_num_key(&k), &v) {
+                match self.hot.heads.get_mut(user) {
+                    Some(h) => *h = (*h).max(ev),
+                    None => {
+                        self.hot.heads.insert(user.to_owned(), ev);
+                    }
+                }
                 let r = self.hot.recent.entry(user.to_owned()).or_default();
                 if r.back().is_some_and(|&(last, _)| last + 1 != ev) {
                     r.clear();
@@ -857,7 +886,6 @@ impl Applier<'_> {
                 let ck = keys::pair(user, device);
                 if !self.tx.exists(TreeId::DeviceCursor, &ck)? {
                     self.tx.put_u64(TreeId::DeviceCursor, ck, 0);
-                    self.tx.put_u64(TreeId::UserMinCursor, user.as_bytes().to_vec(), 0);
                 }
                 Ok(Outcome::Done)
             }
@@ -897,9 +925,8 @@ impl Applier<'_> {
 
     /// Appends an event to `user`'s stream: ev = head + 1.
     fn append_event(&mut self, user: &str, rec: &EventRecord, payload: Arc<EventPayload>) -> Result<(), StorageError> {
-        let ev = self.tx.get_u64(TreeId::UserHead, user.as_bytes())? + 1;
+        let ev = self.tx.head(user)? + 1;
         self.tx.put(TreeId::UserEvEvent, keys::num(user, ev), rec)?;
-        self.tx.put_u64(TreeId::UserHead, user.as_bytes().to_vec(), ev);
         self.effects.events.push(Pushed { user: user.to_owned(), ev, payload });
         Ok(())
     }
@@ -982,21 +1009,20 @@ impl Applier<'_> {
     /// senders) and those every device now has (`all_devices_seq`, for the `delivered`
     /// retention). Each conversation state touched is written once.
     fn received(&mut self, user: &str, device: &str, up_to: u64) -> Result<Outcome, StorageError> {
-        let head = self.tx.get_u64(TreeId::UserHead, user.as_bytes())?;
+        let head = self.tx.head(user)?;
         let key = keys::pair(user, device);
         let cur = self.tx.get_u64(TreeId::DeviceCursor, &key)?;
         let new = up_to.min(head);
         if new <= cur {
             return Ok(Outcome::Done);
         }
+        // The lowest cursor over the user's devices, before and after this one moves (it is
+        // not stored apart, see [`TreeId::UserMinCursor`]). A device not stored yet has not
+        // confirmed anything; this device's cursor is among them after, so that is at most `new`.
+        let min_old = self.tx.device_cursors(user)?.into_iter().min().unwrap_or(0);
         self.tx.put_u64(TreeId::DeviceCursor, key, new);
-        // This device's cursor is among them, so the lowest is at most `new`.
         let min_new = self.tx.device_cursors(user)?.into_iter().min().unwrap_or(0);
-        let min_old = self.tx.get_u64(TreeId::UserMinCursor, user.as_bytes())?;
         let min_moves = min_new > min_old;
-        if min_moves {
-            self.tx.put_u64(TreeId::UserMinCursor, user.as_bytes().to_vec(), min_new);
-        }
         let from_ev = if min_moves { cur.min(min_old) } else { cur };
         // Per conversation: (newest seq from others this device got, their senders, newest seq
         // every device got).

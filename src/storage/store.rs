@@ -201,6 +201,35 @@ impl Store {
         self.range_full(full_key(t, prefix), prefix_end(t, prefix), limit, extra)
     }
 
+    /// The live entry of table `t` with the greatest key starting with `prefix` (key without the
+    /// table byte), or `None`. Reads the last key of each overlay layer's range and of sled's, so
+    /// it costs a few lookups whatever the number of keys; only when the newest of those keys is
+    /// a deletion does it fall back to merging the whole range.
+    pub fn last_in_prefix(&self, t: TreeId, prefix: &[u8]) -> Result<Option<(Vec<u8>, IVec)>, StorageError> {
+        let lo = full_key(t, prefix);
+        let bounds = (Bound::Included(lo.clone()), prefix_end(t, prefix));
+        // (key, value) of the greatest key of each overlay layer, newest layer first.
+        let (active, flushing) = {
+            let l = self.layers.read();
+            let last = |layer: &Layer| layer.range(bounds.clone()).next_back().map(|(k, v)| (k.clone(), v.clone()));
+            (last(&l.active), l.flushing.as_deref().and_then(last))
+        };
+        // Read after the layers: a key that left them since is in sled now.
+        let disk = self.tree.range::<Vec<u8>, _>(bounds.clone()).next_back().transpose()?;
+        let mut best: Option<(Vec<u8>, Option<IVec>)> = None;
+        for (k, v) in [active, flushing].into_iter().flatten().chain(disk.map(|(k, v)| (k.to_vec(), Some(v)))) {
+            // Newest first, so on equal keys the first one seen is the current value.
+            if best.as_ref().is_none_or(|(b, _)| k > *b) {
+                best = Some((k, v));
+            }
+        }
+        match best {
+            None => Ok(None),
+            Some((k, Some(v))) => Ok(Some((k[1..].to_vec(), v))),
+            Some((_, None)) => Ok(self.range_merged(lo, bounds.1, usize::MAX, None, None)?.pop()),
+        }
+    }
+
     fn range_full(&self, lo: Vec<u8>, hi: Bound<Vec<u8>>, limit: usize, extra: Option<&Layer>) -> Result<Vec<(Vec<u8>, IVec)>, StorageError> {
         let empty = match &hi {
             Bound::Included(h) => lo > *h,
@@ -1013,6 +1042,46 @@ mod tests {
                 let mut whole = store.range(TreeId::Users, &[lo], hi, usize::MAX, Some(&extra)).unwrap();
                 whole.truncate(limit);
                 prop_assert_eq!(page, whole);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// The last entry of a prefix is the last entry of the whole merged range, whatever sled, the
+    /// flushing layer and the active layer hold (values and tombstones), and keys of a longer
+    /// prefix ("bob" beside "bo") are not in it.
+    #[test]
+    fn the_last_in_a_prefix_is_the_last_of_the_whole_range() {
+        use proptest::prelude::*;
+        // Per key 0..24 under each of the prefixes "bo\0" and "bob\0": what sled, the flushing
+        // layer and the active layer hold (0 nothing, 1 a tombstone, 2 a value).
+        let cells = proptest::collection::vec((0u8..2, 0u8..24, 0u8..3, 0u8..3, 0u8..3), 0..30);
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 300, ..ProptestConfig::default() });
+        runner
+            .run(&cells, |cells| {
+                let dir = tempfile::tempdir().unwrap();
+                let db = sled::Config::new().temporary(true).path(dir.path()).open().unwrap();
+                let store = Store::open(&db, dir.path()).unwrap();
+                let key = |who: u8, k: u8| {
+                    let mut key = if who == 0 { b"bo\0".to_vec() } else { b"bob\0".to_vec() };
+                    key.push(k);
+                    key
+                };
+                let layer_of = |pick: &dyn Fn(&(u8, u8, u8, u8, u8)) -> u8, gen: u8| -> Layer {
+                    cells
+                        .iter()
+                        .filter(|c| pick(c) > 0)
+                        .map(|c| (full_key(TreeId::UserEvEvent, &key(c.0, c.1)), (pick(c) == 2).then(|| IVec::from(vec![gen, c.1]))))
+                        .collect()
+                };
+                store.merge(1, layer_of(&|c| c.2, 1));
+                store.materialize().unwrap();
+                store.layers.write().flushing = Some(Arc::new(layer_of(&|c| c.3, 2)));
+                store.merge(2, layer_of(&|c| c.4, 3));
+                for prefix in [&b"bo\0"[..], &b"bob\0"[..]] {
+                    let whole = store.scan_prefix(TreeId::UserEvEvent, prefix, usize::MAX, None).unwrap();
+                    prop_assert_eq!(store.last_in_prefix(TreeId::UserEvEvent, prefix).unwrap(), whole.last().cloned());
+                }
                 Ok(())
             })
             .unwrap();

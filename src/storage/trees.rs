@@ -10,7 +10,7 @@
 //! | `meta` | `b"raft"` | cluster only (`cluster/`): the Raft log id applied last and the membership, as the cluster's state machine encodes them; written in the same layer as the entry it describes ([`State::apply_recording`](super::state::State::apply_recording)) |
 //! | `users` | user | [`UserRecord`](super::records::UserRecord) |
 //! | `tokens` | sha256(token) (32 bytes) | [`TokenRecord`](super::records::TokenRecord) |
-//! | `user_head` | user | u64 BE: the user's latest ev |
+//! | `user_head` | user | not written any more: a user's latest ev is the key of its last event (events are only appended), found with [`Store::last_in_prefix`](super::store::Store::last_in_prefix); a data directory from before keeps stale values that nothing reads |
 //! | `user_ev_event` | user `\0` ev (u64 BE) | [`EventRecord`](super::records::EventRecord) |
 //! | `conv_meta` | conv | [`ConvMeta`](super::records::ConvMeta) |
 //! | `conv_seq_message` | conv `\0` seq (u64 BE) | [`MessageRecord`](super::records::MessageRecord) |
@@ -18,7 +18,7 @@
 //! | `device_cursor` | user `\0` device | u64 BE: the device's confirmed ev |
 //! | `user_conv_state` | user `\0` conv | [`UserConvRecord`](super::records::UserConvRecord) |
 //! | `groups` | group id | [`GroupRecord`](super::records::GroupRecord) |
-//! | `user_min_cursor` | user | u64 BE: the lowest cursor over the user's devices (every device has reached it) |
+//! | `user_min_cursor` | user | not written any more: the lowest cursor over a user's devices is computed from its `device_cursor` keys (apply caches them); stale values in older data directories are never read |
 //! | `user_scram` | user | [`ScramRecord`](super::records::ScramRecord): SCRAM verifiers (XMPP gateway) |
 //!
 //! Outside the log, in a sled tree of its own: `presence_last_seen` (user → u64 BE ms).
