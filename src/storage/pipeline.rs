@@ -501,7 +501,7 @@ fn materialize_live(live: &super::LiveState, stop: Receiver<()>, every: Duration
     };
     loop {
         // Behind (apply may be waiting, `Store::wait_below`): the next round at once.
-        let behind = live.get().dirty_keys() > super::store::MAX_DIRTY_KEYS / 2;
+        let behind = live.get().fill() > super::store::MAX_DIRTY_KEYS / 2;
         match stop.recv_timeout(if behind { Duration::ZERO } else { every }) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,

@@ -211,6 +211,11 @@ impl State {
         self.store.dirty_keys()
     }
 
+    /// How full the overlay is, in keys (keys or bytes waiting, see [`Store::fill`]).
+    pub fn fill(&self) -> usize {
+        self.store.fill()
+    }
+
     /// Applies log entry `index` (which must be `applied() + 1`). Returns one outcome per command.
     pub fn apply(&self, index: u64, entry: &LogEntry) -> Result<(Vec<Outcome>, Effects), StorageError> {
         self.apply_with(index, entry, Vec::new())
@@ -310,7 +315,7 @@ impl State {
             writes.insert(full_key(TreeId::Meta, &k), v.map(IVec::from));
         }
         self.store.merge(index, writes.into_iter().collect());
-        match store::slowdown(self.store.dirty_keys()) {
+        match store::slowdown(self.store.fill()) {
             // The materializer is behind: slow down, then wait for it, rather than grow without
             // bound. The entry is applied already, so a failure here is not the entry's: the
             // materializer retries.

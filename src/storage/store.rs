@@ -55,6 +55,9 @@ pub const STATE_TREE: &str = "state";
 /// on the commit thread instead of unbounded memory), in keys. See [`Store::wait_below`].
 pub const MAX_DIRTY_KEYS: usize = 400_000;
 
+/// [`MAX_DIRTY_KEYS`] for bytes of keys and values (see [`Store::fill`]): 256 MiB.
+pub const MAX_DIRTY_BYTES: usize = 256 << 20;
+
 /// Above this many keys waiting in the overlay, apply slows down in proportion (from 0 here to
 /// [`MAX_SLOWDOWN`] per entry at [`MAX_DIRTY_KEYS`]), so that a materializer that falls behind
 /// throttles commits gradually (larger group-commit batches, a few ms more per ack) instead of
@@ -84,6 +87,10 @@ struct Layers {
     active: Layer,
     /// What the materializer is writing to sled now; dropped once sled has it.
     flushing: Option<Arc<Layer>>,
+    /// Bytes of keys and values merged into `active` (a key written twice counts twice: an upper
+    /// bound), and in `flushing`.
+    active_bytes: usize,
+    flushing_bytes: usize,
 }
 
 /// One sled tree of tables, under the in-memory overlay. See the module docs.
@@ -100,6 +107,11 @@ pub struct Store {
     applied: AtomicU64,
     /// Index whose writes are all in sled (`meta/applied` in sled).
     materialized: AtomicU64,
+    /// Until when rounds skip the idle writer (set for [`IDLE_COOLDOWN`] after a take-over:
+    /// the machine is busy, and a writer preempted inside a sled insert holds sled's epoch, so
+    /// no thread's sled garbage is freed until it runs again). Only the `flush` lock's holder
+    /// reads or writes it.
+    idle_off_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// The full key of `key` in table `t`.
@@ -141,6 +153,7 @@ impl Store {
             done_lock: Mutex::new(()),
             applied: AtomicU64::new(applied),
             materialized: AtomicU64::new(applied),
+            idle_off_until: Mutex::new(None),
         })
     }
 
@@ -158,6 +171,28 @@ impl Store {
     pub fn dirty_keys(&self) -> usize {
         let l = self.layers.read();
         l.active.len() + l.flushing.as_ref().map_or(0, |f| f.len())
+    }
+
+    /// Bytes of keys and values waiting in the overlay (active + flushing; an upper bound).
+    pub fn dirty_bytes(&self) -> usize {
+        let l = self.layers.read();
+        l.active_bytes + l.flushing_bytes
+    }
+
+    /// How full the overlay is, in keys: the keys waiting, or the bytes waiting counted as keys
+    /// of [`MAX_DIRTY_BYTES`] / [`MAX_DIRTY_KEYS`] bytes each, whichever is more. Backpressure
+    /// ([`slowdown`], [`Store::wait_below`]) reads this, so that a few large messages bound
+    /// memory as many small ones do.
+    pub fn fill(&self) -> usize {
+        let l = self.layers.read();
+        let keys = l.active.len() + l.flushing.as_ref().map_or(0, |f| f.len());
+        keys.max((l.active_bytes + l.flushing_bytes) / (MAX_DIRTY_BYTES / MAX_DIRTY_KEYS))
+    }
+
+    /// Whether the materializer is behind: more than [`BEHIND_KEYS`] keys or [`BEHIND_BYTES`]
+    /// bytes wait in the overlay.
+    fn behind(&self) -> bool {
+        self.dirty_keys() > BEHIND_KEYS || self.dirty_bytes() > BEHIND_BYTES
     }
 
     /// A value as of the last applied entry.
@@ -344,7 +379,9 @@ impl Store {
     /// Merges the writes of applied entry `index` into the active layer and makes it the applied
     /// index, atomically for readers.
     pub fn merge(&self, index: u64, writes: Layer) {
+        let bytes: usize = writes.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len())).sum();
         let mut l = self.layers.write();
+        l.active_bytes += bytes;
         if l.active.is_empty() {
             l.active = writes;
         } else {
@@ -371,7 +408,7 @@ impl Store {
         r
     }
 
-    /// Backpressure for apply: while more than `max` keys wait in the overlay, waits for the
+    /// Backpressure for apply: while the overlay holds more than `max` keys ([`Store::fill`]), waits for the
     /// materializer thread to write them (each of its rounds wakes this), at most `patience` in
     /// all; after that (no materializer is running, or it is stuck) materializes here. Waiting
     /// costs the commit thread the rest of the materializer's current round; writing a large
@@ -380,10 +417,10 @@ impl Store {
         let deadline = std::time::Instant::now() + patience;
         // Checked under `done_lock`, which a round holds to signal its end: no wake-up is lost.
         let mut g = self.done_lock.lock();
-        while self.dirty_keys() > max {
+        while self.fill() > max {
             if self.done.wait_until(&mut g, deadline).timed_out() {
                 drop(g);
-                if self.dirty_keys() > max {
+                if self.fill() > max {
                     self.materialize()?;
                 }
                 return Ok(());
@@ -409,17 +446,22 @@ impl Store {
             }
             let layer = Arc::new(std::mem::take(&mut l.active));
             l.flushing = Some(layer.clone());
+            l.flushing_bytes = std::mem::take(&mut l.active_bytes);
             (layer, self.applied())
         };
+        let cooling = self.idle_off_until.lock().is_some_and(|t| std::time::Instant::now() < t);
         let r = match writer {
-            // Already behind: no time for idle priority.
-            Some(w) if layer.len() <= BEHIND_KEYS => {
-                w.write(&self.tree, layer.clone(), upto, IDLE_ROUND_PATIENCE, || self.dirty_keys() > BEHIND_KEYS).map(|_| ())
-            }
+            // Already behind, or the machine was too busy lately: no time for idle priority.
+            Some(w) if !self.behind() && !cooling => w.write(&self.tree, layer.clone(), upto, IDLE_ROUND_PATIENCE, || self.behind()).map(|took_over| {
+                if took_over {
+                    *self.idle_off_until.lock() = Some(std::time::Instant::now() + IDLE_COOLDOWN);
+                }
+            }),
             _ => write_with_redo(&self.tree, &layer, upto),
         };
         let mut l = self.layers.write();
         l.flushing = None;
+        let flushed_bytes = std::mem::take(&mut l.flushing_bytes);
         match r {
             Ok(()) => {
                 self.materialized.store(upto, Ordering::Release);
@@ -430,6 +472,7 @@ impl Store {
                 let newer = std::mem::take(&mut l.active);
                 l.active = Arc::try_unwrap(layer).unwrap_or_else(|a| (*a).clone());
                 l.active.extend(newer);
+                l.active_bytes += flushed_bytes;
                 Err(e.into())
             }
         }
@@ -457,8 +500,10 @@ impl Store {
 /// that thread wait as long as the machine is busy (priority inversion). So it holds no lock:
 /// the materializer thread (normal priority) keeps the overlay's lock work (swap, clear), the
 /// `flush` lock and the redo record, hands it only the layer's keys and waits for the answer.
-/// While it waits it watches the overlay: once the round has run longer than [`IDLE_ROUND_PATIENCE`] and more than [`BEHIND_KEYS`] keys wait
-/// (the machine has been too busy to give the writer time), it raises the writer's stop flag,
+/// While it waits it watches the overlay: once the round has run longer than
+/// [`IDLE_ROUND_PATIENCE`] and more than [`BEHIND_KEYS`] keys or [`BEHIND_BYTES`] bytes wait, or
+/// the round has run longer than [`IDLE_ROUND_MAX`] (the machine has been too busy to give the
+/// writer time), it raises the writer's stop flag,
 /// which the writer reads every [`STOP_CHECK_KEYS`] keys; the writer answers where it stopped,
 /// and the materializer writes the rest of the layer itself, at normal priority. Only one thread
 /// writes a layer at a time, in key order, so the result is the same. A round that starts
@@ -476,9 +521,28 @@ type WriteJob = (sled::Tree, Arc<Layer>, Arc<AtomicBool>, crossbeam_channel::Sen
 /// over (only when [`BEHIND_KEYS`] keys also wait).
 pub const IDLE_ROUND_PATIENCE: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// The longest a round may take on the idle writer, behind or not: past it the materializer
+/// takes the round over. On a machine kept busy by another process (`SCHED_IDLE` yields to it
+/// entirely) rounds otherwise took 2.2 s each (100 users × 20 msg/s beside two busy loops: 29
+/// rounds in 65 s), and the overlay held seconds of traffic.
+pub const IDLE_ROUND_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How long rounds are written at normal priority after a take-over (see
+/// [`Store::materialize_with`]): 2 s, so that on a machine that stays busy one round in every
+/// 2 s waits for the idle writer instead of every round.
+pub const IDLE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Keys waiting in the overlay above which the materializer writes at normal priority (an
 /// eighth of [`MAX_DIRTY_KEYS`], half of where apply starts slowing down).
 pub const BEHIND_KEYS: usize = MAX_DIRTY_KEYS / 8;
+
+/// Bytes waiting in the overlay above which the materializer writes at normal priority, as
+/// [`BEHIND_KEYS`] for keys: 1 MiB, some 12 rounds of 20 ms at 4,000 msg/s of 100-byte
+/// messages (~1.1 KiB of keys and values per message). Without it a machine kept busy by another process (which `SCHED_IDLE` yields to
+/// entirely) held a round of few, large messages in memory for as long as it stayed busy: a
+/// reader that did not read saw the server grow by 28 MiB for 9.5 MiB sent to it
+/// (`tests/it/overload.rs`, the slow consumer, beside a build).
+pub const BEHIND_BYTES: usize = 1 << 20;
 
 impl IdleWriter {
     /// Starts the writer thread `parley-sled-write`. With `idle` false, or where the policy
@@ -504,13 +568,15 @@ impl IdleWriter {
     /// Writes `layer` and `meta/applied = upto` into `tree` (module docs): the redo record and,
     /// at the end, `meta/applied` and the record's removal on this thread, the keys on the
     /// writer thread, finishing them on this thread if `behind()` says so once the round has
-    /// taken `patience` (looked at every 10 ms). Returns whether this thread took over.
+    /// taken `patience`, or in any case once it has taken [`IDLE_ROUND_MAX`] (looked at every 10
+    /// ms). Returns whether this thread took over.
     fn write(&self, tree: &sled::Tree, layer: Arc<Layer>, upto: u64, patience: std::time::Duration, behind: impl Fn() -> bool) -> sled::Result<bool> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let stop = Arc::new(AtomicBool::new(false));
         let t0 = std::time::Instant::now();
         let look = || {
-            if t0.elapsed() >= patience && behind() {
+            let took = t0.elapsed();
+            if took >= IDLE_ROUND_MAX || (took >= patience && behind()) {
                 stop.store(true, Ordering::Release);
             }
         };
@@ -656,8 +722,10 @@ fn write_redo(tree: &sled::Tree, layer: &Layer, upto: u64) -> sled::Result<u32> 
     Ok(chunks.len() as u32)
 }
 
-/// How many keys the sled writer inserts between two looks at its stop flag.
-const STOP_CHECK_KEYS: usize = 32;
+/// How many keys the sled writer inserts between two looks at its stop flag: every key (a look
+/// is one atomic load beside a sled insert's ~8 µs), so that a writer the machine runs only now
+/// and then answers a take-over at its next key, not 32 keys later.
+const STOP_CHECK_KEYS: usize = 1;
 
 /// Inserts (or removes) the keys of `layer` from the `start`-th on, in order. With `stop`, looks
 /// at it every [`STOP_CHECK_KEYS`] keys and, once set, returns `Some(i)`: the keys before the
@@ -914,6 +982,29 @@ mod tests {
             assert_eq!(w.write(&tree, Arc::new(layer(150, 2)), 8, zero, || behind).unwrap(), behind);
             assert_eq!(contents(&tree), reference, "behind: {behind}");
         }
+    }
+
+    /// The materializer counts itself behind (and so takes a round over from the idle writer,
+    /// or does not hand it one) once more than [`BEHIND_BYTES`] wait, however few the keys;
+    /// backpressure counts the bytes as keys; a round clears the bytes it wrote.
+    #[test]
+    fn a_round_of_large_values_is_taken_over_when_too_many_bytes_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let store = Store::open(&db, dir.path()).unwrap();
+        let big = |i: u8, n: usize| (full_key(TreeId::ConvSeqMessage, &[i]), Some(IVec::from(vec![i; n])));
+        let half = BEHIND_BYTES / 2 - 64;
+        store.merge(1, [big(1, half), big(2, half)].into_iter().collect());
+        assert_eq!(store.dirty_keys(), 2);
+        assert!(store.dirty_bytes() > 2 * half && !store.behind());
+        store.merge(2, [big(3, 3 << 20)].into_iter().collect());
+        assert!(store.behind(), "{} bytes wait", store.dirty_bytes());
+        assert_eq!(store.fill(), store.dirty_bytes() / (MAX_DIRTY_BYTES / MAX_DIRTY_KEYS));
+        // Behind at the start of the round: written at normal priority, not handed to the writer.
+        let w = IdleWriter::spawn(false).unwrap();
+        assert_eq!(store.materialize_with(Some(&w)).unwrap(), 2);
+        assert_eq!((store.dirty_keys(), store.dirty_bytes()), (0, 0));
+        assert_eq!(store.get(TreeId::ConvSeqMessage, &[3]).unwrap().map(|v| v.len()), Some(3 << 20));
     }
 
     /// Opens sled at `dir` again after a drop: sled's own threads may hold its file lock for a
