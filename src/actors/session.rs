@@ -743,34 +743,52 @@ impl Session {
                     self.send(&ServerFrame::Result { rid, group: None, name: None, members: None, admins: None }, ctx);
                 }
             }
-            Ok(Outcome::Refused(r)) => self.refused(r, rid, id, ctx),
+            // Sent at once, not through `reply`: this is the reply's turn (`flush_replies`), and
+            // `reply` would queue it behind the replies of later requests still waiting.
+            Ok(Outcome::Refused(r)) => {
+                self.send(&refusal(r, rid, id), ctx);
+            }
             // Sessions never submit purges.
             Ok(Outcome::Purged { .. }) => {}
-            Err(e) => self.pipeline_error(e, rid, id, ctx),
+            Err(e) => {
+                self.send(&pipeline_error_frame(e, rid, id), ctx);
+            }
         }
     }
 
     fn refused(&mut self, r: Refusal, rid: Option<String>, id: Option<String>, ctx: &mut Context<Self>) {
-        let (code, msg) = match r {
-            Refusal::UserExists => (ErrorCode::UserExists, "user exists".to_owned()),
-            Refusal::UnknownUser(u) => (ErrorCode::UnknownUser, format!("no user {u}")),
-            Refusal::NotMember => (ErrorCode::NotMember, "not a member of this conversation".to_owned()),
-            Refusal::NotAdmin => (ErrorCode::NotAdmin, "only group admins may do this".to_owned()),
-            Refusal::TooLarge(m) => (ErrorCode::TooLarge, m),
-            Refusal::BadRequest(m) => (ErrorCode::BadRequest, m),
-            Refusal::Unauthorized => (ErrorCode::Unauthorized, "unauthorized".to_owned()),
-        };
-        self.error(code, msg, rid, id, ctx);
+        self.reply(refusal(r, rid, id), ctx);
     }
 
     fn pipeline_error(&mut self, e: PipelineError, rid: Option<String>, id: Option<String>, ctx: &mut Context<Self>) {
-        let code = match e {
-            PipelineError::Overloaded => ErrorCode::Overloaded,
-            PipelineError::Unavailable => ErrorCode::Unavailable,
-        };
-        self.error(code, e.to_string(), rid, id, ctx);
+        self.reply(pipeline_error_frame(e, rid, id), ctx);
     }
+}
 
+/// The `error` frame of a command that apply refused.
+fn refusal(r: Refusal, rid: Option<String>, id: Option<String>) -> ServerFrame {
+    let (code, msg) = match r {
+        Refusal::UserExists => (ErrorCode::UserExists, "user exists".to_owned()),
+        Refusal::UnknownUser(u) => (ErrorCode::UnknownUser, format!("no user {u}")),
+        Refusal::NotMember => (ErrorCode::NotMember, "not a member of this conversation".to_owned()),
+        Refusal::NotAdmin => (ErrorCode::NotAdmin, "only group admins may do this".to_owned()),
+        Refusal::TooLarge(m) => (ErrorCode::TooLarge, m),
+        Refusal::BadRequest(m) => (ErrorCode::BadRequest, m),
+        Refusal::Unauthorized => (ErrorCode::Unauthorized, "unauthorized".to_owned()),
+    };
+    ServerFrame::error(code, msg, rid, id)
+}
+
+/// The `error` frame of a command the commit pipeline did not take or did not answer.
+fn pipeline_error_frame(e: PipelineError, rid: Option<String>, id: Option<String>) -> ServerFrame {
+    let code = match e {
+        PipelineError::Overloaded => ErrorCode::Overloaded,
+        PipelineError::Unavailable => ErrorCode::Unavailable,
+    };
+    ServerFrame::error(code, e.to_string(), rid, id)
+}
+
+impl Session {
     fn internal(&mut self, e: crate::storage::StorageError, rid: Option<String>, ctx: &mut Context<Self>) {
         tracing::error!(session = self.id, error = %e, "storage read failed");
         self.error(ErrorCode::Internal, "internal error", rid, None, ctx);

@@ -900,3 +900,34 @@ async fn a_refused_send_echoes_its_id_even_an_invalid_one() {
     alice.barrier().await;
     assert!(alice.history_all("dm:alice:bob").await.is_empty(), "a refused send was stored");
 }
+
+/// Replies come in request order (docs/protocol.md, "order of replies on one socket") also when
+/// a refusal decided by apply (a dm to a user that does not exist) comes before refusals the
+/// session decides at once (a bad `to`) and an `ack`: the apply refusal used to be queued
+/// behind every reply still waiting when its turn came, so later replies overtook it (found by
+/// a fresh user's trial).
+#[tokio::test]
+async fn a_refusal_from_apply_keeps_its_place_among_the_replies() {
+    let dir = TestDir::new();
+    let srv = Server::start(&dir).await;
+    let [mut alice, _bob] = srv.clients(["alice", "bob"]).await;
+    let sends = [("n1", "nosuchuser"), ("n2", "BAD"), ("n3", "bob"), ("n4", "nosuchuser2"), ("n5", "BAD"), ("n6", "bob")];
+    let codes = [Some(ErrorCode::UnknownUser), Some(ErrorCode::BadRequest), None, Some(ErrorCode::UnknownUser), Some(ErrorCode::BadRequest), None];
+    for round in 0..5 {
+        let ids: Vec<String> = sends.iter().map(|(id, _)| format!("{id}-{round}")).collect();
+        for ((_, to), id) in sends.iter().zip(&ids) {
+            alice.send_msg(id, to, "hi").await;
+        }
+        let mut order = Vec::new();
+        while order.len() < ids.len() {
+            match alice.recv().await {
+                ServerFrame::Ack { id, .. } => order.push((id, None)),
+                ServerFrame::Error { id: Some(id), code, .. } => order.push((id, Some(code))),
+                ServerFrame::Event { .. } => {}
+                f => panic!("unexpected {f:?}"),
+            }
+        }
+        let want: Vec<(String, Option<ErrorCode>)> = ids.iter().cloned().zip(codes).collect();
+        assert_eq!(order, want, "round {round}: replies in request order");
+    }
+}
