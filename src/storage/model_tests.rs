@@ -346,8 +346,9 @@ mod admin_and_retention {
     }
 
     /// A send in an existing dm writes 6 keys: the conversation's meta, the message, the
-    /// sender's dedup record, an event per member, and the recipient's conversation state (its
-    /// unread count). No head is written (a head is the key of the user's last event). The sender's own conversation state does not change, so it is
+    /// sender's dedup record, an event per member, and the sender's conversation state (its own
+    /// messages after its read marker). No head is written (a head is the key of the user's last
+    /// event), and no recipient's state (an unread count follows from the last seq). The sender's own conversation state does not change, so it is
     /// not written again (each key written is a key the materializer inserts into sled).
     #[test]
     fn a_send_writes_only_what_changes() {
@@ -362,6 +363,29 @@ mod admin_and_retention {
         let items = t.s.conversations("a").unwrap();
         assert_eq!((items.len(), items[0].last_seq, items[0].unread), (1, 2, 0), "the sender's list still shows the new message");
         assert_eq!(t.s.conversations("b").unwrap()[0].unread, 2);
+    }
+
+    /// A message to a group of 5 writes the meta, the message, the dedup record, 5 events and
+    /// the sender's state: 9 keys, not 4 more for the other members' unread counts; those
+    /// counts still rise, the sender's does not, and a read marker brings one back to 0.
+    #[test]
+    fn a_group_message_writes_only_its_senders_state() {
+        let mut t = T::new();
+        let users = ["a", "b", "c", "d", "e"];
+        t.setup(&users);
+        let members: Vec<String> = users[1..].iter().map(|u| (*u).to_owned()).collect();
+        let create = Command::GroupCreate { group: "g1".into(), by: "a".into(), name: "five".into(), members, cap: 16 };
+        assert!(matches!(t.run(100, vec![create])[..], [Outcome::GroupCreated { .. }]));
+        t.send(101, "a", "g:g1", "m1");
+        t.s.materialize().unwrap();
+        t.send(102, "a", "g:g1", "m2");
+        assert_eq!(t.s.dirty_keys(), 9);
+        t.send(103, "b", "g:g1", "m3");
+        let unread = |t: &T, u: &str| t.s.conversations(u).unwrap()[0].unread;
+        assert_eq!(users.map(|u| unread(&t, u)), [1, 2, 3, 3, 3]);
+        t.run(104, vec![Command::Read { user: "c".into(), conv: "g:g1".into(), seq: 2 }]);
+        t.run(105, vec![Command::Read { user: "b".into(), conv: "g:g1".into(), seq: 3 }]);
+        assert_eq!(users.map(|u| unread(&t, u)), [1, 0, 1, 3, 3]);
     }
 
     #[test]

@@ -148,15 +148,19 @@ pub struct AckRecord {
     pub ts: u64,
 }
 
-/// `user_conv_state` value: one user's view of one conversation.
+/// `user_conv_state` value: one user's view of one conversation. Stored as version
+/// [`USER_CONV_VERSION`] ([`encode_user_conv`]); records of version 1 held an eager unread
+/// count instead of `own_after_read` and are converted when read ([`decode_user_conv`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserConvRecord {
     /// Read marker (seq).
     pub read_seq: u64,
     /// Highest seq delivered to any device of this user (for `delivered` receipts).
     pub delivered_seq: u64,
-    /// Other users' messages with seq > read_seq.
-    pub unread: u64,
+    /// This user's own messages among those it may see after its read marker. The unread
+    /// count is derived from it ([`UserConvRecord::unread`]), so a message to a group of N
+    /// writes only its sender's state, not N - 1 others'.
+    pub own_after_read: u64,
     /// First seq this user may see (1 for dms; the join point for groups).
     pub visible_from: u64,
     /// Last seq this user may see, once it left or was removed from a group.
@@ -165,6 +169,69 @@ pub struct UserConvRecord {
     pub all_devices_seq: u64,
     /// The conversation's `last_order` when this user left it (orders its conversation list).
     pub left_order: u64,
+}
+
+impl UserConvRecord {
+    /// The seqs this user may see after its read marker: `(base, hi]`, with `hi` the last seq it
+    /// may see of a conversation whose last seq is `last_seq`.
+    fn unseen(&self, last_seq: u64) -> (u64, u64) {
+        let hi = self.visible_to.map_or(last_seq, |t| t.min(last_seq));
+        (self.read_seq.max(self.visible_from.saturating_sub(1)), hi)
+    }
+
+    /// Other users' messages after the read marker that this user may see, in a conversation
+    /// whose last seq is `last_seq` (messages retention deleted count while their seq does).
+    pub fn unread(&self, last_seq: u64) -> u64 {
+        let (base, hi) = self.unseen(last_seq);
+        hi.saturating_sub(base).saturating_sub(self.own_after_read)
+    }
+}
+
+/// Version byte of a stored [`UserConvRecord`].
+pub const USER_CONV_VERSION: u8 = 2;
+
+/// The layout of version 1 (an eager count of others' unread messages).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct UserConvRecordV1 {
+    read_seq: u64,
+    delivered_seq: u64,
+    unread: u64,
+    visible_from: u64,
+    visible_to: Option<u64>,
+    all_devices_seq: u64,
+    left_order: u64,
+}
+
+/// Encodes a [`UserConvRecord`]: [`USER_CONV_VERSION`], then postcard.
+pub fn encode_user_conv(v: &UserConvRecord) -> Result<Vec<u8>, StorageError> {
+    postcard::to_extend(v, vec![USER_CONV_VERSION]).map_err(|e| StorageError::Encode(e.to_string()))
+}
+
+/// Decodes a stored [`UserConvRecord`] of either version. A version 1 record is converted with
+/// the conversation's last seq (`last_seq`, read only then): its own messages after the read
+/// marker are the seqs it may see there less the unread count it kept.
+pub fn decode_user_conv(bytes: &[u8], last_seq: impl FnOnce() -> Result<u64, StorageError>) -> Result<UserConvRecord, StorageError> {
+    match bytes.split_first() {
+        Some((&USER_CONV_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| StorageError::Decode(e.to_string())),
+        Some((&FORMAT_VERSION, _)) => {
+            let v1: UserConvRecordV1 = decode(bytes)?;
+            let mut uc = UserConvRecord {
+                read_seq: v1.read_seq,
+                delivered_seq: v1.delivered_seq,
+                own_after_read: 0,
+                visible_from: v1.visible_from,
+                visible_to: v1.visible_to,
+                all_devices_seq: v1.all_devices_seq,
+                left_order: v1.left_order,
+            };
+            let (base, hi) = uc.unseen(last_seq()?);
+            uc.own_after_read = hi.saturating_sub(base).saturating_sub(v1.unread);
+            Ok(uc)
+        }
+        Some((v, _)) => Err(StorageError::Decode(format!("unknown user_conv_state version {v}"))),
+        None => Err(StorageError::Decode("empty value".into())),
+    }
 }
 
 /// `groups` value.
@@ -196,5 +263,34 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError> {
         }
         Some((v, _)) => Err(StorageError::Decode(format!("unknown format version {v}"))),
         None => Err(StorageError::Decode("empty value".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record of version 1 (an eager unread count) reads back with the same unread count, in
+    /// a dm, in a group joined late and in one left; version 2 round-trips.
+    #[test]
+    fn a_version_1_conversation_state_keeps_its_unread_count() {
+        use UserConvRecordV1 as V1;
+        // (record, the conversation's last seq)
+        let cases = [
+            (V1 { read_seq: 2, delivered_seq: 5, unread: 2, visible_from: 1, visible_to: None, all_devices_seq: 4, left_order: 0 }, 6),
+            (V1 { read_seq: 9, delivered_seq: 9, unread: 3, visible_from: 10, visible_to: None, all_devices_seq: 9, left_order: 0 }, 14),
+            (V1 { read_seq: 3, delivered_seq: 7, unread: 1, visible_from: 1, visible_to: Some(7), all_devices_seq: 7, left_order: 42 }, 30),
+        ];
+        for (v1, last_seq) in cases {
+            let bytes = encode(&v1).unwrap();
+            assert_eq!(bytes[0], FORMAT_VERSION);
+            let uc = decode_user_conv(&bytes, || Ok(last_seq)).unwrap();
+            assert_eq!(uc.unread(last_seq), v1.unread, "{uc:?}");
+            assert_eq!((uc.read_seq, uc.delivered_seq, uc.visible_from, uc.visible_to, uc.all_devices_seq, uc.left_order), (v1.read_seq, v1.delivered_seq, v1.visible_from, v1.visible_to, v1.all_devices_seq, v1.left_order));
+            let again = encode_user_conv(&uc).unwrap();
+            assert_eq!(again[0], USER_CONV_VERSION);
+            assert_eq!(decode_user_conv(&again, || panic!("a version 2 record needs no last seq")).unwrap(), uc);
+        }
+        assert!(decode_user_conv(&[9, 0], || Ok(0)).is_err());
     }
 }

@@ -586,7 +586,10 @@ impl State {
         limit: u64,
     ) -> Result<Result<HistoryPage, Refusal>, StorageError> {
         let name = conv.to_string();
-        let uc: Option<UserConvRecord> = get(&self.store, TreeId::UserConvState, &keys::pair(user, &name))?;
+        let uc = match self.store.get(TreeId::UserConvState, &keys::pair(user, &name))? {
+            Some(v) => Some(decode_user_conv(&v, || Ok(get::<ConvMeta>(&self.store, TreeId::ConvMeta, name.as_bytes())?.unwrap_or_default().last_seq))?),
+            None => None,
+        };
         let uc = match (uc, conv) {
             (Some(uc), _) => uc,
             (None, Conv::Dm { .. }) if conv.dm_has(user) => return Ok(Ok(HistoryPage::default())),
@@ -620,13 +623,13 @@ impl State {
         let mut items = Vec::new();
         for (k, v) in self.store.scan_prefix(TreeId::UserConvState, &keys::prefix(user), usize::MAX, None)? {
             let conv = keys::pair_suffix(&k).ok_or_else(|| StorageError::Decode("user_conv key".into()))?.to_owned();
-            let uc: UserConvRecord = decode(&v)?;
             let meta: ConvMeta = get(&self.store, TreeId::ConvMeta, conv.as_bytes())?.unwrap_or_default();
+            let uc = decode_user_conv(&v, || Ok(meta.last_seq))?;
             let last_seq = uc.visible_to.map_or(meta.last_seq, |t| t.min(meta.last_seq));
             let last = if last_seq >= uc.visible_from.max(1) { self.message_opt(&conv, last_seq)? } else { None };
             // A member that left sorts by what it saw last; a group without messages by its creation.
             let order = if uc.visible_to.is_some() { uc.left_order } else { meta.last_order };
-            items.push((order, ConversationItem { conv, last_seq, read_seq: uc.read_seq, unread: uc.unread, last }));
+            items.push((order, ConversationItem { conv, last_seq, read_seq: uc.read_seq, unread: uc.unread(meta.last_seq), last }));
         }
         // Newest first by acceptance order (the log's), not by ms: several messages share a ms.
         items.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.conv.cmp(&b.1.conv)));
@@ -937,11 +940,18 @@ impl Applier<'_> {
     }
 
     fn user_conv(&mut self, user: &str, conv: &str) -> Result<Option<UserConvRecord>, StorageError> {
-        self.tx.get(TreeId::UserConvState, &keys::pair(user, conv))
+        match self.tx.raw(TreeId::UserConvState, &keys::pair(user, conv))? {
+            Some(v) => {
+                let mut last_seq = || Ok(self.meta(conv)?.last_seq);
+                decode_user_conv(&v, &mut last_seq).map(Some)
+            }
+            None => Ok(None),
+        }
     }
 
     fn put_user_conv(&mut self, user: &str, conv: &str, uc: &UserConvRecord) -> Result<(), StorageError> {
-        self.tx.put(TreeId::UserConvState, keys::pair(user, conv), uc)
+        self.tx.write(TreeId::UserConvState, keys::pair(user, conv), Some(IVec::from(encode_user_conv(uc)?)));
+        Ok(())
     }
 
     fn meta(&mut self, conv: &str) -> Result<ConvMeta, StorageError> {
@@ -992,15 +1002,16 @@ impl Applier<'_> {
         let ev_rec = EventRecord::Message { conv: conv.to_owned(), seq, from: from.to_owned() };
         for m in &members {
             self.append_event(m, &ev_rec, payload.clone())?;
+            // Only the sender's state changes (one more own message after its read marker); the
+            // others' unread counts follow from the conversation's last seq.
             match self.user_conv(m, conv)? {
-                // The sender's own state does not change once it exists: no write to materialize.
-                Some(_) if m == from => {}
-                Some(mut uc) => {
-                    uc.unread += 1;
+                Some(mut uc) if m == from => {
+                    uc.own_after_read += 1;
                     self.put_user_conv(m, conv, &uc)?;
                 }
+                Some(_) => {}
                 None => {
-                    let uc = UserConvRecord { visible_from: 1, unread: u64::from(m != from), ..Default::default() };
+                    let uc = UserConvRecord { visible_from: 1, own_after_read: u64::from(m == from), ..Default::default() };
                     self.put_user_conv(m, conv, &uc)?;
                 }
             }
@@ -1101,17 +1112,17 @@ impl Applier<'_> {
                 }
             }
         }
-        let mut unread = 0;
+        let mut own = 0;
         for s in new + 1..=hi {
             if let Some(m) = self.tx.get::<MessageRecord>(TreeId::ConvSeqMessage, &keys::num(conv, s))? {
-                if m.from != user {
-                    unread += 1;
+                if m.from == user {
+                    own += 1;
                 }
             }
         }
         uc.read_seq = new;
         uc.delivered_seq = uc.delivered_seq.max(new);
-        uc.unread = unread;
+        uc.own_after_read = own;
         self.put_user_conv(user, conv, &uc)?;
         let marker = EventRecord::ReadMarker { conv: conv.to_owned(), seq: new };
         let payload = Arc::new(EventPayload::ReadMarker(ReadMarkerView { conv: conv.to_owned(), seq: new }));
@@ -1333,7 +1344,7 @@ impl Applier<'_> {
             uc.visible_to = None;
             uc.read_seq = uc.read_seq.max(from - 1);
             uc.delivered_seq = uc.delivered_seq.max(from - 1);
-            uc.unread = 0;
+            uc.own_after_read = 0;
             self.put_user_conv(u, &conv, &uc)?;
         }
         self.tx.put(TreeId::Groups, group.as_bytes().to_vec(), &g)?;

@@ -16,7 +16,7 @@
 //! | `conv_seq_message` | conv `\0` seq (u64 BE) | [`MessageRecord`](super::records::MessageRecord) |
 //! | `sender_id_ack` | user `\0` client message id | [`AckRecord`](super::records::AckRecord) |
 //! | `device_cursor` | user `\0` device | u64 BE: the device's confirmed ev |
-//! | `user_conv_state` | user `\0` conv | [`UserConvRecord`](super::records::UserConvRecord) |
+//! | `user_conv_state` | user `\0` conv | [`UserConvRecord`](super::records::UserConvRecord), version 2 (its own messages after the read marker; the unread count is derived); version 1 (an eager unread count) is converted when read |
 //! | `groups` | group id | [`GroupRecord`](super::records::GroupRecord) |
 //! | `user_min_cursor` | user | not written any more: the lowest cursor over a user's devices is computed from its `device_cursor` keys (apply caches them); stale values in older data directories are never read |
 //! | `user_scram` | user | [`ScramRecord`](super::records::ScramRecord): SCRAM verifiers (XMPP gateway) |
