@@ -61,13 +61,14 @@ pub enum DataDirError {
     },
 }
 
-/// Checks that `path` can be used as a data directory, without changing anything: it is missing,
-/// an empty directory, or a directory parley made. The error says what is wrong.
+/// Checks that `path` can be used as a data directory, leaving nothing changed: it is missing and
+/// can be created (it is created and removed again, with any missing parents), an empty
+/// directory, or a directory parley made. The error says what is wrong.
 pub fn check(path: &Path) -> Result<(), DataDirError> {
     let io = |source| DataDirError::Io { path: path.to_owned(), source };
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return probe_create(path).map_err(io),
         Err(e) => return Err(io(e)),
     };
     if !meta.is_dir() {
@@ -93,6 +94,26 @@ pub fn check(path: &Path) -> Result<(), DataDirError> {
         found.push_str(&format!(" and {more} more"));
     }
     Err(DataDirError::Foreign { path: path.to_owned(), found })
+}
+
+/// Creates `path` and the parents it lacks, then removes what it created, deepest first (so a
+/// directory parley cannot create, like one under `/proc`, is a start-up error, not a storage
+/// error once the server runs).
+fn probe_create(path: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut p = path;
+    while std::fs::symlink_metadata(p).is_err() {
+        missing.push(p.to_owned());
+        match p.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+            _ => break,
+        }
+    }
+    std::fs::create_dir_all(path)?;
+    for d in &missing {
+        std::fs::remove_dir(d)?;
+    }
+    Ok(())
 }
 
 /// Checks that `dir` can receive a backup of the data directory `data`, without changing
@@ -149,6 +170,8 @@ mod tests {
     fn missing_empty_and_parleys_own_directories_are_accepted() {
         let t = tempfile::tempdir().unwrap();
         assert!(check(&t.path().join("new")).is_ok(), "missing");
+        assert!(check(&t.path().join("a/b/c")).is_ok(), "missing with its parents");
+        assert!(!t.path().join("a").exists(), "the probe left nothing behind");
         assert!(check(t.path()).is_ok(), "empty");
         std::fs::create_dir(t.path().join("lost+found")).unwrap();
         assert!(check(t.path()).is_ok(), "a fresh mount point");
@@ -178,6 +201,12 @@ mod tests {
         std::fs::write(&f, "x").unwrap();
         let e = check(&f).unwrap_err().to_string();
         assert!(e.contains("is a file, not a directory"), "{e}");
+        // A missing directory that cannot be created (procfs refuses mkdir, even to root).
+        #[cfg(target_os = "linux")]
+        {
+            let e = check(Path::new("/proc/parley-no-such-dir")).unwrap_err().to_string();
+            assert!(e.contains("cannot use /proc/parley-no-such-dir as the data directory"), "{e}");
+        }
         let d = t.path().join("docs");
         std::fs::create_dir(&d).unwrap();
         std::fs::write(d.join("notes.txt"), "x").unwrap();

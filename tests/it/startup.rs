@@ -52,6 +52,17 @@ async fn a_data_directory_that_is_a_file_is_refused_before_listening() {
     refused(&e, &format!("{} is a file, not a directory", file.display()));
 }
 
+/// A missing data directory that cannot be created (procfs refuses mkdir, even to root) is a
+/// start-up error, exit 2, not a storage error after the stand-in server started (it was exit 1;
+/// found by a fresh user's trial).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_that_cannot_be_created_is_refused_before_listening() {
+    let data = Path::new("/proc/parley-it-no-such-dir");
+    let e = serve(data, "127.0.0.1:0", &[], &[]).await;
+    refused(&e, "cannot use /proc/parley-it-no-such-dir as the data directory");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_of_someone_elses_files_is_refused_and_left_alone() {
     let dir = TestDir::new();
