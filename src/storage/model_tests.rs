@@ -348,8 +348,8 @@ mod admin_and_retention {
     /// A send in an existing dm writes 6 keys: the conversation's meta, the message, the
     /// sender's dedup record, an event per member, and the sender's conversation state (its own
     /// messages after its read marker). No head is written (a head is the key of the user's last
-    /// event), and no recipient's state (an unread count follows from the last seq). The sender's own conversation state does not change, so it is
-    /// not written again (each key written is a key the materializer inserts into sled).
+    /// event), and no recipient's state (an unread count follows from the last seq). Each key
+    /// written is a key the materializer inserts into sled.
     #[test]
     fn a_send_writes_only_what_changes() {
         let mut t = T::new();

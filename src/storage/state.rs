@@ -586,8 +586,9 @@ impl State {
         limit: u64,
     ) -> Result<Result<HistoryPage, Refusal>, StorageError> {
         let name = conv.to_string();
+        let meta: ConvMeta = get(&self.store, TreeId::ConvMeta, name.as_bytes())?.unwrap_or_default();
         let uc = match self.store.get(TreeId::UserConvState, &keys::pair(user, &name))? {
-            Some(v) => Some(decode_user_conv(&v, || Ok(get::<ConvMeta>(&self.store, TreeId::ConvMeta, name.as_bytes())?.unwrap_or_default().last_seq))?),
+            Some(v) => Some(decode_user_conv(&v, || Ok(meta.last_seq))?),
             None => None,
         };
         let uc = match (uc, conv) {
@@ -595,7 +596,6 @@ impl State {
             (None, Conv::Dm { .. }) if conv.dm_has(user) => return Ok(Ok(HistoryPage::default())),
             _ => return Ok(Err(Refusal::NotMember)),
         };
-        let meta: ConvMeta = get(&self.store, TreeId::ConvMeta, name.as_bytes())?.unwrap_or_default();
         let visible_from = uc.visible_from.max(1);
         let lo = visible_from.max(meta.purged_to + 1);
         let deleted_upto = (meta.purged_to >= visible_from).then_some(meta.purged_to);

@@ -169,14 +169,18 @@ impl Store {
 
     /// Keys waiting in the overlay (active + flushing).
     pub fn dirty_keys(&self) -> usize {
-        let l = self.layers.read();
-        l.active.len() + l.flushing.as_ref().map_or(0, |f| f.len())
+        self.waiting().0
     }
 
     /// Bytes of keys and values waiting in the overlay (active + flushing; an upper bound).
     pub fn dirty_bytes(&self) -> usize {
+        self.waiting().1
+    }
+
+    /// (keys, bytes) waiting in the overlay, read under one lock.
+    fn waiting(&self) -> (usize, usize) {
         let l = self.layers.read();
-        l.active_bytes + l.flushing_bytes
+        (l.active.len() + l.flushing.as_ref().map_or(0, |f| f.len()), l.active_bytes + l.flushing_bytes)
     }
 
     /// How full the overlay is, in keys: the keys waiting, or the bytes waiting counted as keys
@@ -184,15 +188,15 @@ impl Store {
     /// ([`slowdown`], [`Store::wait_below`]) reads this, so that a few large messages bound
     /// memory as many small ones do.
     pub fn fill(&self) -> usize {
-        let l = self.layers.read();
-        let keys = l.active.len() + l.flushing.as_ref().map_or(0, |f| f.len());
-        keys.max((l.active_bytes + l.flushing_bytes) / (MAX_DIRTY_BYTES / MAX_DIRTY_KEYS))
+        let (keys, bytes) = self.waiting();
+        keys.max(bytes / (MAX_DIRTY_BYTES / MAX_DIRTY_KEYS))
     }
 
     /// Whether the materializer is behind: more than [`BEHIND_KEYS`] keys or [`BEHIND_BYTES`]
     /// bytes wait in the overlay.
     fn behind(&self) -> bool {
-        self.dirty_keys() > BEHIND_KEYS || self.dirty_bytes() > BEHIND_BYTES
+        let (keys, bytes) = self.waiting();
+        keys > BEHIND_KEYS || bytes > BEHIND_BYTES
     }
 
     /// A value as of the last applied entry.
@@ -452,7 +456,7 @@ impl Store {
         let cooling = self.idle_off_until.lock().is_some_and(|t| std::time::Instant::now() < t);
         let r = match writer {
             // Already behind, or the machine was too busy lately: no time for idle priority.
-            Some(w) if !self.behind() && !cooling => w.write(&self.tree, layer.clone(), upto, IDLE_ROUND_PATIENCE, || self.behind()).map(|took_over| {
+            Some(w) if !self.behind() && !cooling => w.write(&self.tree, layer.clone(), upto, IDLE_ROUND_PATIENCE, IDLE_ROUND_MAX, || self.behind()).map(|took_over| {
                 if took_over {
                     *self.idle_off_until.lock() = Some(std::time::Instant::now() + IDLE_COOLDOWN);
                 }
@@ -568,15 +572,15 @@ impl IdleWriter {
     /// Writes `layer` and `meta/applied = upto` into `tree` (module docs): the redo record and,
     /// at the end, `meta/applied` and the record's removal on this thread, the keys on the
     /// writer thread, finishing them on this thread if `behind()` says so once the round has
-    /// taken `patience`, or in any case once it has taken [`IDLE_ROUND_MAX`] (looked at every 10
-    /// ms). Returns whether this thread took over.
-    fn write(&self, tree: &sled::Tree, layer: Arc<Layer>, upto: u64, patience: std::time::Duration, behind: impl Fn() -> bool) -> sled::Result<bool> {
+    /// taken `patience`, or in any case once it has taken `max_round` ([`IDLE_ROUND_MAX`]; looked
+    /// at every 10 ms). Returns whether this thread took over.
+    fn write(&self, tree: &sled::Tree, layer: Arc<Layer>, upto: u64, patience: std::time::Duration, max_round: std::time::Duration, behind: impl Fn() -> bool) -> sled::Result<bool> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let stop = Arc::new(AtomicBool::new(false));
         let t0 = std::time::Instant::now();
         let look = || {
             let took = t0.elapsed();
-            if took >= IDLE_ROUND_MAX || (took >= patience && behind()) {
+            if took >= max_round || (took >= patience && behind()) {
                 stop.store(true, Ordering::Release);
             }
         };
@@ -960,8 +964,10 @@ mod tests {
         assert!(policies.contains(&"5".to_owned()), "policies of the writer threads: {policies:?}");
     }
 
-    /// A layer the writer leaves half-written (its stop flag raised) is finished by the caller,
-    /// with the same result in sled as a layer written by one thread; so is one it writes whole.
+    /// A layer the writer leaves half-written (its stop flag raised, because the store is behind or
+    /// the round ran past its longest) is finished by the caller, with the same result in sled as
+    /// a layer written by one thread; so is one it writes whole. (The longest round is a
+    /// parameter, so that how fast this machine writes does not decide the answer.)
     #[test]
     fn a_layer_the_writer_stops_is_finished_by_the_caller() {
         let reference = {
@@ -972,15 +978,16 @@ mod tests {
             write_with_redo(&tree, &layer(150, 2), 8).unwrap();
             contents(&tree)
         };
-        for behind in [true, false] {
+        let (zero, never) = (std::time::Duration::ZERO, std::time::Duration::MAX);
+        // (behind, longest round, taken over): behind, or a round past its longest, is taken over.
+        for (behind, max_round, taken) in [(true, never, true), (false, never, false), (false, zero, true)] {
             let dir = tempfile::tempdir().unwrap();
             let db = sled::Config::new().path(dir.path()).open().unwrap();
             let tree = db.open_tree(STATE_TREE).unwrap();
             let w = IdleWriter::spawn(false).unwrap();
-            let zero = std::time::Duration::ZERO;
-            assert_eq!(w.write(&tree, Arc::new(layer(200, 1)), 7, zero, || behind).unwrap(), behind);
-            assert_eq!(w.write(&tree, Arc::new(layer(150, 2)), 8, zero, || behind).unwrap(), behind);
-            assert_eq!(contents(&tree), reference, "behind: {behind}");
+            assert_eq!(w.write(&tree, Arc::new(layer(200, 1)), 7, zero, max_round, || behind).unwrap(), taken);
+            assert_eq!(w.write(&tree, Arc::new(layer(150, 2)), 8, zero, max_round, || behind).unwrap(), taken);
+            assert_eq!(contents(&tree), reference, "behind: {behind}, longest round {max_round:?}");
         }
     }
 
