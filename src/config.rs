@@ -403,6 +403,11 @@ impl Config {
             // `file_exact`: the file named, not one of the same name in a parent directory.
             fig = fig.merge(Toml::file_exact(f));
         }
+        // The file strictly: in TOML a number is a number, so `send_burst = "10"` is a type
+        // error naming the key, as the variables' `"soon"` is below.
+        if file.is_some() {
+            fig.extract::<Config>().map_err(Box::new)?;
+        }
         let fig = fig.merge(env);
         // Lossy: a number or a boolean from the environment arrives as a string (`EnvStrings`).
         let c: Config = fig.extract_lossy().map_err(Box::new)?;
@@ -866,6 +871,20 @@ mod tests {
                 let e = Config::load(None).unwrap_err().to_string();
                 assert!(e.contains(key), "{var}={value}: {e}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_file_gives_numbers_as_numbers_while_variables_give_them_as_text() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("quoted.toml", "[limits]\nsend_burst = \"10\"\n")?;
+            let e = Config::load(Some(Path::new("quoted.toml"))).unwrap_err().to_string();
+            assert!(e.contains("limits.send_burst") && e.contains("quoted.toml") && e.contains("string"), "{e}");
+            jail.create_file("fine.toml", "[limits]\nsend_burst = 10\n")?;
+            jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS", "5000");
+            let c = Config::load(Some(Path::new("fine.toml"))).unwrap();
+            assert_eq!((c.limits.send_burst, c.session.hello_timeout_ms), (10.0, 5000));
             Ok(())
         });
     }

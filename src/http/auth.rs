@@ -151,7 +151,7 @@ pub(crate) struct Credentials {
 }
 
 fn parse_body(body: &web::Bytes) -> Result<Credentials, HttpResponse> {
-    serde_json::from_slice::<Credentials>(body)
+    super::json_object::<Credentials>(body)
         .map_err(|e| error(ErrorCode::BadRequest, &format!("body must be {{\"user\", \"password\"}}: {e}")))
 }
 

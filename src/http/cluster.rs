@@ -44,7 +44,7 @@ pub async fn add(s: web::Data<Arc<Shared>>, req: HttpRequest, Body(body): Body) 
         id: u64,
         addr: String,
     }
-    let a: Add = match serde_json::from_slice(&body) {
+    let a: Add = match super::json_object(&body) {
         Ok(a) => a,
         Err(e) => return error(ErrorCode::BadRequest, &format!("body must be {{\"id\": N, \"addr\": \"HOST:PORT\"}}: {e}")),
     };

@@ -42,6 +42,19 @@ impl actix_web::FromRequest for Body {
     }
 }
 
+/// Parses a request body that must be one JSON object (`{"user": ..}`, not `["alice", ..]`,
+/// which serde would otherwise read as the struct's fields in order).
+///
+/// Errors: the reason, for a `400 bad_request`: invalid JSON, a body that is not an object, or
+/// a missing or wrongly typed field.
+pub(crate) fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("the body must be a JSON object".to_owned());
+    }
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
 /// The HTTP status of an error code.
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
@@ -273,8 +286,9 @@ async fn admin_backup(s: web::Data<Arc<Shared>>, req: HttpRequest, Body(body): B
     struct Body {
         dir: std::path::PathBuf,
     }
-    let Ok(b) = serde_json::from_slice::<Body>(&body) else {
-        return error(ErrorCode::BadRequest, "body must be {\"dir\": PATH}");
+    let b: Body = match json_object(&body) {
+        Ok(b) => b,
+        Err(e) => return error(ErrorCode::BadRequest, &format!("body must be {{\"dir\": PATH}}: {e}")),
     };
     if b.dir.is_relative() {
         return error(ErrorCode::BadRequest, &format!("backup failed: {}", crate::data_dir::DataDirError::BackupRelative(b.dir)));

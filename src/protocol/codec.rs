@@ -61,7 +61,18 @@ pub struct DecodeError {
 /// Errors: `bad_frame` for invalid JSON, a non-object, an unknown `type`, or a missing or wrongly
 /// typed field. Deeply nested input is refused by serde_json's recursion limit, not the stack.
 pub fn decode_request_json(text: &str) -> Result<Request, DecodeError> {
-    serde_json::from_str::<Request>(text).map_err(|e| {
+    /// `type` alone. serde's tagged enums also take a variant's index (`"type": 2`) for its name;
+    /// PROTOCOL.md says a string, so a number is refused.
+    #[derive(serde::Deserialize)]
+    struct TypeTag<'a> {
+        #[serde(rename = "type", borrow)]
+        _kind: std::borrow::Cow<'a, str>,
+    }
+    let parsed = serde_json::from_str::<Request>(text).map_err(|e| e.to_string()).and_then(|r| match serde_json::from_str::<TypeTag>(text) {
+        Ok(_) => Ok(r),
+        Err(_) => Err("`type` must be a string naming the frame".to_owned()),
+    });
+    parsed.map_err(|e| {
         // Error path only: salvage rid/id so the error can name the request.
         let v: Option<serde_json::Value> = serde_json::from_str(text).ok();
         let field = |k: &str| {
@@ -293,6 +304,19 @@ mod tests {
         }
         let e = decode_request_json(r#"{"type":"send","to":null,"body":123,"id":"e1","rid":"r9"}"#).unwrap_err();
         assert_eq!((e.id.as_deref(), e.rid.as_deref()), (Some("e1"), Some("r9")));
+    }
+
+    #[test]
+    fn a_type_that_is_a_number_is_not_taken_for_a_variant_index() {
+        // serde's derive would read 2 as the third variant, `received`.
+        let e = decode_request_json(r#"{"type":2,"up_to":5,"rid":"r1"}"#).unwrap_err();
+        assert_eq!((e.code, e.rid.as_deref()), (ErrorCode::BadFrame, Some("r1")));
+        assert!(e.message.contains("`type` must be a string"), "{}", e.message);
+        let e = decode_request_json(r#"{"type":1,"id":"m1","to":"bob","body":"hi"}"#).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("m1"), "the send's id is still echoed");
+        // An escaped name is still a name.
+        let r = decode_request_json(r#"{"type":"rec\u0065ived","up_to":5}"#).unwrap();
+        assert_eq!(r.frame, ClientFrame::Received { up_to: 5 });
     }
 
     #[test]

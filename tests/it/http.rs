@@ -81,6 +81,14 @@ async fn every_error_has_the_json_error_body() {
     // The handlers' own errors keep their codes.
     let r = http_full(a, "POST", "/v1/register", &[], "not json").await;
     json_error(&r, 400, "bad_request", "a body that is not JSON");
+    // A JSON array is not the object it spells out: serde would read it as the fields in order.
+    for (path, body) in [("/v1/register", r#"["carol","correct horse"]"#), ("/v1/login", r#"["carol","correct horse","laptop"]"#)] {
+        let r = http_full(a, "POST", path, &[], body).await;
+        json_error(&r, 400, "bad_request", &format!("{path} with an array body"));
+        assert!(r.text().contains("JSON object"), "{path}: the message says why: {}", r.text());
+    }
+    let r = http_full(a, "POST", "/v1/login", &[], r#"{"user":"carol","password":"correct horse"}"#).await;
+    assert_eq!(r.status, 401, "the array did not register carol: {}", r.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
