@@ -470,8 +470,10 @@ impl Session {
         match decoded {
             Ok(req) => self.supervised(req, ctx),
             Err(e) if self.auth.is_none() => {
-                let _ = e;
-                self.close(close::VIOLATION, "the first frame must be hello", ctx)
+                // Say what was wrong with it (a hello without its token, a cursor that is not a
+                // number...), then close as PROTOCOL.md 3.1 says, as for a cursor past the head.
+                self.error(e.code, e.message, e.rid, e.id, ctx);
+                self.close(close::VIOLATION, "the first frame must be a well-formed hello", ctx)
             }
             Err(e) => {
                 metrics::counter!("parley_bad_frames_total").increment(1);

@@ -45,14 +45,17 @@ impl actix_web::FromRequest for Body {
 /// Parses a request body that must be one JSON object (`{"user": ..}`, not `["alice", ..]`,
 /// which serde would otherwise read as the struct's fields in order).
 ///
-/// Errors: the reason, for a `400 bad_request`: invalid JSON, a body that is not an object, or
-/// a missing or wrongly typed field.
+/// Errors: the reason, for a `400 bad_request`: invalid JSON, a body that is not an object, a
+/// key given twice (`{"user":"a","user":"b"}`: which one a proxy reads is anyone's guess), or a
+/// missing or wrongly typed field.
 pub(crate) fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
-    if !v.is_object() {
-        return Err("the body must be a JSON object".to_owned());
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice(body).map_err(|e| e.to_string()),
+        _ => match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => Err("the body must be a JSON object".to_owned()),
+            Err(e) => Err(format!("invalid JSON: {e}")),
+        },
     }
-    serde_json::from_value(v).map_err(|e| e.to_string())
 }
 
 /// The HTTP status of an error code.

@@ -62,16 +62,18 @@ pub struct DecodeError {
 /// typed field. Deeply nested input is refused by serde_json's recursion limit, not the stack.
 pub fn decode_request_json(text: &str) -> Result<Request, DecodeError> {
     /// `type` alone. serde's tagged enums also take a variant's index (`"type": 2`) for its name;
-    /// PROTOCOL.md says a string, so a number is refused.
+    /// PROTOCOL.md says a string, so a number is refused, before the fields of "variant 2" are
+    /// asked for. Missing or `null`, it is left to the frame's own error.
     #[derive(serde::Deserialize)]
     struct TypeTag<'a> {
-        #[serde(rename = "type", borrow)]
-        _kind: std::borrow::Cow<'a, str>,
+        #[serde(rename = "type", borrow, default)]
+        _kind: Option<std::borrow::Cow<'a, str>>,
     }
-    let parsed = serde_json::from_str::<Request>(text).map_err(|e| e.to_string()).and_then(|r| match serde_json::from_str::<TypeTag>(text) {
-        Ok(_) => Ok(r),
-        Err(_) => Err("`type` must be a string naming the frame".to_owned()),
-    });
+    let type_error = || serde_json::from_str::<TypeTag>(text).is_err_and(|e| e.is_data()).then(|| "`type` must be a string naming the frame".to_owned());
+    let parsed = match serde_json::from_str::<Request>(text) {
+        Ok(r) => type_error().map_or(Ok(r), Err),
+        Err(e) => Err(type_error().unwrap_or_else(|| e.to_string())),
+    };
     parsed.map_err(|e| {
         // Error path only: salvage rid/id so the error can name the request.
         let v: Option<serde_json::Value> = serde_json::from_str(text).ok();
@@ -314,6 +316,12 @@ mod tests {
         assert!(e.message.contains("`type` must be a string"), "{}", e.message);
         let e = decode_request_json(r#"{"type":1,"id":"m1","to":"bob","body":"hi"}"#).unwrap_err();
         assert_eq!(e.id.as_deref(), Some("m1"), "the send's id is still echoed");
+        // Without the fields of the variant it would be read as, the same reason.
+        for text in [r#"{"type":1}"#, r#"{"type":1,"id":"q"}"#, r#"{"type":42}"#, r#"{"type":true}"#, r#"{"type":["send"]}"#] {
+            let e = decode_request_json(text).unwrap_err();
+            assert!(e.message.contains("`type` must be a string"), "{text}: {}", e.message);
+        }
+        assert!(decode_request_json(r#"{"up_to":1}"#).unwrap_err().message.contains("type"), "a missing type keeps serde's reason");
         // An escaped name is still a name.
         let r = decode_request_json(r#"{"type":"rec\u0065ived","up_to":5}"#).unwrap();
         assert_eq!(r.frame, ClientFrame::Received { up_to: 5 });

@@ -89,6 +89,12 @@ async fn every_error_has_the_json_error_body() {
     }
     let r = http_full(a, "POST", "/v1/login", &[], r#"{"user":"carol","password":"correct horse"}"#).await;
     assert_eq!(r.status, 401, "the array did not register carol: {}", r.text());
+    // A key given twice is refused, not read as its last value.
+    let r = http_full(a, "POST", "/v1/register", &[], r#"{"user":"carol","password":"correct horse","user":"dave"}"#).await;
+    json_error(&r, 400, "bad_request", "a duplicated key");
+    assert!(r.text().contains("duplicate field"), "{}", r.text());
+    let r = http_full(a, "POST", "/v1/login", &[], r#"{"user":"dave","password":"correct horse"}"#).await;
+    assert_eq!(r.status, 401, "the duplicated key did not register dave: {}", r.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

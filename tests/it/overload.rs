@@ -592,6 +592,42 @@ async fn a_flood_of_bad_frames_closes_4003_and_fewer_keep_the_socket() {
     assert_eq!(metric(&m, "parley_bad_frames_total", &[]), Some(11.0));
 }
 
+/// A first frame that is not a well-formed `hello` (no token, a cursor that is not a number, not
+/// an object) is answered with an `error bad_frame` saying what was wrong, then closed with 4003
+/// (PROTOCOL.md 3.1); a token is never looked up for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_hello_is_told_why_before_the_close() {
+    let dir = TestDir::new();
+    let srv = Server::start(&dir).await;
+    let a = srv.user("alice").await;
+    let cases = [
+        (r#"{"type":"hello","rid":"h1"}"#.to_owned(), "token"),
+        (json!({"type": "hello", "token": a, "cursor": "0"}).to_string(), "expected u64"),
+        (json!({"type": "hello", "token": a, "cursor": -1}).to_string(), "expected u64"),
+        ("[1]".to_owned(), "JSON object"),
+    ];
+    for (text, names) in &cases {
+        let mut s = Raw::open(srv.addr).await;
+        s.text(text).await.expect("send");
+        let (frames, code) = s.until_closed().await;
+        assert_eq!(code, Some(close::VIOLATION), "{text}: frames before the close: {frames:?}");
+        match frames.as_slice() {
+            [ServerFrame::Error { code: ErrorCode::BadFrame, message, .. }] => {
+                assert!(message.contains(names), "{text}: the error names {names}: {message}")
+            }
+            other => panic!("{text}: expected one error bad_frame before the close, got {other:?}"),
+        }
+    }
+    // The rid of a hello without its token is echoed, like any request's.
+    let mut s = Raw::open(srv.addr).await;
+    s.text(r#"{"type":"hello","rid":"h1"}"#).await.expect("send");
+    assert!(matches!(s.recv().await, ServerFrame::Error { rid: Some(r), .. } if r == "h1"));
+    // The same token in a well-formed hello works.
+    let mut s = Raw::open(srv.addr).await;
+    s.hello(&a, None).await;
+    s.sync().await;
+}
+
 // ---------------------------------------------------------------------------------- 4. slow consumer
 
 /// The size of the long messages of the slow-consumer tests.
