@@ -415,8 +415,19 @@ impl Config {
         // which layer gave each key).
         c.validate().map_err(|e| match e {
             ConfigError::Invalid { key, reason } => {
-                let from = fig.find_metadata(key).map(|m| origin(m, key)).unwrap_or_default();
-                ConfigError::Invalid { key, reason: format!("{reason}{from}") }
+                let from = |k: &str| fig.find_metadata(k).map(|m| origin(m, k)).unwrap_or_default();
+                let mut full = format!("{reason}{}", from(key));
+                // A check across keys (`ping_timeout_ms` > `ping_interval_ms`) also says where
+                // the other key it names was set, which may be the one the user changed.
+                let words = reason.split(|c: char| !(c.is_ascii_lowercase() || c == '_' || c == '.'));
+                let others: std::collections::BTreeSet<&str> = words.filter(|w| w.contains('.') && *w != key).collect();
+                for other in others {
+                    let o = from(other);
+                    if !o.is_empty() {
+                        full.push_str(&format!("; {other} was set{o}"));
+                    }
+                }
+                ConfigError::Invalid { key, reason: full }
             }
             e => e,
         })?;
@@ -729,9 +740,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// One line for a figment error: what is wrong, the key as `section.key` (no profile, no nested
-/// quoting), where the value came from (the file, or the environment variable), and for an
-/// unknown key the nearest known one.
 /// Where `key`'s value came from, as a suffix of an error message: ` in FILE`, ` (environment
 /// variable PARLEY__...)`, or nothing for the embedded defaults.
 fn origin(m: &figment::Metadata, key: &str) -> String {
@@ -743,6 +751,9 @@ fn origin(m: &figment::Metadata, key: &str) -> String {
     }
 }
 
+/// One line for a figment error: what is wrong, the key as `section.key` (no profile, no nested
+/// quoting), where the value came from (the file, or the environment variable), and for an
+/// unknown key the nearest known one.
 fn describe(e: &figment::Error) -> String {
     use figment::error::Kind;
     let mut path: Vec<String> = e.path.iter().map(|p| p.to_ascii_lowercase()).collect();
@@ -871,6 +882,20 @@ mod tests {
                 let e = Config::load(None).unwrap_err().to_string();
                 assert!(e.contains(key), "{var}={value}: {e}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_check_across_keys_says_where_the_other_key_was_set() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PARLEY__SESSION__PING_INTERVAL_MS", "70000");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("session.ping_timeout_ms") && e.contains("session.ping_interval_ms was set (environment variable PARLEY__SESSION__PING_INTERVAL_MS)"), "{e}");
+            jail.create_file("p.toml", "[session]\nping_interval_ms = 70000\n")?;
+            jail.clear_env();
+            let e = Config::load(Some(Path::new("p.toml"))).unwrap_err().to_string();
+            assert!(e.contains("session.ping_interval_ms was set in") && e.contains("p.toml"), "{e}");
             Ok(())
         });
     }
