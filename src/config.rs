@@ -746,7 +746,21 @@ fn origin(m: &figment::Metadata, key: &str) -> String {
     match &m.source {
         Some(figment::Source::File(f)) => format!(" in {}", f.display()),
         _ if m.name.contains("environment") && !key.contains('.') => format!(" (environment variables {}__*)", env_name(key)),
-        _ if m.name.contains("environment") => format!(" (environment variable {})", env_name(key)),
+        _ if m.name.contains("environment") => {
+            // `PARLEY__SESSION__HELLO_TIMEOUT_MS__X` makes the key a table ("found map"): name
+            // the variables that did, not the one that is not set.
+            let name = env_name(key);
+            let under = format!("{name}__");
+            let deeper: Vec<String> = std::env::vars_os()
+                .filter_map(|(k, _)| k.into_string().ok())
+                .filter(|k| k.len() > under.len() && k.get(..under.len()).is_some_and(|p| p.eq_ignore_ascii_case(&under)))
+                .collect();
+            if std::env::var_os(&name).is_none() && !deeper.is_empty() {
+                format!(" (environment variable {}: {key} has no keys under it)", deeper.join(", "))
+            } else {
+                format!(" (environment variable {name})")
+            }
+        }
         _ => String::new(),
     }
 }
@@ -882,6 +896,16 @@ mod tests {
                 let e = Config::load(None).unwrap_err().to_string();
                 assert!(e.contains(key), "{var}={value}: {e}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_variable_below_a_key_is_named_itself() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PARLEY__SESSION__HELLO_TIMEOUT_MS__X", "5");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("session.hello_timeout_ms") && e.contains("PARLEY__SESSION__HELLO_TIMEOUT_MS__X: session.hello_timeout_ms has no keys under it"), "{e}");
             Ok(())
         });
     }
