@@ -2,7 +2,8 @@
 //! registered users (message, conversation meta, dedup, two events, two per-user conversation
 //! states per send), by batch size; and of an entry holding 256 `received` confirmations, each
 //! covering the newest message of its device's user (cursor, lowest cursor, a `delivered`
-//! receipt to the sender). Elements are commands. Apply writes into memory; the materializer's
+//! receipt to the sender); and of one group message to USERS members (elements are members).
+//! Elsewhere elements are commands. Apply writes into memory; the materializer's
 //! writes to sled are not in these figures (`materialize` is measured apart).
 //!
 //! `cargo bench --bench apply`
@@ -104,6 +105,38 @@ fn apply(c: &mut Criterion) {
                 let i = next.get();
                 state.apply(i, &entry).expect("apply");
                 next.set(i + 1);
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    // A group message: one `send` to a group of all USERS users appends an event to each
+    // member (and, for the sender, its conversation state). Elements are members.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let state = setup(dir.path());
+    let members: Vec<String> = (0..USERS).map(|i| format!("u{i}")).collect();
+    let create = Command::GroupCreate { group: "bench".into(), by: "u0".into(), name: "bench".into(), members, cap: 1024 };
+    let (created, _) = state.apply(3, &LogEntry { ts: 3, commands: vec![create] }).expect("create the group");
+    assert!(matches!(created[..], [parley::storage::Outcome::GroupCreated { .. }]), "{created:?}");
+    let probe = Command::Send { from: "u1".into(), device: "web".into(), id: "g-probe".into(), conv: "g:bench".into(), body: "Hi".into() };
+    let (sent, _) = state.apply(4, &LogEntry { ts: 4, commands: vec![probe] }).expect("send to the group");
+    assert!(matches!(sent[..], [parley::storage::Outcome::Sent { duplicate: false, .. }]), "{sent:?}");
+    let next = Cell::new(5u64);
+    let made = Cell::new(0usize);
+    g.throughput(Throughput::Elements(USERS as u64));
+    g.bench_function(BenchmarkId::new("group_send", USERS), |b| {
+        b.iter_batched(
+            || {
+                state.materialize().expect("materialize");
+                let n = made.get();
+                made.set(n + 1);
+                let from = format!("u{}", n % USERS);
+                LogEntry { ts: 1_796_000_000_000, commands: vec![Command::Send { from, device: "web".into(), id: format!("g{n}"), conv: "g:bench".into(), body: "Hi, how is it going? I'm fine.".into() }] }
+            },
+            |entry| {
+                let i = next.get();
+                let (sent, _) = state.apply(i, &entry).expect("apply");
+                next.set(i + 1);
+                assert!(matches!(sent[..], [parley::storage::Outcome::Sent { duplicate: false, .. }]), "{sent:?}");
             },
             criterion::BatchSize::SmallInput,
         )

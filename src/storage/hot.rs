@@ -16,7 +16,8 @@
 //!   reads to find the conversations and senders it confirms;
 //! - `devices`: every device cursor of a user, for the lowest-cursor computation of `received`;
 //! - `sent`: hashes of every client message id a user ever sent, so a new `send` knows that its
-//!   id is not a resend without reading the dedup table (a hit still reads the dedup record).
+//!   id is not a resend without reading the dedup table (a hit still reads the dedup record);
+//! - `groups`: each group's member list, decoded, for the fan-out of a group `send`.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -69,6 +70,12 @@ pub struct Hot {
     pub sent: HashMap<String, Option<HashSet<u64>>>,
     /// Ids held in `sent`, over all users.
     pub sent_ids: usize,
+    /// Group id → its members' user ids, in the record's order, decoded once (a send to a
+    /// group of 1,024 decoded the whole record each time). Every write of a group record goes
+    /// through apply's write, which drops the group's entry here.
+    pub groups: HashMap<String, std::sync::Arc<Vec<String>>>,
+    /// Members held in `groups`, over all groups.
+    pub group_members: usize,
 }
 
 impl Hot {
@@ -90,6 +97,10 @@ impl Hot {
         }
         if self.devices.len() > MAX_VALUES / 4 {
             self.devices = HashMap::default();
+        }
+        if self.group_members > MAX_VALUES {
+            self.groups = HashMap::default();
+            self.group_members = 0;
         }
         if self.sent_ids > MAX_IDS {
             self.sent = HashMap::default();

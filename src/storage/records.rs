@@ -205,7 +205,7 @@ struct UserConvRecordV1 {
 
 /// Encodes a [`UserConvRecord`]: [`USER_CONV_VERSION`], then postcard.
 pub fn encode_user_conv(v: &UserConvRecord) -> Result<Vec<u8>, StorageError> {
-    postcard::to_extend(v, vec![USER_CONV_VERSION]).map_err(|e| StorageError::Encode(e.to_string()))
+    postcard::to_extend(v, with_version(USER_CONV_VERSION)).map_err(|e| StorageError::Encode(e.to_string()))
 }
 
 /// Decodes a stored [`UserConvRecord`] of either version. A version 1 record is converted with
@@ -252,7 +252,15 @@ pub struct Member {
 
 /// Encodes a stored value: version byte, then postcard.
 pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
-    postcard::to_extend(v, vec![FORMAT_VERSION]).map_err(|e| StorageError::Encode(e.to_string()))
+    postcard::to_extend(v, with_version(FORMAT_VERSION)).map_err(|e| StorageError::Encode(e.to_string()))
+}
+
+/// A buffer holding the version byte, with room for a typical record (64 bytes), so that
+/// encoding one does not grow the buffer 1 → 8 → 16 → 32 → 64 on the commit thread.
+fn with_version(version: u8) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.push(version);
+    v
 }
 
 /// Decodes a stored value written by [`encode`].

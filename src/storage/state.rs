@@ -291,7 +291,9 @@ impl State {
         let mut hot = self.hot.lock();
         hot.trim();
         let mut a = Applier {
-            tx: Tx { store: &self.store, writes: Writes::default(), hot: &mut hot, ids: &self.ids },
+            // Up to 8 writes per command (a 1:1 send makes 6; a group one, one per member and
+            // more): sized once rather than rehashed as it grows.
+            tx: Tx { store: &self.store, writes: Writes::with_capacity_and_hasher(entry.commands.len() * 8, Default::default()), hot: &mut hot, ids: &self.ids },
             ts: entry.ts,
             index,
             position: 0,
@@ -765,6 +767,18 @@ impl<'a> Tx<'a> {
         }
     }
 
+    /// The member user ids of group `gid` (`None`: no such group), decoded once and cached.
+    fn group_members(&mut self, gid: &str) -> Result<Option<Arc<Vec<String>>>, StorageError> {
+        if let Some(m) = self.hot.groups.get(gid) {
+            return Ok(Some(m.clone()));
+        }
+        let Some(g) = self.get::<GroupRecord>(TreeId::Groups, gid.as_bytes())? else { return Ok(None) };
+        let members = Arc::new(g.members.into_iter().map(|m| m.user).collect::<Vec<_>>());
+        self.hot.group_members += members.len();
+        self.hot.groups.insert(gid.to_owned(), members.clone());
+        Ok(Some(members))
+    }
+
     /// `user`'s latest ev (0: none), from the cache or from its last stored event.
     fn head(&mut self, user: &str) -> Result<u64, StorageError> {
         if let Some(&h) = self.hot.heads.get(user) {
@@ -807,7 +821,10 @@ impl<'a> Tx<'a> {
                         self.hot.heads.insert(user.to_owned(), ev);
                     }
                 }
-                let r = self.hot.recent.entry(user.to_owned()).or_default();
+                let r = match self.hot.recent.get_mut(user) {
+                    Some(r) => r,
+                    None => self.hot.recent.entry(user.to_owned()).or_default(),
+                };
                 if r.back().is_some_and(|&(last, _)| last + 1 != ev) {
                     r.clear();
                 }
@@ -815,6 +832,11 @@ impl<'a> Tx<'a> {
                 if r.len() > hot::RECENT_EVENTS {
                     r.pop_front();
                 }
+            }
+        }
+        if t == TreeId::Groups {
+            if let Some(old) = std::str::from_utf8(&k).ok().and_then(|g| self.hot.groups.remove(g)) {
+                self.hot.group_members -= old.len();
             }
         }
         if hot::cached(t) {
@@ -933,8 +955,14 @@ impl Applier<'_> {
 
     /// Appends an event to `user`'s stream: ev = head + 1.
     fn append_event(&mut self, user: &str, rec: &EventRecord, payload: Arc<EventPayload>) -> Result<(), StorageError> {
+        self.append_encoded(user, IVec::from(encode(rec)?), payload)
+    }
+
+    /// [`append_event`](Self::append_event) of an encoded record: a fan-out encodes its one
+    /// record once and shares the bytes between the members' streams.
+    fn append_encoded(&mut self, user: &str, rec: IVec, payload: Arc<EventPayload>) -> Result<(), StorageError> {
         let ev = self.tx.head(user)? + 1;
-        self.tx.put(TreeId::UserEvEvent, keys::num(user, ev), rec)?;
+        self.tx.write(TreeId::UserEvEvent, keys::num(user, ev), Some(rec));
         self.effects.events.push(Pushed { user: user.to_owned(), ev, payload });
         Ok(())
     }
@@ -967,7 +995,7 @@ impl Applier<'_> {
         let Some(parsed) = Conv::parse(conv) else {
             return Ok(Outcome::Refused(Refusal::BadRequest(format!("bad conversation {conv}"))));
         };
-        let members: Vec<String> = match &parsed {
+        let members: Arc<Vec<String>> = match &parsed {
             Conv::Dm { a, b } => {
                 if !parsed.dm_has(from) {
                     return Ok(Outcome::Refused(Refusal::NotMember));
@@ -977,10 +1005,10 @@ impl Applier<'_> {
                         return Ok(Outcome::Refused(Refusal::UnknownUser(u.clone())));
                     }
                 }
-                if a == b { vec![a.clone()] } else { vec![a.clone(), b.clone()] }
+                Arc::new(if a == b { vec![a.clone()] } else { vec![a.clone(), b.clone()] })
             }
-            Conv::Group(gid) => match self.tx.get::<GroupRecord>(TreeId::Groups, gid.as_bytes())? {
-                Some(g) if g.members.iter().any(|m| m.user == from) => g.members.into_iter().map(|m| m.user).collect(),
+            Conv::Group(gid) => match self.tx.group_members(gid)? {
+                Some(m) if m.iter().any(|u| u == from) => m,
                 _ => return Ok(Outcome::Refused(Refusal::NotMember)),
             },
         };
@@ -999,11 +1027,15 @@ impl Applier<'_> {
         self.tx.put(TreeId::SenderIdAck, keys::pair(from, id), &ack)?;
         self.tx.note_sent(from, id);
         let payload = Arc::new(EventPayload::Message(message_view(conv, seq, rec)));
-        let ev_rec = EventRecord::Message { conv: conv.to_owned(), seq, from: from.to_owned() };
-        for m in &members {
-            self.append_event(m, &ev_rec, payload.clone())?;
+        let ev_rec = IVec::from(encode(&EventRecord::Message { conv: conv.to_owned(), seq, from: from.to_owned() })?);
+        for m in members.iter() {
+            self.append_encoded(m, ev_rec.clone(), payload.clone())?;
             // Only the sender's state changes (one more own message after its read marker); the
-            // others' unread counts follow from the conversation's last seq.
+            // others' unread counts follow from the conversation's last seq, so for them only
+            // whether a state exists matters (not decoded).
+            if m != from && self.tx.exists(TreeId::UserConvState, &keys::pair(m, conv))? {
+                continue;
+            }
             match self.user_conv(m, conv)? {
                 Some(mut uc) if m == from => {
                     uc.own_after_read += 1;
@@ -1252,8 +1284,9 @@ impl Applier<'_> {
             users,
             by: by.to_owned(),
         }));
+        let rec = IVec::from(encode(&rec)?);
         for u in to {
-            self.append_event(u, &rec, payload.clone())?;
+            self.append_encoded(u, rec.clone(), payload.clone())?;
         }
         Ok(())
     }
