@@ -316,7 +316,7 @@ impl State {
         for (k, v) in meta {
             writes.insert(full_key(TreeId::Meta, &k), v.map(IVec::from));
         }
-        self.store.merge(index, writes.into_iter().collect());
+        self.store.merge(index, writes);
         match store::slowdown(self.store.fill()) {
             // The materializer is behind: slow down, then wait for it, rather than grow without
             // bound. The entry is applied already, so a failure here is not the entry's: the
