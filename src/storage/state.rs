@@ -1032,21 +1032,17 @@ impl Applier<'_> {
             self.append_encoded(m, ev_rec.clone(), payload.clone())?;
             // Only the sender's state changes (one more own message after its read marker); the
             // others' unread counts follow from the conversation's last seq, so for them only
-            // whether a state exists matters (not decoded).
-            if m != from && self.tx.exists(TreeId::UserConvState, &keys::pair(m, conv))? {
+            // whether a state exists matters (not decoded): a first message creates it.
+            let uc = if m == from {
+                let mut uc = self.user_conv(m, conv)?.unwrap_or(UserConvRecord { visible_from: 1, ..Default::default() });
+                uc.own_after_read += 1;
+                uc
+            } else if self.tx.exists(TreeId::UserConvState, &keys::pair(m, conv))? {
                 continue;
-            }
-            match self.user_conv(m, conv)? {
-                Some(mut uc) if m == from => {
-                    uc.own_after_read += 1;
-                    self.put_user_conv(m, conv, &uc)?;
-                }
-                Some(_) => {}
-                None => {
-                    let uc = UserConvRecord { visible_from: 1, own_after_read: u64::from(m == from), ..Default::default() };
-                    self.put_user_conv(m, conv, &uc)?;
-                }
-            }
+            } else {
+                UserConvRecord { visible_from: 1, ..Default::default() }
+            };
+            self.put_user_conv(m, conv, &uc)?;
         }
         Ok(Outcome::Sent { conv: conv.to_owned(), seq, ts, duplicate: false })
     }
