@@ -854,7 +854,7 @@ impl<'a> Tx<'a> {
 
     /// This entry's writes whose key passes `keep`, in key order (for scans, which are rare).
     fn writes_from(&self, keep: impl Fn(&[u8]) -> bool) -> Layer {
-        self.writes.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.writes.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (store::Key::from_slice(k), v.clone())).collect()
     }
 
     /// Keys of table `t` from `from` on (inclusive), in key order.

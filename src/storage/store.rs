@@ -78,8 +78,19 @@ pub fn slowdown(dirty: usize) -> Option<std::time::Duration> {
     Some(MAX_SLOWDOWN.mul_f64(over))
 }
 
+/// A full key (table byte + key) in the overlay, held inline up to 48 bytes (every key of the
+/// hot tables at typical id lengths: an event key is 10 bytes more than its user id). A layer's
+/// B-tree compares a new key with ~20 others on insert; inline, each comparison reads the node it
+/// is in, where a `Vec<u8>` key sent it to another heap block each time. Ordered as the bytes.
+pub type Key = smallvec::SmallVec<[u8; 48]>;
+
 /// Pending writes: full key (table byte + key) → value, `None` for a deletion.
-pub type Layer = BTreeMap<Vec<u8>, Option<IVec>>;
+pub type Layer = BTreeMap<Key, Option<IVec>>;
+
+/// `bounds` over byte slices, for a range over a [`Layer`] (whose keys borrow as `[u8]`).
+fn slices(bounds: &(Bound<Vec<u8>>, Bound<Vec<u8>>)) -> (Bound<&[u8]>, Bound<&[u8]>) {
+    (bounds.0.as_ref().map(Vec::as_slice), bounds.1.as_ref().map(Vec::as_slice))
+}
 
 #[derive(Default)]
 struct Layers {
@@ -250,7 +261,7 @@ impl Store {
         // (key, value) of the greatest key of each overlay layer, newest layer first.
         let (active, flushing) = {
             let l = self.layers.read();
-            let last = |layer: &Layer| layer.range(bounds.clone()).next_back().map(|(k, v)| (k.clone(), v.clone()));
+            let last = |layer: &Layer| layer.range::<[u8], _>(slices(&bounds)).next_back().map(|(k, v)| (k.to_vec(), v.clone()));
             (last(&l.active), l.flushing.as_deref().and_then(last))
         };
         // Read after the layers: a key that left them since is in sled now.
@@ -295,10 +306,10 @@ impl Store {
     fn range_bounded(&self, lo: &[u8], hi: &Bound<Vec<u8>>, limit: usize, extra: Option<&Layer>) -> Result<Option<Vec<(Vec<u8>, IVec)>>, StorageError> {
         let bounds = (Bound::Included(lo.to_vec()), hi.clone());
         // The lowest key at which a layer's copy was cut (None: no layer was cut).
-        let mut cut: Option<Vec<u8>> = None;
-        let mut copy = |layer: &Layer, over: &mut Vec<(Vec<u8>, Option<IVec>)>| {
+        let mut cut: Option<Key> = None;
+        let mut copy = |layer: &Layer, over: &mut Vec<(Key, Option<IVec>)>| {
             let mut live = 0;
-            for (k, v) in layer.range(bounds.clone()) {
+            for (k, v) in layer.range::<[u8], _>(slices(&bounds)) {
                 over.push((k.clone(), v.clone()));
                 live += usize::from(v.is_some());
                 if live == limit {
@@ -326,8 +337,9 @@ impl Store {
             // Every layer's whole range was copied.
             return self.range_merged(lo.to_vec(), hi.clone(), limit, None, Some(over)).map(Some);
         };
-        let upto = Bound::Included(cut.clone());
-        let out = self.range_merged(lo.to_vec(), upto, limit, None, Some(over.range(..=cut).map(|(k, v)| (k.clone(), v.clone())).collect()))?;
+        let upto = Bound::Included(cut.to_vec());
+        let below: Layer = over.range::<[u8], _>((Bound::Unbounded, Bound::Included(cut.as_slice()))).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let out = self.range_merged(lo.to_vec(), upto, limit, None, Some(below))?;
         Ok((out.len() == limit).then_some(out))
     }
 
@@ -343,12 +355,12 @@ impl Store {
                 {
                     let l = self.layers.read();
                     if let Some(f) = &l.flushing {
-                        over.extend(f.range(bounds.clone()).map(|(k, v)| (k.clone(), v.clone())));
+                        over.extend(f.range::<[u8], _>(slices(&bounds)).map(|(k, v)| (k.clone(), v.clone())));
                     }
-                    over.extend(l.active.range(bounds.clone()).map(|(k, v)| (k.clone(), v.clone())));
+                    over.extend(l.active.range::<[u8], _>(slices(&bounds)).map(|(k, v)| (k.clone(), v.clone())));
                 }
                 if let Some(x) = extra {
-                    over.extend(x.range(bounds.clone()).map(|(k, v)| (k.clone(), v.clone())));
+                    over.extend(x.range::<[u8], _>(slices(&bounds)).map(|(k, v)| (k.clone(), v.clone())));
                 }
                 over
             }
@@ -385,10 +397,11 @@ impl Store {
     /// inserted straight into the layer: sorting an entry's writes into a map of their own first
     /// cost more than it saved (a group message's ~1,000 keys, each for another user, go to
     /// places all over the layer anyway).
-    pub fn merge(&self, index: u64, writes: impl IntoIterator<Item = (Vec<u8>, Option<IVec>)>) {
+    pub fn merge<K: Into<Key>>(&self, index: u64, writes: impl IntoIterator<Item = (K, Option<IVec>)>) {
         let mut l = self.layers.write();
         let mut bytes = 0;
         for (k, v) in writes {
+            let k = k.into();
             bytes += k.len() + v.as_ref().map_or(0, |v| v.len());
             l.active.insert(k, v);
         }
@@ -910,7 +923,7 @@ mod tests {
     use super::*;
 
     fn layer(n: u8, gen: u8) -> Layer {
-        (0..n).map(|i| (full_key(TreeId::Users, &[i]), if i % 7 == 3 { None } else { Some(IVec::from(vec![gen; 1 + i as usize * 997 % 300_000])) })).collect()
+        (0..n).map(|i| (Key::from(full_key(TreeId::Users, &[i])), if i % 7 == 3 { None } else { Some(IVec::from(vec![gen; 1 + i as usize * 997 % 300_000])) })).collect()
     }
 
     #[test]
@@ -1056,7 +1069,7 @@ mod tests {
             // An older generation in sled first, so half-written keys differ from both.
             store.merge(1, layer(100, 1));
             assert_eq!(store.materialize().unwrap(), 1);
-            let want: Vec<(Vec<u8>, Option<IVec>)> = layer(100, 2).into_iter().collect();
+            let want: Vec<(Vec<u8>, Option<IVec>)> = layer(100, 2).into_iter().map(|(k, v)| (k.to_vec(), v)).collect();
             write_with_redo_until(store.tree(), &layer(100, 2), 2, crash_after).unwrap();
             drop(store);
             drop(db);
@@ -1129,7 +1142,7 @@ mod tests {
                         .iter()
                         .enumerate()
                         .filter(|(_, c)| pick(c) > 0)
-                        .map(|(k, c)| (full_key(TreeId::Users, &[k as u8]), (pick(c) == 2).then(|| IVec::from(vec![gen, k as u8]))))
+                        .map(|(k, c)| (Key::from(full_key(TreeId::Users, &[k as u8])), (pick(c) == 2).then(|| IVec::from(vec![gen, k as u8]))))
                         .collect()
                 };
                 store.merge(1, layer_of(&|c| c.0, 1));
@@ -1171,7 +1184,7 @@ mod tests {
                     cells
                         .iter()
                         .filter(|c| pick(c) > 0)
-                        .map(|c| (full_key(TreeId::UserEvEvent, &key(c.0, c.1)), (pick(c) == 2).then(|| IVec::from(vec![gen, c.1]))))
+                        .map(|c| (Key::from(full_key(TreeId::UserEvEvent, &key(c.0, c.1))), (pick(c) == 2).then(|| IVec::from(vec![gen, c.1]))))
                         .collect()
                 };
                 store.merge(1, layer_of(&|c| c.2, 1));
