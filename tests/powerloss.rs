@@ -214,16 +214,11 @@ async fn check(srv: &Server, round: usize, tokens: &BTreeMap<String, String>, gr
                 // come back): the seqs the history had around it, and the logs of the run that
                 // was cut and of the restart (recovery, replay, rebuild).
                 let around: Vec<u64> = histories.get(&conv).map(|h| h.iter().map(|(s, _, _)| *s).filter(|s| s.abs_diff(seq) <= 5).collect()).unwrap_or_default();
-                let tail = |n: u32| {
-                    let l = std::fs::read_to_string(srv.log_path(n)).unwrap_or_default();
-                    let lines: Vec<&str> = l.lines().collect();
-                    lines[lines.len().saturating_sub(40)..].join("\n")
-                };
                 panic!(
                     "round {round}: acked message {id} (seq {seq} in {conv}) is lost or moved after the power loss: stored at {:?}; seqs in its history within 5 of it: {around:?}\n--- the cut run's log (tail):\n{}\n--- the restart's log (tail):\n{}",
                     stored.get(&id),
-                    tail(srv.starts.saturating_sub(1)),
-                    tail(srv.starts)
+                    srv.log_tail_of(srv.starts.saturating_sub(1), 40),
+                    srv.log_tail_of(srv.starts, 40)
                 );
             }
             checked += 1;

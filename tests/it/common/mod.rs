@@ -208,9 +208,14 @@ impl Server {
     }
 
     fn log_tail(&self) -> String {
-        let l = self.log();
-        let lines: Vec<&str> = l.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.log_tail_of(self.starts, 30)
+    }
+
+    /// The last `lines` lines of the log of start number `n` (empty when there is none).
+    pub fn log_tail_of(&self, n: u32, lines: usize) -> String {
+        let l = std::fs::read_to_string(self.log_path(n)).unwrap_or_default();
+        let all: Vec<&str> = l.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Starts the binary again on the same data directory (the previous run must have ended);
