@@ -215,7 +215,8 @@ async fn check(srv: &Server, round: usize, tokens: &BTreeMap<String, String>, gr
                 // was cut and of the restart (recovery, replay, rebuild).
                 let around: Vec<u64> = histories.get(&conv).map(|h| h.iter().map(|(s, _, _)| *s).filter(|s| s.abs_diff(seq) <= 5).collect()).unwrap_or_default();
                 panic!(
-                    "round {round}: acked message {id} (seq {seq} in {conv}) is lost or moved after the power loss: stored at {:?}; seqs in its history within 5 of it: {around:?}\n--- the cut run's log (tail):\n{}\n--- the restart's log (tail):\n{}",
+                    "round {round}: acked message {id} (seq {seq} in {conv}) is lost or moved after the power loss: stored at {:?}; seqs in its history within 5 of it: {around:?} \
+                     (the data directory as the cut left it is `after-cut` in the kept test directory)\n--- the cut run's log (tail):\n{}\n--- the restart's log (tail):\n{}",
                     stored.get(&id),
                     srv.log_tail_of(srv.starts.saturating_sub(1), 40),
                     srv.log_tail_of(srv.starts, 40)
@@ -308,6 +309,11 @@ async fn power_loss_loses_no_acked_message() {
             within(T, "a sender to notice the kill", t).await.expect("sender task panicked");
         }
         fs.drop_unsynced();
+        // What the cut left, before the restart changes it: kept with the test's directory
+        // when a check fails (one copy, the last cut's; ~1 MB).
+        let after_cut = dir.path().join("after-cut");
+        let _ = std::fs::remove_dir_all(&after_cut);
+        copy_tree(&dir.data(), &after_cut).expect("copy the data directory after the cut");
         srv.set_env(&[]);
         srv.restart().await;
         if srv.log().contains("REBUILT FROM THE WRITE-AHEAD LOG") {
@@ -339,6 +345,21 @@ async fn power_loss_loses_no_acked_message() {
     );
 }
 
+
+/// Copies the directory `from` into `to` (created), recursively: files and directories only.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type()?.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
 
 /// The first entry of the log in `wal` (the lowest segment's name), if it has a segment.
 fn first_segment(wal: &std::path::Path) -> Option<u64> {
