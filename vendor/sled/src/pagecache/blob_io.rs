@@ -90,12 +90,19 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
-        .map(|r| {
-            trace!("successfully wrote blob at {:?}", path);
-            r
-        })
-        .map_err(|e| e.into())
+    f.write_all(&data)?;
+
+    // parley patch 1 (PATCHES.md): the blob and its name are durable before the log record
+    // that points at it is written. Without this, sled's flusher could fsync the pointer
+    // while the blob was still only in the page cache; after a power cut recovery skips the
+    // dangling pointer (`LogRead::DanglingBlob`) and applies what came after it, leaving a
+    // state that is no prefix of what was written.
+    if !config.temporary {
+        f.sync_all()?;
+        std::fs::File::open(config.get_path().join("blobs"))?.sync_all()?;
+    }
+    trace!("successfully wrote blob at {:?}", path);
+    Ok(())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
@@ -146,6 +153,13 @@ pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
 
 pub(crate) fn remove_blob(id: Lsn, config: &Config) -> Result<()> {
     let path = config.blob_path(id);
+    // parley patch 2 (PATCHES.md): the log that replaced this blob is durable before the blob
+    // goes. sled removes it once the replacing record is written (stabilized), which is not
+    // fsync'd; a later fsync of `blobs/` could make the unlink durable first, and a power cut
+    // would then leave the durable log pointing at a blob that is gone.
+    if !config.temporary {
+        std::fs::File::open(config.get_path().join("db"))?.sync_all()?;
+    }
     if let Err(e) = std::fs::remove_file(&path) {
         debug!("removing blob at {:?} failed: {}", path, e);
     } else {
