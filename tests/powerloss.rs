@@ -543,7 +543,7 @@ fn sled_keeps_what_a_checkpoint_made_durable_across_power_cuts() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let state = dir.data().join("state");
     let exe = std::env::current_exe().expect("the test binary");
-    let (mut ckpt, mut highest, mut cuts) = (0u64, 0u64, 0usize);
+    let (mut ckpt, mut highest, mut last_was_cut) = (0u64, 0u64, false);
     for round in 1..=rounds {
         let err = dir.path().join(format!("sled-child-{round}.err"));
         let mut child = std::process::Command::new(&exe)
@@ -582,7 +582,7 @@ fn sled_keeps_what_a_checkpoint_made_durable_across_power_cuts() {
             let _ = child.kill();
             let _ = child.wait();
             let why: Vec<String> = std::fs::read_to_string(&err).unwrap_or_default().lines().filter(|l| !l.starts_with("  ")).take(4).map(str::to_owned).collect();
-            panic!("round {round}: sled did not open after the previous round's {} (last checkpoint: key {ckpt}): {}", if cuts > 0 { "cut" } else { "kill" }, why.join(" | "));
+            panic!("round {round}: sled did not open after the previous round's {} (last checkpoint: key {ckpt}): {}", if last_was_cut { "cut" } else { "kill" }, why.join(" | "));
         };
         let applied: u64 = open.split_whitespace().nth(2).and_then(|s| s.parse().ok()).expect("OPEN line");
         assert!(problems.is_empty() && open.ends_with(" bad 0"), "round {round}: sled opened wrong: {open}; {problems:?}");
@@ -607,10 +607,9 @@ fn sled_keeps_what_a_checkpoint_made_durable_across_power_cuts() {
             }
         }
         let _ = reader.join();
-        cuts = 0;
-        if rng.gen_bool(0.7) {
+        last_was_cut = rng.gen_bool(0.7);
+        if last_was_cut {
             fs.drop_unsynced();
-            cuts = 1;
         }
     }
     drop(session);
