@@ -698,9 +698,13 @@ pub const NON_CONFIG_VARS: &[&str] = &[
     "PARLEY_SIM_SEED",
     "PARLEY_SIM_BASE",
     "PARLEY_SIM_TRACE",
-    // tests/powerloss.rs: the power-loss rounds' count and seed.
+    // tests/powerloss.rs: the power-loss rounds' count and seed; the sled test's rounds, seed and
+    // its child process's database.
     "PARLEY_POWERLOSS_ROUNDS",
     "PARLEY_POWERLOSS_SEED",
+    "PARLEY_SLED_CUT_ROUNDS",
+    "PARLEY_SLED_CUT_SEED",
+    "PARLEY_SLED_CUT_CHILD",
 ];
 
 /// The environment variable of a `section.key` setting: `PARLEY__SECTION__KEY`.

@@ -92,7 +92,7 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write buf");
     f.write_all(&data)?;
 
-    // parley patch 1 (PATCHES.md): the blob and its name are durable before the log record
+    // parley patch 2a (PATCHES.md): the blob and its name are durable before the log record
     // that points at it is written. Without this, sled's flusher could fsync the pointer
     // while the blob was still only in the page cache; after a power cut recovery skips the
     // dangling pointer (`LogRead::DanglingBlob`) and applies what came after it, leaving a
@@ -153,7 +153,7 @@ pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
 
 pub(crate) fn remove_blob(id: Lsn, config: &Config) -> Result<()> {
     let path = config.blob_path(id);
-    // parley patch 2 (PATCHES.md): the log that replaced this blob is durable before the blob
+    // parley patch 2b (PATCHES.md): the log that replaced this blob is durable before the blob
     // goes. sled removes it once the replacing record is written (stabilized), which is not
     // fsync'd; a later fsync of `blobs/` could make the unlink durable first, and a power cut
     // would then leave the durable log pointing at a blob that is gone.

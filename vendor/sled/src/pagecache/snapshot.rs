@@ -563,7 +563,7 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
 
     trace!("renamed snapshot to {}", path_2.to_string_lossy());
 
-    // parley patch 3 (PATCHES.md): the new snapshot's name is durable before the older ones
+    // parley patch 2c (PATCHES.md): the new snapshot's name is durable before the older ones
     // are removed, so a power cut cannot bring back only an older snapshot (whose segments
     // may be reused by then) while the db file has moved on.
     if !config.temporary {
