@@ -365,6 +365,20 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()
     Ok(())
 }
 
+/// fsyncs every file and directory below `dir`, and `dir` (parley's checkpoint does the same,
+/// `storage::store::fsync_tree`, which is not public).
+fn fsync_tree(dir: &std::path::Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            fsync_tree(&e.path())?;
+        } else {
+            std::fs::File::open(e.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// The first entry of the log in `wal` (the lowest segment's name), if it has a segment.
 fn first_segment(wal: &std::path::Path) -> Option<u64> {
     std::fs::read_dir(wal).ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".wal")?.parse::<u64>().ok()).min()
@@ -487,20 +501,6 @@ fn sled_child(dir: &std::path::Path) {
     }
     writeln!(out, "OPEN applied {applied} bad {}", bad.len()).expect("stdout");
     out.flush().expect("stdout");
-    let fsync_tree = |d: &std::path::Path| {
-        fn walk(d: &std::path::Path) -> std::io::Result<()> {
-            for e in std::fs::read_dir(d)? {
-                let e = e?;
-                if e.file_type()?.is_dir() {
-                    walk(&e.path())?;
-                } else {
-                    std::fs::File::open(e.path())?.sync_all()?;
-                }
-            }
-            std::fs::File::open(d)?.sync_all()
-        }
-        walk(d).expect("fsync the tree")
-    };
     // Until killed (bounded anyway: ~10 minutes of writes at most).
     for i in applied + 1..applied + 10_000_000 {
         let mut b = sled::Batch::default();
@@ -515,7 +515,7 @@ fn sled_child(dir: &std::path::Path) {
         t.apply_batch(b).expect("apply_batch");
         if i % SLED_CKPT_EVERY == 0 {
             db.flush().expect("flush");
-            fsync_tree(dir);
+            fsync_tree(dir).expect("fsync the tree");
             writeln!(out, "CKPT {i}").expect("stdout");
             out.flush().expect("stdout");
         }
@@ -589,17 +589,9 @@ fn sled_keeps_what_a_checkpoint_made_durable_across_power_cuts() {
         assert!(problems.is_empty() && open.ends_with(" bad 0"), "round {round}: sled opened wrong: {open}; {problems:?}");
         assert!(applied >= ckpt, "round {round}: sled opened at key {applied}, behind the last checkpoint at key {ckpt}");
         highest = highest.max(applied);
-        let until = Instant::now() + Duration::from_millis(rng.gen_range(20..800));
-        while let Some(left) = until.checked_duration_since(Instant::now()) {
-            match rx.recv_timeout(left) {
-                Ok(l) => {
-                    if let Some(n) = l.strip_prefix("CKPT ").and_then(|n| n.parse().ok()) {
-                        ckpt = n;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
+        // The child's lines are read after the kill (the channel holds them): the last `CKPT`
+        // it printed is the checkpoint the next child must find.
+        std::thread::sleep(Duration::from_millis(rng.gen_range(20..800)));
         let _ = child.kill();
         let _ = child.wait();
         for l in rx.iter() {
