@@ -6,3 +6,4 @@ pub mod ops;
 pub mod presence;
 pub mod registry;
 pub mod session;
+pub mod socket;

@@ -1,7 +1,8 @@
 //! The Session actor: one per WebSocket, the supervised process of one connected device.
 //!
-//! It owns the socket's read side (an `actix-ws` message stream added to its `Context`) and a
-//! bounded outbound queue drained by a writer task that owns the write side. It authenticates the
+//! It owns the socket's read side (the [`InStream`](super::socket::InStream) of WebSocket messages
+//! added to its `Context`) and the bounded outbound queue that the upgrade's response body drains
+//! into the socket ([`super::socket`]: no writer task, no channel). It authenticates the
 //! `hello`, syncs the backlog from storage, decodes and validates frames, hands commands to the
 //! commit pipeline, answers `ack`s, and pushes live events in ev order.
 //!
@@ -27,14 +28,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_ws::{CloseCode, CloseReason, Item, Message as WsMessage, ProtocolError};
+use actix_http::ws::{Item, Message as WsMessage, ProtocolError};
 use bytes::{Bytes, BytesMut};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::messages::*;
 use super::presence::now_ms;
+use super::socket::{OutQueue, Outbound, PushError};
 use crate::protocol::codec::{decode_request_json, decode_request_postcard, encode_server};
 use crate::protocol::ids::{valid_client_id, valid_group_id, valid_user_id, Conv};
 use crate::protocol::{
@@ -48,155 +48,6 @@ use crate::storage::{Outcome, PipelineError, Refusal};
 
 /// Most requests waiting behind this socket's in-flight writes.
 const MAX_DEFERRED: usize = 1024;
-
-/// What the writer task sends on the socket.
-pub enum Outbound {
-    /// A protocol frame.
-    Frame(Encoded),
-    /// Answer a ping.
-    Pong(Bytes),
-    /// Our heartbeat.
-    Ping,
-    /// Close in order, after the frames queued before it.
-    Close(u16, String),
-}
-
-/// The session's end of its socket's outbound queue: bounded in frames (the channel) and in bytes
-/// (`bytes`, counted on push, uncounted by the writer once written).
-pub struct OutQueue {
-    /// To the writer; capacity `outbound_queue_frames`. Dropping it ends the writer.
-    tx: mpsc::Sender<Outbound>,
-    /// Bytes of frames queued and not yet written.
-    bytes: Arc<AtomicUsize>,
-    /// Notified by the writer after each frame it takes: there may be room now.
-    room: Arc<Notify>,
-    /// Closes at once, skipping what is queued (slow consumer); taken when used.
-    urgent: Option<oneshot::Sender<(u16, String)>>,
-    /// Resolves when the writer has ended; taken by the first close.
-    done: Option<oneshot::Receiver<()>>,
-}
-
-/// The connection's socket descriptor (from `on_connect`), so a writer can force the TCP
-/// connection down after an urgent close even when the peer never reads again: otherwise actix
-/// keeps trying to write its buffered bytes, and the connection and its buffers stay.
-///
-/// Only the number is kept (a duplicate would double the descriptors per connection). It is used
-/// only while provably still this connection's: the writer runs on the same single-threaded
-/// worker as the connection's dispatcher, and aborts only when its close frame is still pending
-/// on the full channel to that dispatcher's response body, i.e. the dispatcher, which owns the
-/// descriptor, is alive; nothing else runs on the thread between that check and the abort.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnFd(pub std::os::fd::RawFd);
-
-impl ConnFd {
-    /// Aborts the connection: `SO_LINGER` 0 (the last close sends RST and frees the buffers at
-    /// once, instead of an orphan socket waiting on a peer that never reads), then
-    /// `shutdown(SHUT_RDWR)` so actix's next read or write fails and it drops the connection.
-    pub fn abort(&self) {
-        let fd = self.0;
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-        // SAFETY: setsockopt/shutdown on a descriptor we own, with a correctly sized option value.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            );
-            libc::shutdown(fd, libc::SHUT_RDWR);
-        }
-    }
-}
-
-/// The writer task's end of the queue.
-pub struct Wire {
-    rx: mpsc::Receiver<Outbound>,
-    bytes: Arc<AtomicUsize>,
-    room: Arc<Notify>,
-    urgent: oneshot::Receiver<(u16, String)>,
-    /// Dropped when the writer ends, which tells the session it may stop: stopping earlier drops
-    /// the request payload and the connection goes before the close frame is written.
-    _done: oneshot::Sender<()>,
-    /// The socket, to force it down after an urgent close.
-    conn: Option<ConnFd>,
-    /// How long an urgent close waits to queue its close frame before aborting the connection.
-    close_wait: Duration,
-}
-
-/// A new outbound queue of `frames` frames, for the connection `conn`; an urgent close waits up
-/// to `close_wait` for its close frame before aborting the connection.
-pub fn outbound(frames: usize, conn: Option<ConnFd>, close_wait: Duration) -> (OutQueue, Wire) {
-    let (tx, rx) = mpsc::channel(frames);
-    let (utx, urx) = oneshot::channel();
-    let (dtx, drx) = oneshot::channel();
-    let bytes = Arc::new(AtomicUsize::new(0));
-    let room = Arc::new(Notify::new());
-    (
-        OutQueue { tx, bytes: bytes.clone(), room: room.clone(), urgent: Some(utx), done: Some(drx) },
-        Wire { rx, bytes, room, urgent: urx, _done: dtx, conn, close_wait },
-    )
-}
-
-/// Drains the outbound queue into the socket. Ends when the queue closes, on a close, or when the
-/// peer is gone. An urgent close wins over queued frames, even while a write waits.
-pub async fn writer(mut ws: actix_ws::Session, wire: Wire) {
-    async fn close(ws: actix_ws::Session, code: u16, reason: String) {
-        let r = CloseReason { code: CloseCode::from(code), description: Some(reason) };
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(r))).await;
-    }
-    let Wire { mut rx, bytes, room, mut urgent, _done, conn, close_wait } = wire;
-    // An urgent close (slow consumer): the close frame goes after what is already on its way, so
-    // a reader that resumes within `close_wait` learns why; a peer that never reads again gets
-    // its connection aborted, so the connection and its buffers are released.
-    let urgent_close = |ws: actix_ws::Session, c: Result<(u16, String), oneshot::error::RecvError>| {
-        async move {
-            // The session went away without asking for an urgent close: nothing to force (and
-            // the connection may be gone already, its descriptor number reused).
-            let Ok((code, reason)) = c else { return };
-            let r = CloseReason { code: CloseCode::from(code), description: Some(reason) };
-            // Timing out means the close frame is still pending on the full channel to the
-            // dispatcher's response body: the dispatcher, and so the descriptor, are alive now.
-            let queued = tokio::time::timeout(close_wait, ws.close(Some(r))).await.is_ok();
-            if !queued {
-                if let Some(fd) = conn {
-                    fd.abort();
-                }
-            }
-        }
-    };
-    loop {
-        let item = tokio::select! {
-            biased;
-            c = &mut urgent => return urgent_close(ws, c).await,
-            m = rx.recv() => m,
-        };
-        room.notify_one();
-        let sent = match item {
-            None => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-                return;
-            }
-            Some(Outbound::Close(code, reason)) => return close(ws, code, reason).await,
-            Some(Outbound::Frame(e)) => {
-                let n = e.len();
-                let r = tokio::select! {
-                    biased;
-                    c = &mut urgent => return urgent_close(ws, c).await,
-                    r = async { match e { Encoded::Text(s) => ws.text(s).await, Encoded::Binary(b) => ws.binary(b).await } } => r,
-                };
-                bytes.fetch_sub(n, Ordering::Relaxed);
-                room.notify_one();
-                r
-            }
-            Some(Outbound::Pong(b)) => ws.pong(&b).await,
-            Some(Outbound::Ping) => ws.ping(b"").await,
-        };
-        if sent.is_err() {
-            return;
-        }
-    }
-}
 
 /// A write waiting for its outcome.
 struct PendingWrite {
@@ -226,7 +77,7 @@ pub struct Session {
     /// Unique per socket on this node.
     id: u64,
     shared: Arc<Shared>,
-    /// The outbound queue to the writer task.
+    /// The outbound queue, drained by the connection's response body.
     out: OutQueue,
     /// The frame-size guard on this socket's incoming bytes (cap raised after `hello`).
     limit: Arc<FrameLimit>,
@@ -243,7 +94,7 @@ pub struct Session {
     sync_head: Option<u64>,
     /// A wait for room in the outbound queue is pending; the pump resumes when it ends.
     waiting_room: bool,
-    /// Since when the queue has been full with no frame taken by the writer (slow consumer
+    /// Since when the queue has been full with no frame taken by the body (slow consumer
     /// detection), and the timer that checks it.
     stalled_since: Option<Instant>,
     stall_check: Option<SpawnHandle>,
@@ -273,10 +124,12 @@ pub struct Session {
     /// Users this session watches.
     watching: Vec<String>,
     closing: bool,
+    /// The actor stops once the body is done (`stop_after_writer` ran).
+    stop_pending: bool,
 }
 
 impl Session {
-    /// A session for a new socket; `out` leads to its writer task.
+    /// A session for a new socket; `out` is its outbound queue.
     pub fn new(id: u64, shared: Arc<Shared>, out: OutQueue, limit: Arc<FrameLimit>) -> Self {
         Session {
             id,
@@ -306,6 +159,7 @@ impl Session {
             composing: HashMap::new(),
             watching: Vec::new(),
             closing: false,
+            stop_pending: false,
         }
     }
 
@@ -342,18 +196,11 @@ impl Session {
         if self.closing {
             return false;
         }
-        let n = match &o {
-            Outbound::Frame(e) => e.len(),
-            _ => 0,
-        };
-        match self.out.tx.try_send(o) {
-            Ok(()) => {
-                self.out.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                true
-            }
+        match self.out.push(o) {
+            Ok(()) => true,
             // Only pings and pongs get here without a room check; dropping them is harmless.
-            Err(mpsc::error::TrySendError::Full(_)) => false,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(PushError::Full) => false,
+            Err(PushError::Closed) => {
                 self.closing = true;
                 ctx.stop();
                 false
@@ -404,8 +251,8 @@ impl Session {
     /// Whether a frame of `n` bytes fits in the outbound queue now (an empty queue takes a frame
     /// of any size, so one large reply never counts as a slow reader).
     fn has_room(&self, n: usize) -> bool {
-        let queued = self.out.bytes.load(std::sync::atomic::Ordering::Relaxed);
-        self.out.tx.capacity() > 0 && (queued == 0 || queued + n <= self.shared.cfg.session.outbound_queue_bytes)
+        let queued = self.out.queued_bytes();
+        self.out.free() > 0 && (queued == 0 || queued + n <= self.shared.cfg.session.outbound_queue_bytes)
     }
 
     /// Closes after what is queued.
@@ -413,34 +260,35 @@ impl Session {
         if self.closing {
             return;
         }
-        if self.out.tx.try_send(Outbound::Close(code, reason.to_owned())).is_err() {
+        if self.out.push(Outbound::Close(code, reason.to_owned())).is_err() {
             return self.close_now(code, reason, ctx);
         }
         self.closing = true;
         self.stop_after_writer(ctx);
     }
 
-    /// Stops the actor once the writer has written the close frame (at most 2 s).
+    /// Stops the actor once the response body has handed its close frame to the connection (at
+    /// most 2 s): stopping earlier drops the request payload, and the connection would go before
+    /// the close frame is written.
     fn stop_after_writer(&mut self, ctx: &mut Context<Self>) {
-        match self.out.done.take() {
-            Some(done) => {
-                ctx.spawn(
-                    async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
-                    }
-                    .into_actor(self)
-                    .map(|_, _, ctx| ctx.stop()),
-                );
-            }
-            None => ctx.stop(),
+        // A second close while the first waits stops at once, as before.
+        if self.stop_pending {
+            return ctx.stop();
         }
+        self.stop_pending = true;
+        let done = self.out.done();
+        ctx.spawn(
+            async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
+            }
+            .into_actor(self)
+            .map(|_, _, ctx| ctx.stop()),
+        );
     }
 
     /// Closes at once, dropping what is queued.
     fn close_now(&mut self, code: u16, reason: &str, ctx: &mut Context<Self>) {
-        if let Some(u) = self.out.urgent.take() {
-            let _ = u.send((code, reason.to_owned()));
-        }
+        self.out.close_urgent(code, reason);
         self.closing = true;
         self.stop_after_writer(ctx);
     }
@@ -908,7 +756,7 @@ impl Session {
 
     /// Sends stored events from `last_sent + 1` up to `target` while the queue has room, then
     /// `synced` once the welcome head is reached. Never overflows the queue: when it is full, it
-    /// waits for the writer to make room.
+    /// waits for the body to make room.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if self.waiting_room || self.closing {
             return;
@@ -939,7 +787,7 @@ impl Session {
             if self.last_sent >= self.target {
                 return;
             }
-            let room = self.out.tx.capacity();
+            let room = self.out.free();
             if room == 0 {
                 return self.wait_room(ctx);
             }
@@ -971,7 +819,7 @@ impl Session {
         }
     }
 
-    /// Resumes the pump once the writer has taken a frame off the queue. If the writer takes
+    /// Resumes the pump once the body has taken a frame off the queue. If the body takes
     /// nothing for `slow_consumer_timeout_ms`, the reader is a slow consumer: close 4008.
     fn wait_room(&mut self, ctx: &mut Context<Self>) {
         if self.waiting_room || self.closing {
@@ -982,8 +830,7 @@ impl Session {
         if self.stall_check.is_none() {
             self.schedule_stall_check(Duration::from_millis(self.shared.cfg.session.slow_consumer_timeout_ms), ctx);
         }
-        let room = self.out.room.clone();
-        ctx.spawn(async move { room.notified().await }.into_actor(self).map(|_, act, ctx| {
+        ctx.spawn(self.out.room().into_actor(self).map(|_, act, ctx| {
             act.waiting_room = false;
             act.stalled_since = None;
             act.pump(ctx);
@@ -1125,7 +972,7 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for Session {
             }
             WsMessage::Pong(_) | WsMessage::Nop => {}
             WsMessage::Close(_) => {
-                let _ = self.out.tx.try_send(Outbound::Close(close::NORMAL, String::new()));
+                let _ = self.out.push(Outbound::Close(close::NORMAL, String::new()));
                 self.closing = true;
                 self.stop_after_writer(ctx);
             }
@@ -1189,7 +1036,7 @@ impl Handler<Deliver> for Session {
                 }
                 return;
             }
-            // No room: the event is in storage; the pump sends it once the writer catches up.
+            // No room: the event is in storage; the pump sends it once the body catches up.
         }
         self.target = self.target.max(m.ev);
         self.pump(ctx);

@@ -16,7 +16,8 @@ use actix::prelude::*;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use crate::actors::session::{outbound, writer, ConnFd, Session};
+use crate::actors::session::Session;
+use crate::actors::socket::{outbound, ConnFd, InStream};
 use crate::protocol::ErrorCode;
 use crate::shared::Shared;
 use crate::storage::PipelineError;
@@ -330,7 +331,9 @@ pub(crate) fn admit(s: &Shared) -> Option<HttpResponse> {
     None
 }
 
-/// `GET /v1/ws`: the WebSocket upgrade; starts a [`Session`] and its writer task.
+/// `GET /v1/ws`: the WebSocket upgrade (RFC 6455 §4.2 handshake); starts a [`Session`] over the
+/// socket's message stream, and answers `101` with the body that drains its outbound queue
+/// (`actors/socket.rs`).
 async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> Result<HttpResponse, actix_web::Error> {
     if let Some(refused) = admit(&s) {
         return Ok(refused);
@@ -341,16 +344,12 @@ async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> 
         cap: std::sync::atomic::AtomicUsize::new(s.cfg.session.unauth_max_frame_bytes),
         tripped: std::sync::atomic::AtomicBool::new(false),
     });
-    let guarded = guard::FrameGuard::new(body.into_inner(), limit.clone());
-    let stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, actix_web::error::PayloadError>>>> = Box::pin(guarded);
-    let mut raw = actix_web::dev::Payload::Stream { payload: stream };
-    let body = <web::Payload as actix_web::FromRequest>::from_request(&req, &mut raw).await?;
-    let (resp, ws, stream) = actix_ws::handle(&req, body)?;
-    let stream = stream.max_frame_size(s.cfg.session.max_frame_bytes);
+    let mut handshake = actix_http::ws::handshake(req.head())?;
+    let stream = InStream::new(guard::FrameGuard::new(body.into_inner(), limit.clone()), s.cfg.session.max_frame_bytes);
     let conn = req.conn_data::<ConnFd>().copied();
     let close_wait = std::time::Duration::from_millis(s.cfg.session.slow_close_wait_ms);
-    let (out, wire) = outbound(s.cfg.session.outbound_queue_frames, conn, close_wait);
-    actix_rt::spawn(writer(ws, wire));
+    let (out, body) = outbound(s.cfg.session.outbound_queue_frames, conn, close_wait);
+    let resp: HttpResponse = handshake.message_body(actix_web::body::MessageBody::boxed(actix_web::body::BodyStream::new(body)))?.into();
     let id = s.next_session.fetch_add(1, Ordering::Relaxed);
     let shared: Arc<Shared> = s.get_ref().clone();
     let addr = Session::create(move |ctx| {
