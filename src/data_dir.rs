@@ -51,6 +51,14 @@ pub enum DataDirError {
     /// A backup target that holds files already.
     #[error("{} is not empty; a backup goes into a new or empty directory", .0.display())]
     NotEmpty(PathBuf),
+    /// A backup (it holds `BACKUP.json`). Serving it or running an admin command on it would
+    /// change it in place (a lock file, the marker, sled's files, new log entries) while its
+    /// `BACKUP.json` still names the index it was taken at.
+    #[error(
+        "{} is a backup (it holds BACKUP.json), not a data directory; restore it into one first: parley admin restore {} --data DIR",
+        .0.display(), .0.display()
+    )]
+    IsBackup(PathBuf),
     /// The path could not be inspected.
     #[error("cannot use {} as the data directory: {source}", path.display())]
     Io {
@@ -73,6 +81,9 @@ pub fn check(path: &Path) -> Result<(), DataDirError> {
     };
     if !meta.is_dir() {
         return Err(DataDirError::NotADirectory(path.to_owned()));
+    }
+    if path.join("BACKUP.json").exists() {
+        return Err(DataDirError::IsBackup(path.to_owned()));
     }
     let mut names = Vec::new();
     for e in std::fs::read_dir(path).map_err(io)? {
@@ -186,7 +197,8 @@ mod tests {
         std::fs::create_dir_all(b.join("state")).unwrap();
         std::fs::create_dir_all(b.join("wal")).unwrap();
         std::fs::write(b.join("BACKUP.json"), "{}").unwrap();
-        assert!(check(&b).is_ok(), "a backup directory");
+        assert!(matches!(check(&b), Err(DataDirError::IsBackup(_))), "a backup is not a data directory");
+        assert_eq!(std::fs::read_dir(&b).unwrap().count(), 3, "the check left the backup as it was");
         let m = t.path().join("marked");
         std::fs::create_dir(&m).unwrap();
         mark(&m).unwrap();

@@ -487,6 +487,15 @@ async fn backup_under_load_and_restore_keep_every_acked_message_once() {
     let offline = dir.path().join("offline-backup");
     let r = admin(&dir, &dir.data(), &["backup", offline.to_str().expect("path")], None).await;
     assert!(r.ok(), "{r}");
+    // A backup is not a data directory: commands that would open it (and so change it in place,
+    // while its BACKUP.json names the index it was taken at) are refused, and leave it as it was.
+    let before = std::fs::read_dir(&offline).expect("backup").count();
+    for args in [&["stats"][..], &["verify"], &["user", "add", "zed", "--password", "correct horse battery"]] {
+        let r = admin(&dir, &offline, args, None).await;
+        assert!(!r.ok() && r.err.contains("is a backup") && r.err.contains("parley admin restore"), "{args:?} on a backup: {r}");
+    }
+    assert_eq!(std::fs::read_dir(&offline).expect("backup").count(), before, "the refused commands left the backup unchanged");
+    assert!(!offline.join("LOCK").exists(), "no lock file in the backup");
     let fresh2 = TestDir::new();
     let r = admin(&dir, &fresh2.data(), &["restore", offline.to_str().expect("path")], None).await;
     assert!(r.ok(), "{r}");
