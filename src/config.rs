@@ -320,7 +320,7 @@ pub struct SessionConfig {
     pub outbound_queue_bytes: usize,
     /// Slow-consumer timeout, ms.
     pub slow_consumer_timeout_ms: u64,
-    /// Close-frame wait after a 4008, ms.
+    /// How long a connection may outlive its session before it is aborted, ms.
     pub slow_close_wait_ms: u64,
     /// Ping interval, ms.
     pub ping_interval_ms: u64,

@@ -20,6 +20,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -87,26 +88,66 @@ struct Inner {
     done: Notify,
 }
 
-/// The connection's socket descriptor (from `on_connect`), so an urgent close can force the TCP
-/// connection down when the peer never reads again: otherwise actix keeps trying to write its
-/// buffered bytes, and the connection and its buffers stay.
+/// Put into each TCP connection's data by `on_connect` and dropped with the connection's HTTP
+/// dispatcher, which owns the descriptor: while it lives, the descriptor is this connection's.
+pub struct ConnGuard {
+    fd: std::os::fd::RawFd,
+    open: Arc<AtomicBool>,
+}
+
+impl ConnGuard {
+    /// The guard of the connection on descriptor `fd`.
+    pub fn new(fd: std::os::fd::RawFd) -> Self {
+        ConnGuard { fd, open: Arc::new(AtomicBool::new(true)) }
+    }
+
+    /// A handle that can abort the connection while it is still open.
+    pub fn handle(&self) -> ConnFd {
+        ConnFd { fd: self.fd, open: self.open.clone() }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.open.store(false, Ordering::Release);
+    }
+}
+
+/// The connection's socket descriptor, so that a socket whose session has ended can be forced
+/// down when its peer never reads again: otherwise actix keeps trying to write its buffered
+/// bytes (a close frame, what was queued) forever, and the connection, its kernel send buffer and
+/// its dispatcher stay.
 ///
 /// Only the number is kept (a duplicate would double the descriptors per connection). It is used
-/// only while provably still this connection's: the check runs on the connection's own
-/// single-threaded worker (sessions and dispatchers of a worker share its thread), and aborts
-/// only while the body, which the connection's dispatcher owns together with the descriptor, has
-/// not been dropped; nothing else runs on the thread between that check and the abort.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnFd(pub std::os::fd::RawFd);
+/// only while provably still this connection's: [`ConnFd::abort_if_open`] runs on the
+/// connection's own single-threaded worker (sessions and dispatchers of a worker share its
+/// thread) and checks the flag that the connection's [`ConnGuard`] clears when the dispatcher is
+/// dropped; nothing else runs on the thread between that check and the abort, and a dropped
+/// dispatcher has cleared the flag before the thread runs anything else.
+#[derive(Debug, Clone)]
+pub struct ConnFd {
+    fd: std::os::fd::RawFd,
+    open: Arc<AtomicBool>,
+}
 
 impl ConnFd {
-    /// Aborts the connection: `SO_LINGER` 0 (the last close sends RST and frees the buffers at
-    /// once, instead of an orphan socket waiting on a peer that never reads), then
-    /// `shutdown(SHUT_RDWR)` so actix's next read or write fails and it drops the connection.
-    pub fn abort(&self) {
-        let fd = self.0;
+    /// Whether the connection's dispatcher still runs.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Aborts the connection if it is still open: `SO_LINGER` 0 (the last close sends RST and
+    /// frees the buffers at once, instead of an orphan socket waiting on a peer that never
+    /// reads), then `shutdown(SHUT_RDWR)` so actix's next read or write fails and it drops the
+    /// connection. Must run on the connection's worker thread (see the type's docs).
+    pub fn abort_if_open(&self) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        let fd = self.fd;
         let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-        // SAFETY: setsockopt/shutdown on a descriptor we own, with a correctly sized option value.
+        // SAFETY: setsockopt/shutdown on a descriptor this connection owns (checked just above,
+        // on the connection's own thread), with a correctly sized option value.
         unsafe {
             libc::setsockopt(
                 fd,
@@ -117,15 +158,17 @@ impl ConnFd {
             );
             libc::shutdown(fd, libc::SHUT_RDWR);
         }
+        true
     }
 }
 
-/// The session's end of the outbound queue. Dropping it closes the socket after what is queued.
+/// The session's end of the outbound queue. Dropping it (the session ended) closes the socket
+/// after what is queued, and aborts the connection if it is still open `close_wait` later.
 pub struct OutQueue {
     inner: Arc<Inner>,
-    /// The socket, to force it down after an urgent close.
+    /// The socket, to force it down once the session has ended.
     conn: Option<ConnFd>,
-    /// How long an urgent close waits for the body to take its close frame before aborting.
+    /// How long a connection may outlive its session before it is aborted.
     close_wait: Duration,
 }
 
@@ -138,9 +181,8 @@ pub struct OutBody {
 /// Largest chunk the body hands the dispatcher at once, in bytes (more frames wait in the queue).
 const CHUNK_BYTES: usize = 64 * 1024;
 
-/// A queue of at most `frames` frames for the connection `conn`, and the body that drains it; an
-/// urgent close waits up to `close_wait` for the body to take its close frame before aborting the
-/// connection.
+/// A queue of at most `frames` frames for the connection `conn`, and the body that drains it; a
+/// connection still open `close_wait` after its session ended is aborted.
 pub fn outbound(frames: usize, conn: Option<ConnFd>, close_wait: Duration) -> (OutQueue, OutBody) {
     let inner = Arc::new(Inner {
         queue: Mutex::new(Queue {
@@ -219,8 +261,8 @@ impl OutQueue {
     }
 
     /// Closes at once with `code`: the body drops what is queued and writes the close frame
-    /// next. If the body has not taken it within `close_wait` (the connection's write buffer is
-    /// full: the peer does not read), the connection is aborted ([`ConnFd::abort`]).
+    /// next. (A peer that never reads it is aborted once the session has ended: see
+    /// [`OutQueue`].)
     pub fn close_urgent(&self, code: u16, reason: &str) {
         let waker = {
             let mut q = self.inner.queue.lock();
@@ -234,18 +276,6 @@ impl OutQueue {
         if let Some(w) = waker {
             w.wake();
         }
-        let Some(fd) = self.conn else { return };
-        let inner = self.inner.clone();
-        let wait = self.close_wait;
-        actix_rt::spawn(async move {
-            tokio::time::sleep(wait).await;
-            let q = inner.queue.lock();
-            // Still alive (the dispatcher holds the body, so the descriptor is this
-            // connection's) and the close frame still not taken: the peer does not read.
-            if !q.body_gone && !q.close_taken {
-                fd.abort();
-            }
-        });
     }
 }
 
@@ -259,6 +289,19 @@ impl Drop for OutQueue {
         };
         if let Some(w) = waker {
             w.wake();
+        }
+        // The session has ended, whichever way (a close it sent, the peer's close frame or end
+        // of input, a slow consumer, a shutdown): nothing more is wanted from the connection. A
+        // peer that reads closes it within `close_wait`; one that does not is cut off then.
+        if let Some(fd) = self.conn.take() {
+            let wait = self.close_wait;
+            actix_rt::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if fd.abort_if_open() {
+                    metrics::counter!("parley_connections_aborted_total").increment(1);
+                    tracing::info!("connection still open {} ms after its session ended: aborted", wait.as_millis());
+                }
+            });
         }
     }
 }

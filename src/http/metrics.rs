@@ -67,6 +67,7 @@ fn describe() {
     describe_gauge!("parley_recovery_seconds", Unit::Seconds, "Time the last start-up recovery took");
     describe_counter!("parley_duplicate_sends_total", "Resends answered from the dedup record");
     describe_counter!("parley_slow_consumer_closes_total", "Sockets closed with 4008");
+    describe_counter!("parley_connections_aborted_total", "WebSocket connections still open slow_close_wait_ms after their session ended, aborted");
     describe_counter!("parley_rate_limited_total", "Refused sends and logins, by what was limited");
     describe_counter!("parley_admission_rejections_total", "WebSocket upgrades refused with 503, by why");
     describe_counter!("parley_session_restarts_total", "Session handler panics (supervision restarts)");
@@ -86,6 +87,7 @@ fn describe() {
         "parley_messages_acked_total",
         "parley_duplicate_sends_total",
         "parley_slow_consumer_closes_total",
+        "parley_connections_aborted_total",
         "parley_session_restarts_total",
         "parley_commit_failures_total",
         "parley_bad_frames_total",

@@ -17,7 +17,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::actors::session::Session;
-use crate::actors::socket::{outbound, ConnFd, InStream};
+use crate::actors::socket::{outbound, ConnGuard, InStream};
 use crate::protocol::ErrorCode;
 use crate::shared::Shared;
 use crate::storage::PipelineError;
@@ -154,12 +154,13 @@ pub(crate) fn pipeline_error(e: PipelineError) -> HttpResponse {
     r
 }
 
-/// `HttpServer::on_connect` hook: keeps each TCP connection's descriptor in the connection
-/// data, for [`ConnFd::abort`].
+/// `HttpServer::on_connect` hook: keeps each TCP connection's descriptor in the connection data
+/// (a [`ConnGuard`], dropped with the connection), so that a connection that outlives its
+/// session can be aborted (`actors::socket::ConnFd::abort_if_open`).
 pub fn on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
     use std::os::fd::AsRawFd;
     if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        ext.insert(ConnFd(tcp.as_raw_fd()));
+        ext.insert(ConnGuard::new(tcp.as_raw_fd()));
     }
 }
 
@@ -346,7 +347,7 @@ async fn ws(s: web::Data<Arc<Shared>>, req: HttpRequest, body: web::Payload) -> 
     });
     let mut handshake = actix_http::ws::handshake(req.head())?;
     let stream = InStream::new(guard::FrameGuard::new(body.into_inner(), limit.clone()), s.cfg.session.max_frame_bytes);
-    let conn = req.conn_data::<ConnFd>().copied();
+    let conn = req.conn_data::<ConnGuard>().map(ConnGuard::handle);
     let close_wait = std::time::Duration::from_millis(s.cfg.session.slow_close_wait_ms);
     let (out, body) = outbound(s.cfg.session.outbound_queue_frames, conn, close_wait);
     let resp: HttpResponse = handshake.message_body(actix_web::body::MessageBody::boxed(actix_web::body::BodyStream::new(body)))?.into();

@@ -1477,14 +1477,50 @@ pub(crate) fn server_side_tcp(server_port: u16, client_port: u16) -> Option<(Str
     None
 }
 
+/// How the session of a peer that has stopped reading ends, in [`stuck_connection_is_released`].
+#[derive(Debug, Clone, Copy)]
+enum StuckEnd {
+    /// The server closes it as a slow consumer (4008).
+    SlowConsumer,
+    /// The peer sends a close frame (and still reads nothing).
+    PeerCloses,
+    /// The peer shuts down its write side (and still reads nothing).
+    PeerShutsDown,
+}
+
 /// After closing a slow consumer (4008), the server lets go of its TCP connection within a
 /// bounded time even if the peer never reads again: otherwise every stuck peer keeps a
 /// connection and megabytes of send buffer forever, uncounted by `admission.max_sockets`
 /// (the session, and so the socket count, is gone) and unreachable by the heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumers_connection_is_released_even_if_it_never_reads_again() {
+    stuck_connection_is_released(StuckEnd::SlowConsumer).await;
+}
+
+/// The same when the peer that stopped reading ends the session itself, with a close frame or by
+/// shutting its write side: the server answers, stops the session, and must still cut the
+/// connection off once `session.slow_close_wait_ms` has passed (a fresh-user trial found such
+/// connections held forever, 5 MB each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_readers_connection_is_released_after_it_closes_or_shuts_down() {
+    stuck_connection_is_released(StuckEnd::PeerCloses).await;
+    stuck_connection_is_released(StuckEnd::PeerShutsDown).await;
+}
+
+async fn stuck_connection_is_released(end: StuckEnd) {
     let dir = TestDir::new();
-    let srv = Server::start_with(&dir, &[("PARLEY__SESSION__OUTBOUND_QUEUE_FRAMES", "16")]).await;
+    // The slow consumer gets a short queue, so that it is closed soon; a peer that ends its own
+    // session gets the default queue (1,024 frames, 4 MiB), which fills with the messages below
+    // without a 4008 coming first.
+    let env: &[(&str, &str)] = match end {
+        StuckEnd::SlowConsumer => &[("PARLEY__SESSION__OUTBOUND_QUEUE_FRAMES", "16"), ("PARLEY__SESSION__SLOW_CLOSE_WAIT_MS", "2000")],
+        StuckEnd::PeerCloses | StuckEnd::PeerShutsDown => &[
+            ("PARLEY__SESSION__SLOW_CLOSE_WAIT_MS", "2000"),
+            ("PARLEY__LIMITS__SEND_RATE_PER_S", "10000"),
+            ("PARLEY__LIMITS__SEND_BURST", "10000"),
+        ],
+    };
+    let srv = Server::start_with(&dir, env).await;
     let a = srv.user("alice").await;
     let b = srv.user("bob").await;
     let mut alice = srv.connect(&a, None).await.client;
@@ -1492,27 +1528,51 @@ async fn a_slow_consumers_connection_is_released_even_if_it_never_reads_again() 
     let bob_port = bob.ws.get_ref().local_addr().expect("local address").port();
     bob.hello(&b, None).await;
     bob.sync().await;
-    // bob reads no more; alice sends until the server closes him as a slow consumer.
+    // bob reads no more.
     let mut to_bob = Vec::new();
-    loop {
-        let ids = long_to_bob(&mut alice, &mut to_bob, 4).await;
-        acked_and_echoed(&mut alice, &ids).await;
-        if metric(&metrics(srv.addr).await, "parley_slow_consumer_closes_total", &[]).unwrap_or(0.0) >= 1.0 {
-            break;
+    match end {
+        // alice sends until the server closes him as a slow consumer.
+        StuckEnd::SlowConsumer => loop {
+            let ids = long_to_bob(&mut alice, &mut to_bob, 4).await;
+            acked_and_echoed(&mut alice, &ids).await;
+            if metric(&metrics(srv.addr).await, "parley_slow_consumer_closes_total", &[]).unwrap_or(0.0) >= 1.0 {
+                break;
+            }
+            assert!(to_bob.len() < 5000, "bob was never closed as a slow consumer");
+        },
+        // 160 messages of ~64 KB (10 MB) fill the socket and leave frames queued behind it,
+        // well within the slow-consumer timeout; then bob ends the session himself.
+        StuckEnd::PeerCloses | StuckEnd::PeerShutsDown => {
+            for batch in 0..40 {
+                let mut ids = Vec::new();
+                for i in 0..4 {
+                    let id = format!("big{batch}-{i}");
+                    alice.send_msg(&id, "bob", &long_body(batch * 4 + i, 60_000)).await;
+                    ids.push(id);
+                }
+                acked_and_echoed(&mut alice, &ids).await;
+            }
+            match end {
+                StuckEnd::PeerCloses => within(T, "bob's close frame", bob.ws.send(Message::Close(None))).await.expect("close frame"),
+                _ => within(T, "bob's shutdown", bob.ws.get_mut().shutdown()).await.expect("shutdown"),
+            }
         }
-        assert!(to_bob.len() < 5000, "bob was never closed as a slow consumer");
     }
     let t0 = Instant::now();
     let first = server_side_tcp(srv.addr.port(), bob_port);
     while let Some(state) = server_side_tcp(srv.addr.port(), bob_port) {
-        assert!(
-            t0.elapsed() < T,
-            "{:?} after the 4008 close the server still holds bob's connection: (state, send queue, receive queue) {state:?} (at first {first:?})",
-            t0.elapsed()
-        );
+        if t0.elapsed() >= T {
+            let aborted = metric(&metrics(srv.addr).await, "parley_connections_aborted_total", &[]);
+            panic!(
+                "{end:?}: {:?} after the session's end the server still holds bob's connection: (state, send queue, receive queue) {state:?} (at first {first:?}); parley_connections_aborted_total {aborted:?}",
+                t0.elapsed()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("slow consumer: the server released the stuck connection {:?} after closing it", t0.elapsed());
+    let aborted = metric(&metrics(srv.addr).await, "parley_connections_aborted_total", &[]).unwrap_or(0.0);
+    assert!(aborted >= 1.0, "{end:?}: the connection went, but parley_connections_aborted_total is {aborted}");
+    println!("{end:?}: the server released the stuck connection {:?} after the session's end", t0.elapsed());
     drop(bob);
 }
 
